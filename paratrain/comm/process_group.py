@@ -1,0 +1,65 @@
+"""torch.distributed process groups, set up from :mod:`paratrain.env`.
+
+The TCP store is keyed by the restart attempt: when torchrun (or our launcher) restarts
+a group it reuses the same store, and gloo would otherwise read the dead attempt's
+addresses.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from paratrain.env import DistEnv
+
+
+def default_backend() -> str:
+    """``nccl`` when CUDA is available, else ``gloo``."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+_STORES: dict[tuple, dist.Store] = {}
+
+
+def connect_store(env: DistEnv, *, is_master: bool | None = None) -> dist.Store:
+    """Connect to the job's TCP store at ``MASTER_ADDR:MASTER_PORT``.
+
+    Rank 0 hosts it unless the launcher or torchrun's agent already does. The store
+    is shared by workers and parameter servers; its keys are namespaced by the
+    restart attempt.
+    """
+    if is_master is None:
+        is_master = (not env.store_hosted) and env.rank == 0 and env.role == "worker"
+    cache_key = (env.master_addr, env.master_port, env.restart_count)
+    if cache_key in _STORES:  # one connection per process; a second master would not bind
+        return _STORES[cache_key]
+    store = dist.TCPStore(
+        env.master_addr, env.master_port, world_size=None, is_master=is_master,
+        timeout=timedelta(seconds=env.timeout_s), wait_for_workers=False,
+        use_libuv=True,
+    )
+    _STORES[cache_key] = dist.PrefixStore(f"paratrain/attempt{env.restart_count}/", store)
+    return _STORES[cache_key]
+
+
+def init_process_group(env: DistEnv, backend: str | None = None) -> bool:
+    """Join the default process group when the job has more than one worker.
+
+    Returns True when a group was created (and should be destroyed at the end).
+    """
+    if not env.distributed or dist.is_initialized():
+        return False
+    backend = backend or default_backend()
+    store = connect_store(env)
+    dist.init_process_group(
+        backend, store=dist.PrefixStore("pg/", store), rank=env.rank,
+        world_size=env.world_size, timeout=timedelta(seconds=env.timeout_s),
+    )
+    return True
+
+
+def destroy_process_group() -> None:
+    """Leave the default group if one exists."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,109 @@
+"""The one reader of launcher environment variables.
+
+Every process paratrain starts (or that ``torchrun`` starts) learns its place in the
+job from these variables, and nothing else in paratrain reads ``os.environ`` for them.
+
+| variable | set by | meaning |
+|---|---|---|
+| ``RANK`` | launcher / torchrun | global rank of this worker, 0..WORLD_SIZE-1 |
+| ``WORLD_SIZE`` | launcher / torchrun | number of worker processes |
+| ``LOCAL_RANK`` | launcher / torchrun | rank on this machine (selects the GPU) |
+| ``LOCAL_WORLD_SIZE`` | launcher / torchrun | workers on this machine |
+| ``MASTER_ADDR`` | launcher / torchrun | host of the rendezvous TCP store |
+| ``MASTER_PORT`` | launcher / torchrun | port of the rendezvous TCP store |
+| ``TORCHELASTIC_RESTART_COUNT`` | torchrun / launcher | restart attempt, 0 for the first run |
+| ``GROUP_RANK`` | torchrun | node rank (informational) |
+| ``PARATRAIN_ROLE`` | launcher | ``worker`` (default) or ``server`` |
+| ``PARATRAIN_NUM_SERVERS`` | launcher | number of parameter-server processes (0: none) |
+| ``PARATRAIN_SERVER_RANK`` | launcher | index of this server, for ``PARATRAIN_ROLE=server`` |
+| ``PARATRAIN_SECRET`` | launcher | job secret that parameter-server clients must present |
+| ``PARATRAIN_BIND`` | user / launcher | address servers bind to (default ``127.0.0.1``) |
+| ``TORCHELASTIC_USE_AGENT_STORE`` | torchrun | ``True``: the agent hosts the TCP store; every rank is a client |
+| ``PARATRAIN_STORE_HOSTED`` | launcher | ``1``: paratrain's launcher hosts the TCP store; every rank is a client |
+| ``PARATRAIN_TIMEOUT`` | user | seconds any network wait may take (default 60) |
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+DEFAULT_TIMEOUT_S = 60.0
+VALID_ROLES = ("worker", "server")
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the job, as the launcher described it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    restart_count: int = 0
+    role: str = "worker"
+    num_servers: int = 0
+    server_rank: int = 0
+    secret: str = ""
+    bind_addr: str = "127.0.0.1"
+    store_hosted: bool = False
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    launched: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"WORLD_SIZE={self.world_size} must be >= 1")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"RANK={self.rank} must be in [0, WORLD_SIZE={self.world_size})")
+        if self.role not in VALID_ROLES:
+            raise ValueError(f"PARATRAIN_ROLE={self.role!r}; allowed: {', '.join(VALID_ROLES)}")
+        if self.num_servers < 0:
+            raise ValueError(f"PARATRAIN_NUM_SERVERS={self.num_servers} must be >= 0")
+        if self.timeout_s <= 0:
+            raise ValueError(f"PARATRAIN_TIMEOUT={self.timeout_s} must be > 0")
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one worker takes part (collectives are needed)."""
+        return self.world_size > 1
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Build a :class:`DistEnv` from ``environ`` (default: ``os.environ``)."""
+    environ = os.environ if environ is None else environ
+    timeout_raw = environ.get("PARATRAIN_TIMEOUT", "")
+    try:
+        timeout_s = float(timeout_raw) if timeout_raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"environment variable PARATRAIN_TIMEOUT={timeout_raw!r} is not a number") from None
+    world_size = _int(environ, "WORLD_SIZE", 1)
+    return DistEnv(
+        rank=_int(environ, "RANK", 0),
+        world_size=world_size,
+        local_rank=_int(environ, "LOCAL_RANK", 0),
+        local_world_size=_int(environ, "LOCAL_WORLD_SIZE", world_size),
+        master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int(environ, "MASTER_PORT", 0),
+        restart_count=_int(environ, "TORCHELASTIC_RESTART_COUNT", 0),
+        role=environ.get("PARATRAIN_ROLE", "worker"),
+        num_servers=_int(environ, "PARATRAIN_NUM_SERVERS", 0),
+        server_rank=_int(environ, "PARATRAIN_SERVER_RANK", 0),
+        secret=environ.get("PARATRAIN_SECRET", ""),
+        bind_addr=environ.get("PARATRAIN_BIND", "127.0.0.1"),
+        store_hosted=(environ.get("TORCHELASTIC_USE_AGENT_STORE", "") == "True"
+                      or environ.get("PARATRAIN_STORE_HOSTED", "") == "1"),
+        timeout_s=timeout_s,
+        launched="RANK" in environ,
+    )

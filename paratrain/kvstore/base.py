@@ -1,0 +1,129 @@
+"""The KVStore interface (MXNet's push/pull on PyTorch tensors) and its wait handles."""
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Sequence, Union
+
+import torch
+
+from paratrain.errors import CommTimeout, ConfigError
+
+Key = Union[int, str]
+TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class Handle:
+    """A pending operation. ``wait(timeout)`` blocks until it is done or raises
+    :class:`CommTimeout` naming what it waited for."""
+
+    def __init__(self, wait_fn: Callable[[float | None], Any] | None = None, what: str = "operation"):
+        self._wait_fn = wait_fn
+        self._what = what
+        self._done = wait_fn is None
+        self._result: Any = None
+
+    @classmethod
+    def completed(cls, result: Any = None) -> "Handle":
+        handle = cls(None)
+        handle._result = result
+        return handle
+
+    def is_completed(self) -> bool:
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> Any:
+        if not self._done:
+            try:
+                self._result = self._wait_fn(timeout)
+            except TimeoutError as exc:
+                raise CommTimeout(f"timed out after {timeout}s waiting for {self._what}: {exc}") from exc
+            self._done = True
+        return self._result
+
+
+def sum_values(value: TensorOrList) -> torch.Tensor:
+    """Values pushed as a list (one per device) are summed first, as in MXNet."""
+    if isinstance(value, torch.Tensor):
+        return value
+    values = list(value)
+    if not values:
+        raise ConfigError("push/pushpull got an empty list of values; give at least one tensor")
+    total = values[0].detach().clone()
+    for extra in values[1:]:
+        total += extra.to(total.device)
+    return total
+
+
+def copy_out(result: torch.Tensor, out: TensorOrList) -> None:
+    """Write ``result`` into ``out`` (one tensor or one per device)."""
+    outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    for target in outs:
+        if target.shape != result.shape:
+            raise ConfigError(f"out has shape {tuple(target.shape)}, the key holds {tuple(result.shape)}")
+        target.copy_(result)
+
+
+def check_key(key: Any) -> Key:
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+        raise ConfigError(f"key={key!r} must be an int or a str")
+    return key
+
+
+class KVStore(abc.ABC):
+    """Keys map to tensors. Every worker calls ``init`` for every key; ``push`` sends
+    a value (gradients), ``pull`` reads the stored value, and a pull sees every push
+    this worker made before it.
+
+    ``push`` never blocks (its handle may be waited on); ``pull``/``pushpull`` block
+    unless ``block=False``, in which case ``out`` is written when the handle is waited.
+    """
+
+    type: str = "base"
+
+    @property
+    @abc.abstractmethod
+    def rank(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def num_workers(self) -> int: ...
+
+    @abc.abstractmethod
+    def init(self, key: Key, value: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def push(self, key: Key, value: TensorOrList, priority: int = 0) -> Handle: ...
+
+    @abc.abstractmethod
+    def pull(self, key: Key, out: TensorOrList, priority: int = 0, block: bool = True) -> Handle: ...
+
+    def pushpull(self, key: Key, value: TensorOrList, out: TensorOrList | None = None,
+                 priority: int = 0, block: bool = True) -> Handle:
+        """Push ``value`` then pull into ``out`` (``value`` itself when ``out`` is None)."""
+        self.push(key, value, priority)
+        if out is None:
+            out = value
+        return self.pull(key, out, priority, block=block)
+
+    def set_optimizer(self, optimizer: Any) -> None:
+        raise ConfigError(f"kvstore type {self.type!r} has no servers; set_optimizer is for dist_* types")
+
+    def set_gradient_compression(self, compression: dict | None) -> None:
+        raise ConfigError(f"kvstore type {self.type!r} does not support gradient compression")
+
+    def barrier(self) -> None:
+        """Block until every worker reached this call."""
+
+    def close(self) -> None:
+        """Release sockets and groups. Safe to call twice."""
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this worker put on the wire so far (payload only)."""
+        return 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

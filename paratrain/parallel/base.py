@@ -1,0 +1,67 @@
+"""The contract between a Trainer and a way of aggregating gradients.
+
+A :class:`GradientSync` is one object per strategy (local, bucketed allreduce,
+parameter server, local SGD, ...). The Trainer calls the same four methods whatever
+the strategy, so it never branches on strategy names.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+
+class GradientSync(abc.ABC):
+    """Turns this worker's gradients into the update every worker applies.
+
+    Life cycle, driven by :class:`paratrain.Trainer`:
+
+    1. ``attach(params)`` once: register backward hooks, broadcast initial state.
+    2. during ``loss.backward()``: hooks may start communication (overlap).
+    3. ``reduce(scale)`` in ``trainer.step``: wait for communication; afterwards every
+       ``p.grad`` holds the global gradient times ``scale`` (1 / global batch size).
+    4. the Trainer runs ``optimizer.step()`` unless ``updates_on_server`` is True.
+    5. ``after_step()``: pull new weights, average models, sync buffers, ...
+    """
+
+    #: True when the parameter servers run the optimizer; the Trainer then skips
+    #: its local ``optimizer.step()`` and ``after_step`` pulls the new weights.
+    updates_on_server: bool = False
+
+    def __init__(self) -> None:
+        self._sync_enabled = True
+
+    @abc.abstractmethod
+    def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Take the trainable parameters (deduplicated, in model order)."""
+
+    @abc.abstractmethod
+    def reduce(self, scale: float) -> None:
+        """Finish aggregation; leave ``global_grad * scale`` in every ``p.grad``."""
+
+    def after_step(self) -> None:
+        """Hook run after the optimizer update (default: nothing)."""
+
+    @property
+    def sync_enabled(self) -> bool:
+        return self._sync_enabled
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside this block only accumulate locally (gradient
+        accumulation): hooks must not start communication."""
+        previous, self._sync_enabled = self._sync_enabled, False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes this worker has put on the wire so far."""
+        return 0
+
+    def close(self) -> None:
+        """Release hooks, sockets and groups."""

@@ -1,0 +1,82 @@
+"""What ``fit`` asks of a parallelism strategy.
+
+A :class:`Strategy` owns how one training step runs across processes (plain data
+parallel through a Trainer, a pipeline schedule, ...). ``fit`` only calls the methods
+below, so adding a strategy means adding one class, not a branch in the loop.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class StepResult:
+    """Totals over the *global* batch of one step, identical on every rank."""
+
+    loss_sum: float
+    correct: int
+    samples: int
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.samples, 1)
+
+
+class Strategy(abc.ABC):
+    """One way to train across processes. ``fit`` calls, in order: ``setup`` once,
+    then ``train_step`` per global batch, ``evaluate`` per epoch, and
+    ``state_dict``/``load_state_dict`` for checkpoints, ``close`` at the end."""
+
+    name: str = "base"
+
+    #: Which slice of each global batch this process loads: data_rank in
+    #: [0, data_world). Pipeline stages of one replica share a data_rank.
+    data_rank: int = 0
+    data_world: int = 1
+    #: True on the process that prints progress and writes metrics.
+    is_logging_rank: bool = True
+
+    @abc.abstractmethod
+    def setup(self, model: torch.nn.Module, optimizer: str, optimizer_params: dict,
+              loss_fn: Any) -> None:
+        """Place the model (split, replicate, hook) and build optimizers."""
+
+    @abc.abstractmethod
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, global_batch: int) -> StepResult:
+        """Run forward, backward and the update for this process's share of one
+        global batch of ``global_batch`` samples."""
+
+    @abc.abstractmethod
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
+        """Loss and correct count over held-out data (every rank gets the totals)."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict:
+        """Everything needed to resume this process (model, optimizer, ...)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def checkpoint_shard(self) -> str | None:
+        """File-name stem this process saves its checkpoint under, or None when
+        another rank saves the same state (data parallel: only rank 0 saves)."""
+        return "model" if self.is_logging_rank else None
+
+    def full_model_state(self) -> dict:
+        """A single state dict a one-process model loads (pipelines assemble it)."""
+        raise NotImplementedError
+
+    def param_checksum(self) -> str:
+        """sha256 of the final parameters as bytes, equal on every rank."""
+        raise NotImplementedError
+
+    @property
+    def bytes_sent(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
