@@ -94,7 +94,7 @@ def test_save_writes_valid_json_atomically_and_can_repeat(tmp_path):
 def test_per_rank_files_and_merge_give_one_track_per_rank(tmp_path):
     base = str(tmp_path / "trace.json")
     for rank in range(3):
-        timeline = Timeline(base, rank)
+        timeline = build_timeline(base, rank)
         with timeline.span("forward", "compute"):
             pass
         assert timeline.save() == timeline_path(base, rank)

@@ -4,8 +4,8 @@
 and the gradient syncs record spans into it, and ``save()`` writes a Chrome trace
 (``{"traceEvents": [...]}``) that opens in chrome://tracing or https://ui.perfetto.dev.
 
-* one file per rank: ``FILE`` for rank 0, ``FILE.rank<r>`` for rank r (see
-  :func:`timeline_path`); :func:`merge_timelines` joins them into one file;
+* one file per rank: ``FILE`` for rank 0, ``FILE.rank<r>`` for rank r (callers name
+  it with :func:`timeline_path`); :func:`merge_timelines` joins them into one file;
 * one track (trace ``pid``) per rank, so merged files show the ranks one above the
   other;
 * threads inside a track: ``main`` for what the training loop itself does
@@ -83,8 +83,10 @@ class Timeline:
             raise ValueError(f"timeline path={path!r} must be a non-empty file path")
         if not isinstance(max_events, int) or max_events < 1:
             raise ValueError(f"max_events={max_events!r} must be an integer >= 1")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise ValueError(f"rank={rank!r} must be an integer >= 0")
         self.rank = rank
-        self.path = timeline_path(os.fspath(path), rank)
+        self.path = os.fspath(path)  # the caller picks the per-rank name (timeline_path)
         self._max_events = max_events
         self._events: list[dict] = []
         self._dropped = 0
@@ -224,8 +226,9 @@ class NullTimeline:
 
 
 def build_timeline(path: str | None, rank: int) -> Timeline | NullTimeline:
-    """A :class:`Timeline` writing under ``path``, or a :class:`NullTimeline` if None."""
-    return NullTimeline(rank=rank) if path is None else Timeline(path, rank)
+    """Rank ``rank``'s :class:`Timeline` for ``--timeline path`` (it writes
+    :func:`timeline_path`), or a :class:`NullTimeline` when ``path`` is None."""
+    return NullTimeline(rank=rank) if path is None else Timeline(timeline_path(path, rank), rank)
 
 
 def merge_timelines(path: str, out_path: str) -> str:
