@@ -39,6 +39,8 @@ class Strategy(abc.ABC):
     data_world: int = 1
     #: True on the process that prints progress and writes metrics.
     is_logging_rank: bool = True
+    #: A paratrain.train.timeline.Timeline (or None), set by fit before setup.
+    timeline = None
 
     @abc.abstractmethod
     def setup(self, model: torch.nn.Module, optimizer: str, optimizer_params: dict,

@@ -1,0 +1,97 @@
+"""``allreduce``: no servers; a push starts a collective sum across all workers and a
+pull waits for it. Initial values are broadcast from rank 0, so every worker starts
+from the same state."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from paratrain.comm.process_group import init_process_group
+from paratrain.env import DistEnv, read_env
+from paratrain.errors import ConfigError
+from paratrain.kvstore.base import Handle, Key, KVStore, TensorOrList, check_key, copy_out, sum_values
+
+
+def ring_allreduce_bytes(nbytes: int, world: int) -> int:
+    """Bytes each worker sends in a ring allreduce of ``nbytes``: 2 (W-1)/W of it."""
+    return 0 if world <= 1 else (2 * (world - 1) * nbytes) // world
+
+
+class AllreduceKVStore(KVStore):
+    type = "allreduce"
+
+    def __init__(self, env: DistEnv | None = None, group=None) -> None:
+        self._env = env or read_env()
+        if self._env.distributed and not dist.is_initialized():
+            init_process_group(self._env)   # like MXNet's create('dist_*'): join from the environment
+        self._group = group
+        self._world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self._rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self._store: dict[Key, torch.Tensor] = {}
+        self._pending: dict[Key, tuple[torch.Tensor, object]] = {}
+        self._bytes_sent = 0
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def num_workers(self) -> int:
+        return self._world
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_sent
+
+    def init(self, key: Key, value: torch.Tensor) -> None:
+        """Every worker calls init; rank 0's value wins (broadcast)."""
+        stored = value.detach().clone()
+        if self._world > 1:
+            dist.broadcast(stored, src=0, group=self._group)
+        self._store[check_key(key)] = stored
+
+    def push(self, key: Key, value: TensorOrList, priority: int = 0) -> Handle:
+        check_key(key)
+        if key in self._pending:  # a second push before the pull: fold the first one in
+            self._wait_pending(key, self._env.timeout_s)
+        total = sum_values(value)
+        total = total.clone() if total is value else total
+        if self._world == 1:
+            self._pending[key] = (total, None)
+            return Handle.completed()
+        work = dist.all_reduce(total, group=self._group, async_op=True)
+        self._bytes_sent += ring_allreduce_bytes(total.numel() * total.element_size(), self._world)
+        self._pending[key] = (total, work)
+        return Handle(lambda timeout: self._wait_pending(key, timeout), f"allreduce of key {key!r}")
+
+    def _wait_pending(self, key: Key, timeout: float | None) -> torch.Tensor:
+        total, work = self._pending.pop(key)
+        if work is not None:
+            # Bounded by the process group's timeout (PARATRAIN_TIMEOUT), set at init;
+            # polling instead would steal the CPU the other workers compute on.
+            try:
+                work.wait()
+            except RuntimeError as exc:
+                raise TimeoutError(f"allreduce of key {key!r} failed or timed out waiting for "
+                                   f"the other {self._world - 1} workers: {exc}") from exc
+        self._store[key] = total
+        return total
+
+    def pull(self, key: Key, out: TensorOrList, priority: int = 0, block: bool = True) -> Handle:
+        check_key(key)
+
+        def finish(timeout: float | None) -> torch.Tensor:
+            value = self._wait_pending(key, timeout) if key in self._pending else self._store.get(key)
+            if value is None:
+                raise ConfigError(f"key {key!r} was never initialised or pushed")
+            copy_out(value, out)
+            return value
+
+        handle = Handle(finish, f"pull of key {key!r}")
+        if block:
+            handle.wait(self._env.timeout_s)
+        return handle
+
+    def barrier(self) -> None:
+        if self._world > 1:
+            dist.barrier(group=self._group)

@@ -1,0 +1,208 @@
+"""Start N worker processes (and M parameter servers) on this machine with the
+torchrun environment, prefix their output with their rank, and fail fast.
+
+The launcher hosts the job's TCP store (``MASTER_ADDR:MASTER_PORT`` on a free port), so
+workers and servers are all clients of it. When a worker dies, the others are stopped
+within seconds and the launcher exits non-zero, naming the rank and how it died; with
+``max_restarts`` it instead restarts the worker group (the servers keep running) and
+bumps ``TORCHELASTIC_RESTART_COUNT``, which keys the process group's store.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Sequence
+
+from paratrain.errors import ConfigError
+
+POLL_S = 0.05
+STOP_GRACE_S = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to port 0 and ask)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the launcher dies, so no worker is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    num_workers: int
+    num_servers: int = 0
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0            # 0: pick a free one (single node only)
+    max_restarts: int = 0
+    bind: str | None = None         # address parameter servers bind to
+    extra_env: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name.replace('num_', '')}={value!r} must be an integer >= 1")
+        for name in ("num_servers", "max_restarts", "master_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be an integer >= 0")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"node_rank={self.node_rank} must be in [0, nnodes={self.nnodes})")
+        if self.nnodes > 1 and self.master_port == 0:
+            raise ConfigError("multi-node launch needs --master-port (the same on every node)")
+
+
+class _Child:
+    def __init__(self, label: str, argv: Sequence[str], env: dict, pass_stderr: bool = False) -> None:
+        self.label = label
+        # Rank 0's stderr goes straight to an interactive terminal so its progress bar
+        # renders; everything else is prefixed line by line.
+        stderr = None if pass_stderr else subprocess.STDOUT
+        self.proc = subprocess.Popen(list(argv), env=env, stdout=subprocess.PIPE, stderr=stderr,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.reader = threading.Thread(target=self._pump, daemon=True)
+        self.reader.start()
+
+    def _pump(self) -> None:
+        for raw in iter(self.proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            sys.stdout.write(f"[{self.label}]: {line}\n")
+            sys.stdout.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+def _stop_all(children: Sequence[_Child]) -> None:
+    for child in children:
+        child.stop()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in children:
+        try:
+            child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.proc.wait(timeout=STOP_GRACE_S)
+    for child in children:
+        child.reader.join(timeout=1.0)
+
+
+class Launcher:
+    """Runs one job: servers once, workers once per attempt."""
+
+    def __init__(self, config: LaunchConfig, worker_argv: Sequence[str]) -> None:
+        self.config = config
+        self.worker_argv = list(worker_argv)
+        self.secret = secrets.token_hex(16)
+        self.store = None
+
+    def _base_env(self, port: int) -> dict:
+        env = dict(os.environ)
+        env.update({k: str(v) for k, v in self.config.extra_env.items()})
+        world = self.config.num_workers * self.config.nnodes
+        env.update({"MASTER_ADDR": self.config.master_addr, "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                    "LOCAL_WORLD_SIZE": str(self.config.num_workers), "GROUP_RANK": str(self.config.node_rank),
+                    "PARATRAIN_STORE_HOSTED": "1", "PARATRAIN_NUM_SERVERS": str(self.config.num_servers),
+                    "PARATRAIN_SECRET": env.get("PARATRAIN_SECRET") or self.secret,
+                    "PYTHONUNBUFFERED": "1"})
+        env.setdefault("OMP_NUM_THREADS", "1")   # one thread per process unless the user says otherwise
+        if self.config.bind:
+            env["PARATRAIN_BIND"] = self.config.bind
+        return env
+
+    def _host_store(self) -> int:
+        import torch.distributed as dist
+        port = self.config.master_port or free_port(self.config.master_addr)
+        is_host = self.config.node_rank == 0
+        self.store = dist.TCPStore(self.config.master_addr, port, is_master=is_host, wait_for_workers=False,
+                                   timeout=timedelta(seconds=60), use_libuv=True)
+        return port
+
+    def run(self) -> int:
+        port = self._host_store()
+        base = self._base_env(port)
+        servers = [self._start_server(base, index) for index in range(self.config.num_servers)
+                   if self.config.node_rank == 0]
+        try:
+            for attempt in range(self.config.max_restarts + 1):
+                failed = self._run_workers(base, attempt)
+                if failed is None:
+                    return 0
+                label, how = failed
+                if attempt < self.config.max_restarts:
+                    print(f"paratrain launch: worker {label} {how}; restarting the workers "
+                          f"(attempt {attempt + 1} of {self.config.max_restarts})", file=sys.stderr, flush=True)
+                    continue
+                print(f"paratrain launch: worker {label} {how}; stopped the other workers", file=sys.stderr, flush=True)
+                return 1
+            return 1
+        finally:
+            _stop_all(servers)
+
+    def _start_server(self, base: dict, index: int) -> _Child:
+        env = dict(base, PARATRAIN_ROLE="server", PARATRAIN_SERVER_RANK=str(index), RANK="0", LOCAL_RANK="0")
+        return _Child(f"server{index}", [sys.executable, "-m", "paratrain.ps.server"], env)
+
+    def _run_workers(self, base: dict, attempt: int) -> tuple[str, str] | None:
+        """Run every local worker to the end; return (rank, how it died) for the first failure."""
+        workers = []
+        for local_rank in range(self.config.num_workers):
+            rank = self.config.node_rank * self.config.num_workers + local_rank
+            env = dict(base, RANK=str(rank), LOCAL_RANK=str(local_rank), TORCHELASTIC_RESTART_COUNT=str(attempt),
+                       PARATRAIN_ROLE="worker")
+            workers.append(_Child(f"rank{rank}", self.worker_argv, env, pass_stderr=rank == 0 and sys.stderr.isatty()))
+        try:
+            while True:
+                codes = [w.proc.poll() for w in workers]
+                for worker, code in zip(workers, codes):
+                    if code not in (None, 0):
+                        return worker.label.replace("rank", "rank "), describe_exit(code)
+                if all(code == 0 for code in codes):
+                    return None
+                time.sleep(POLL_S)
+        finally:
+            _stop_all(workers)
+
+
+def launch(worker_argv: Sequence[str], config: LaunchConfig) -> int:
+    """Run ``worker_argv`` as ``config.num_workers`` ranks; return the exit status."""
+    launcher = Launcher(config, worker_argv)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the finally blocks: stop children
+    try:
+        return launcher.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,217 @@
+"""Data parallelism: every worker holds the whole model; gradients are summed across
+workers in buckets that start communicating during backward.
+
+Buckets are filled in reverse parameter order (roughly the order backward produces
+gradients) and always launched in bucket order, on every rank, so collectives match
+even when some parameters get no gradient in a step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+
+from paratrain.errors import ConfigError
+from paratrain.kvstore.base import KVStore
+from paratrain.parallel.base import GradientSync
+
+FIRST_BUCKET_MB = 1.0     # small first bucket: the last layers' gradients leave early
+BUCKET_CAP_MB = 25.0      # as DDP: big enough to amortise per-collective latency
+
+
+class PendingReduce(Protocol):
+    def wait(self, timeout: float) -> torch.Tensor: ...
+
+
+class BucketReducer(Protocol):
+    """Sums one flat gradient bucket across workers (plain or compressed)."""
+
+    bytes_sent: int
+
+    def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce: ...
+
+
+class KVStoreBucketReducer:
+    """The default reducer: ``pushpull`` of the bucket through the (allreduce) KVStore."""
+
+    def __init__(self, kv: KVStore) -> None:
+        self.kv = kv
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.kv.bytes_sent
+
+    def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce:
+        key = f"__grad_bucket_{bucket_index}"
+        self.kv.push(key, flat)
+        return _HandleResult(self.kv.pull(key, out=flat, block=False))
+
+
+@dataclass
+class _HandleResult:
+    handle: object
+
+    def wait(self, timeout: float) -> torch.Tensor:
+        return self.handle.wait(timeout)
+
+
+@dataclass
+class _Bucket:
+    params: list[torch.nn.Parameter]
+    offsets: list[int]
+    flat: torch.Tensor
+    ready: set[int] = field(default_factory=set)   # indices into params
+    pending: PendingReduce | None = None
+    launch_s: float = 0.0
+    done_s: float | None = None
+
+
+def assign_buckets(sizes_bytes: Sequence[int], first_cap: float = FIRST_BUCKET_MB * 2**20,
+                   cap: float = BUCKET_CAP_MB * 2**20) -> list[list[int]]:
+    """Group parameter indices (given in the order they should be reduced) into buckets
+    of at most ``cap`` bytes (``first_cap`` for the first). A pure function."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for index, nbytes in enumerate(sizes_bytes):
+        limit = first_cap if not buckets else cap
+        if current and size + nbytes > limit:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(index)
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+class BucketedAllreduceSync(GradientSync):
+    """Sum gradients across workers, overlapping communication with backward."""
+
+    def __init__(self, reducer: BucketReducer, *, num_workers: int, timeout_s: float = 60.0,
+                 first_bucket_mb: float = FIRST_BUCKET_MB, bucket_cap_mb: float = BUCKET_CAP_MB) -> None:
+        super().__init__()
+        if first_bucket_mb <= 0 or bucket_cap_mb <= 0:
+            raise ConfigError(f"bucket sizes must be > 0 MB; got first={first_bucket_mb}, cap={bucket_cap_mb}")
+        self.reducer = reducer
+        self.num_workers = num_workers
+        self.timeout_s = timeout_s
+        self._first_cap = first_bucket_mb * 2**20
+        self._cap = bucket_cap_mb * 2**20
+        self._buckets: list[_Bucket] = []
+        self._where: dict[int, tuple[int, int]] = {}   # id(param) -> (bucket, slot)
+        self._next_launch = 0
+        self._hooks: list = []
+        self.timeline = None   # set by the Trainer: records each bucket's communication span
+
+    def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            for param in params:   # every worker starts from rank 0's weights
+                dist.broadcast(param.data, src=0)
+        ordered = list(reversed(list(params)))
+        sizes = [p.numel() * p.element_size() for p in ordered]
+        for indices in assign_buckets(sizes, self._first_cap, self._cap):
+            self._add_bucket([ordered[i] for i in indices])
+        for param in ordered:
+            self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    def _add_bucket(self, bucket_params: list[torch.nn.Parameter]) -> None:
+        dtypes = {p.dtype for p in bucket_params}
+        if len(dtypes) != 1:   # keep it simple: one dtype per model is the common case
+            raise ConfigError(f"parameters of mixed dtypes {sorted(map(str, dtypes))} in one bucket; "
+                              "cast the model to one dtype (master weights stay fp32 under --amp)")
+        offsets, total = [], 0
+        for param in bucket_params:
+            offsets.append(total)
+            total += param.numel()
+        flat = torch.zeros(total, dtype=bucket_params[0].dtype, device=bucket_params[0].device)
+        index = len(self._buckets)
+        for slot, param in enumerate(bucket_params):
+            self._where[id(param)] = (index, slot)
+        self._buckets.append(_Bucket(bucket_params, offsets, flat))
+
+    def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        if not self.sync_enabled:
+            return
+        index, slot = self._where[id(param)]
+        bucket = self._buckets[index]
+        if bucket.pending is not None or slot in bucket.ready:
+            raise RuntimeError("backward ran twice before trainer.step(); accumulate gradients "
+                               "inside `with trainer.no_sync():` (or use --accumulate)")
+        self._fill(bucket, slot)
+        if len(bucket.ready) == len(bucket.params):
+            self._launch_ready()
+
+    def _fill(self, bucket: _Bucket, slot: int) -> None:
+        param, start = bucket.params[slot], bucket.offsets[slot]
+        view = bucket.flat[start:start + param.numel()]
+        if param.grad is None:   # unused in this step: contributes zeros
+            view.zero_()
+        else:
+            view.copy_(param.grad.reshape(-1))
+        bucket.ready.add(slot)
+
+    def _launch_ready(self) -> None:
+        # Launch strictly in bucket order so every rank issues the same collectives.
+        while self._next_launch < len(self._buckets):
+            bucket = self._buckets[self._next_launch]
+            if len(bucket.ready) < len(bucket.params):
+                return
+            bucket.launch_s = time.perf_counter()
+            bucket.pending = self.reducer.launch(self._next_launch, bucket.flat)
+            self._next_launch += 1
+
+    def reduce(self, scale: float) -> None:
+        for bucket in self._buckets:   # parameters whose hooks never fired this step
+            for slot in range(len(bucket.params)):
+                if slot not in bucket.ready:
+                    self._fill(bucket, slot)
+        self._launch_ready()
+        for index, bucket in enumerate(self._buckets):
+            summed = bucket.pending.wait(self.timeout_s)
+            done_s = time.perf_counter()
+            if self.timeline is not None:
+                self.timeline.complete(f"allreduce bucket {index}", "comm", bucket.launch_s, done_s,
+                                       tid="comm", bytes=bucket.flat.numel() * bucket.flat.element_size())
+            summed.mul_(scale)
+            for param, start in zip(bucket.params, bucket.offsets):
+                grad = summed[start:start + param.numel()].view_as(param)
+                if param.grad is None:
+                    param.grad = grad.clone()
+                else:
+                    param.grad.copy_(grad)
+            bucket.ready.clear()
+            bucket.pending = None
+        self._next_launch = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.reducer.bytes_sent
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
+class LocalSync(GradientSync):
+    """One worker: gradients only need scaling."""
+
+    def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self._params = list(params)
+
+    def reduce(self, scale: float) -> None:
+        if scale != 1.0:
+            for param in self._params:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+
+
+def broadcast_buffers(buffers: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm statistics, ...) to every worker."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in buffers:
+            dist.broadcast(buffer, src=src)

@@ -1,0 +1,9 @@
+"""Training: the Gluon-style Trainer, the fit loop, strategies and callbacks."""
+from paratrain.train.build import STRATEGIES, build_strategy
+from paratrain.train.callbacks import Callback, FitState, MetricsLogger, ProgressBar, Speedometer
+from paratrain.train.fit import fit
+from paratrain.train.strategy import StepResult, Strategy
+from paratrain.train.trainer import Trainer
+
+__all__ = ["Trainer", "fit", "Strategy", "StepResult", "build_strategy", "STRATEGIES",
+           "Callback", "FitState", "Speedometer", "ProgressBar", "MetricsLogger"]

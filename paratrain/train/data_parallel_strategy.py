@@ -1,0 +1,137 @@
+"""Data parallelism as a :class:`Strategy`: every worker holds the whole model and a
+:class:`~paratrain.Trainer` aggregates gradients through a KVStore (allreduce, the
+parameter server, local SGD). Covers gradient accumulation and mixed precision."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from paratrain.comm.process_group import init_process_group
+from paratrain.env import DistEnv, read_env
+from paratrain.errors import ConfigError, check_choice
+from paratrain.kvstore import DIST_TYPES, KVSTORE_TYPES
+from paratrain.train.strategy import Strategy, StepResult
+from paratrain.train.trainer import Trainer, param_checksum
+
+AMP_MODES = ("none", "bf16", "fp16")
+# Per-step statistics are summed across workers only where workers move in lockstep;
+# in async modes that collective would make them wait for each other.
+ASYNC_TYPES = ("dist_async", "dist_ssp")
+
+
+@dataclass(kw_only=True)
+class DataParallelConfig:
+    kvstore: str = "allreduce"
+    accumulate: int = 1
+    amp: str = "none"
+    compression: str | dict | None = None
+    sync_every: int | None = None      # local SGD when set
+    kvstore_options: dict | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("kvstore", self.kvstore, KVSTORE_TYPES)
+        check_choice("amp", self.amp, AMP_MODES)
+        if not isinstance(self.accumulate, int) or self.accumulate < 1:
+            raise ConfigError(f"accumulate={self.accumulate!r} must be an integer >= 1")
+        if self.sync_every is not None and (not isinstance(self.sync_every, int) or self.sync_every < 1):
+            raise ConfigError(f"sync_every={self.sync_every!r} must be an integer >= 1")
+        if self.amp == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("amp='fp16' needs a GPU (dynamic loss scaling); on CPU use amp='bf16'")
+
+
+class DataParallelStrategy(Strategy):
+    def __init__(self, config: DataParallelConfig | None = None, *, env: DistEnv | None = None, **options) -> None:
+        self.config = config or DataParallelConfig(**options)
+        self.env = env or read_env()
+        self.name = "local_sgd" if self.config.sync_every else self.config.kvstore
+        self.data_rank, self.data_world = self.env.rank, self.env.world_size
+        self.is_logging_rank = self.env.rank == 0
+        self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
+
+    def setup(self, model, optimizer, optimizer_params, loss_fn) -> None:
+        if self.env.distributed:
+            init_process_group(self.env)   # also for dist_*: evaluation and checksums use it
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn
+        scaler = torch.amp.GradScaler("cuda") if self.config.amp == "fp16" else None
+        self.trainer = Trainer(self.model, optimizer, optimizer_params, kvstore=self.config.kvstore,
+                               compression=self.config.compression, sync_every=self.config.sync_every,
+                               loss_scaler=scaler, kvstore_options=self.config.kvstore_options)
+        self.trainer.timeline = self.timeline
+        self._lockstep = self.config.kvstore not in ASYNC_TYPES
+
+    def _autocast(self):
+        if self.config.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self, inputs, targets, global_batch) -> StepResult:
+        self.model.train()
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        micro_inputs = inputs.chunk(self.config.accumulate) if len(inputs) else ()
+        micro_targets = targets.chunk(self.config.accumulate) if len(inputs) else ()
+        loss_sum, correct = 0.0, 0
+        for index, (x, y) in enumerate(zip(micro_inputs, micro_targets)):
+            last = index == len(micro_inputs) - 1
+            with (contextlib.nullcontext() if last else self.trainer.no_sync()):
+                with self._span("forward"), self._autocast():
+                    output = self.model(x)
+                    loss = self.loss_fn(output.float(), y)
+                with self._span("backward"):
+                    scaled = self.trainer.loss_scaler.scale(loss) if self.trainer.loss_scaler else loss
+                    scaled.backward()
+            loss_sum += loss.item()
+            correct += int((output.argmax(1) == y).sum())
+        self.trainer.step(len(inputs), global_batch_size=global_batch)
+        return self._totals(loss_sum, correct, len(inputs), reduce=self._lockstep)
+
+    def _totals(self, loss_sum: float, correct: int, samples: int, reduce: bool) -> StepResult:
+        if reduce and dist.is_initialized() and dist.get_world_size() > 1:
+            stats = torch.tensor([loss_sum, float(correct), float(samples)], dtype=torch.float64)
+            dist.all_reduce(stats)
+            loss_sum, correct, samples = stats[0].item(), int(stats[1]), int(stats[2])
+        elif not reduce:   # async: this worker's view, scaled to an estimate of the whole job
+            return StepResult(loss_sum * self.data_world, correct * self.data_world, samples * self.data_world)
+        return StepResult(loss_sum, correct, samples)
+
+    @torch.no_grad()
+    def evaluate(self, inputs, targets) -> StepResult:
+        """Every worker holds the whole model: evaluate locally, no communication."""
+        self.model.eval()
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        with self._autocast():
+            output = self.model(inputs)
+        loss = self.loss_fn(output.float(), targets).item()
+        return StepResult(loss, int((output.argmax(1) == targets).sum()), len(targets))
+
+    def _span(self, name: str):
+        timeline = self.trainer.timeline
+        return timeline.span(name, "compute") if timeline is not None else contextlib.nullcontext()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "trainer": self.trainer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.trainer.load_state_dict(state["trainer"])
+
+    def full_model_state(self) -> dict:
+        return self.model.state_dict()
+
+    def param_checksum(self) -> str:
+        return param_checksum(self.model.parameters())
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.trainer.sync.bytes_sent
+
+    @property
+    def lr(self) -> float:
+        return self.trainer.learning_rate
+
+    def close(self) -> None:
+        self.trainer.close()

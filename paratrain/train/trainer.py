@@ -1,0 +1,170 @@
+"""``Trainer``: Gluon's ``trainer.step(batch_size)`` on torch.optim, over any KVStore.
+
+    trainer = paratrain.Trainer(model, "sgd", {"lr": 0.1, "momentum": 0.9}, kvstore="allreduce")
+    loss = loss_fn(model(x), y)          # a *sum* over the batch, as in Gluon
+    loss.backward()
+    trainer.step(batch_size)             # aggregate, divide by the global batch, update
+
+How gradients are aggregated is the job of one :class:`GradientSync` object chosen from
+the kvstore type in one place (:func:`paratrain.parallel.build_gradient_sync`); the
+Trainer itself never branches on strategy names.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from paratrain import kvstore as kvstore_module
+from paratrain.errors import ConfigError, check_choice
+from paratrain.kvstore.base import KVStore
+from paratrain.parallel import build_gradient_sync
+from paratrain.parallel.data_parallel import broadcast_buffers
+
+OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
+
+
+def build_optimizer(params: Iterable[nn.Parameter], optimizer: Any, optimizer_params: dict | None) -> torch.optim.Optimizer:
+    """A torch optimizer from a name (``"sgd"``...), an optimizer class, or an instance."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        if optimizer_params:
+            raise ConfigError("optimizer_params must be empty when an optimizer instance is given")
+        return optimizer
+    if isinstance(optimizer, str):
+        check_choice("optimizer", optimizer.lower(), tuple(OPTIMIZERS))
+        optimizer = OPTIMIZERS[optimizer.lower()]
+    if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+        raise TypeError(f"optimizer={optimizer!r}: give a name ({', '.join(OPTIMIZERS)}), "
+                        "a torch.optim.Optimizer subclass or an instance")
+    try:
+        return optimizer(list(params), **(optimizer_params or {}))
+    except TypeError as exc:
+        raise ConfigError(f"optimizer_params {optimizer_params!r} rejected by {optimizer.__name__}: {exc}") from None
+
+
+def unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """Trainable parameters, each once (tied weights appear once), in order."""
+    seen: set[int] = set()
+    result = []
+    for param in params:
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            result.append(param)
+    return result
+
+
+def param_checksum(params: Iterable[torch.Tensor]) -> str:
+    """sha256 over the parameters' bytes, in order: equal iff the runs are bitwise equal."""
+    digest = hashlib.sha256()
+    for tensor in params:
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Trainer:
+    """Applies an optimizer to parameters, aggregating gradients through a KVStore.
+
+    ``params``: an ``nn.Module`` (its buffers are kept identical across workers too)
+    or an iterable of parameters. ``optimizer``: a name, a ``torch.optim`` class or
+    instance. ``kvstore``: a type name (``local``, ``allreduce``, ``dist_sync``,
+    ``dist_async``, ``dist_ssp``) or a KVStore. Frozen parameters are skipped.
+    """
+
+    def __init__(self, params, optimizer: Any = "sgd", optimizer_params: dict | None = None,
+                 kvstore: str | KVStore = "local", *, compression=None, sync_every: int | None = None,
+                 update_on_kvstore: bool | None = None, loss_scaler=None, kvstore_options: dict | None = None):
+        module = params if isinstance(params, nn.Module) else None
+        param_list = list(module.parameters() if module is not None else params)
+        if isinstance(optimizer, torch.optim.Optimizer) and not param_list:
+            param_list = [p for group in optimizer.param_groups for p in group["params"]]
+        self._params = unique_trainable(param_list)
+        if not self._params:
+            raise ConfigError("Trainer got no trainable parameters (all frozen or empty)")
+        self._buffers = list(module.buffers()) if module is not None else []
+        self.kvstore = kvstore if isinstance(kvstore, KVStore) else kvstore_module.create(kvstore, **(kvstore_options or {}))
+        self.sync = build_gradient_sync(
+            self.kvstore, optimizer=optimizer if isinstance(optimizer, str) else "sgd",
+            optimizer_params=dict(optimizer_params or {}), compression=compression,
+            sync_every=sync_every, update_on_kvstore=update_on_kvstore)
+        self.optimizer = build_optimizer(self._params, optimizer, optimizer_params)
+        self.loss_scaler = loss_scaler
+        self.sync.attach(self._params)
+        broadcast_buffers(self._buffers)
+        self.timeline = None
+        self.num_update = 0
+
+    @property
+    def num_workers(self) -> int:
+        return self.kvstore.num_workers
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes in this block accumulate locally without communicating."""
+        with self.sync.no_sync():
+            yield
+
+    def step(self, batch_size: int, *, global_batch_size: int | None = None) -> None:
+        """Aggregate gradients, normalise by the global batch and update.
+
+        ``batch_size`` is the number of samples this worker's gradients sum over; the
+        global batch is ``batch_size * num_workers`` unless ``global_batch_size`` says
+        otherwise (an uneven last batch). Gradients are zeroed afterwards.
+        """
+        total = global_batch_size if global_batch_size is not None else batch_size * self.num_workers
+        if total <= 0:
+            raise ConfigError(f"batch_size={batch_size} (global {total}) must be > 0")
+        self.sync.timeline = self.timeline
+        self.sync.reduce(1.0 / total)
+        with self._span("optimizer"):
+            if self.sync.updates_on_server:
+                pass   # the servers applied the optimizer; after_step pulls the new weights
+            elif self.loss_scaler is not None:
+                self.loss_scaler.step(self.optimizer)
+                self.loss_scaler.update()
+            else:
+                self.optimizer.step()
+            self.sync.after_step()
+            if self._broadcast_buffers_enabled:
+                broadcast_buffers(self._buffers)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_update += 1
+
+    @property
+    def _broadcast_buffers_enabled(self) -> bool:
+        # Buffers (BatchNorm statistics) follow rank 0 after every step, as DDP does
+        # before every forward, unless the sync keeps workers apart on purpose.
+        return bool(self._buffers) and getattr(self.sync, "buffers_follow_rank0", True)
+
+    def _span(self, name: str):
+        return self.timeline.span(name, "compute") if self.timeline is not None else contextlib.nullcontext()
+
+    def param_checksum(self) -> str:
+        return param_checksum(self._params)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "num_update": self.num_update}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.num_update = int(state["num_update"])
+
+    def close(self) -> None:
+        self.sync.close()
+        self.kvstore.close()
