@@ -1,0 +1,109 @@
+"""A small message transport interface, chosen by name (as ps-lite's ``Van``).
+
+The parameter server speaks in messages (lists of frames). A server listens on one
+:class:`ServerChannel` and replies to whichever peer asked; a worker holds one
+:class:`ClientChannel` connected to every server. Two implementations register
+themselves: ``zmq`` (ZeroMQ over TCP, zero-copy frames) and ``inproc`` (queues inside
+one process, for unit tests that need no sockets).
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Sequence
+
+from paratrain.errors import ConfigError
+
+Frames = Sequence[Any]  # bytes, memoryview or anything with the buffer protocol
+
+
+class SendTracker(abc.ABC):
+    """Tells when the transport no longer reads a zero-copy frame (its memory may
+    then be changed)."""
+
+    @property
+    @abc.abstractmethod
+    def done(self) -> bool: ...
+
+    @abc.abstractmethod
+    def wait(self, timeout_s: float) -> None: ...
+
+
+class DoneTracker(SendTracker):
+    """For transports that copy on send."""
+
+    @property
+    def done(self) -> bool:
+        return True
+
+    def wait(self, timeout_s: float) -> None:
+        return None
+
+
+class ServerChannel(abc.ABC):
+    """The listening side. Peers are opaque ids (bytes) given by :meth:`recv`."""
+
+    #: The address clients connect to (announced through the rendezvous store).
+    address: str
+
+    @abc.abstractmethod
+    def recv(self, timeout_s: float) -> tuple[bytes, list] | None:
+        """The next ``(peer, frames)``, or None when nothing came within ``timeout_s``."""
+
+    @abc.abstractmethod
+    def send(self, peer: bytes, frames: Frames) -> SendTracker:
+        """Queue ``frames`` for ``peer`` without blocking."""
+
+    @abc.abstractmethod
+    def drop(self, peer: bytes) -> None:
+        """Forget a misbehaving peer (no more replies go to it)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class ClientChannel(abc.ABC):
+    """One worker's connections to servers ``0..len(addresses)-1``."""
+
+    @abc.abstractmethod
+    def send(self, server: int, frames: Frames) -> SendTracker:
+        """Queue ``frames`` for ``server`` without blocking."""
+
+    @abc.abstractmethod
+    def recv(self, timeout_s: float) -> tuple[int, list] | None:
+        """The next ``(server, frames)`` reply, or None after ``timeout_s``."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Transport(abc.ABC):
+    """Makes channels. ``max_message_bytes`` bounds what a server accepts."""
+
+    name: str = "base"
+
+    @abc.abstractmethod
+    def listen(self, bind_addr: str, *, max_message_bytes: int) -> ServerChannel: ...
+
+    @abc.abstractmethod
+    def connect(self, addresses: Sequence[str]) -> ClientChannel: ...
+
+
+_REGISTRY: dict[str, Callable[[], Transport]] = {}
+
+
+def register_transport(name: str, factory: Callable[[], Transport]) -> None:
+    """Make ``get_transport(name)`` build transports with ``factory``."""
+    _REGISTRY[name] = factory
+
+
+def get_transport(name: str) -> Transport:
+    """The transport registered as ``name`` (``zmq`` or ``inproc``)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"transport={name!r} is not known; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()
+
+
+def _load_builtin() -> None:
+    # Imported lazily so that `import paratrain.comm` does not pull in pyzmq.
+    from paratrain.comm import inproc_transport, zmq_transport  # noqa: F401

@@ -1,0 +1,127 @@
+"""ZeroMQ over TCP: ROUTER on the server, one DEALER per server on the worker.
+
+Frames go out with ``copy=False`` (zmq reads the tensor's memory directly; a tracker
+says when it is done) and come in as zero-copy :class:`zmq.Frame` buffers. The
+server sets ``MAXMSGSIZE`` so that an oversized message drops the sender's
+connection inside libzmq before any memory is spent on it.
+"""
+from __future__ import annotations
+
+import socket
+from typing import Sequence
+
+import zmq
+
+from paratrain.comm.transport import (ClientChannel, DoneTracker, Frames, SendTracker, ServerChannel,
+                                      Transport, register_transport)
+
+# Below this size a copy is cheaper than the bookkeeping of a zero-copy frame.
+ZERO_COPY_MIN_BYTES = 64 * 1024
+_DONE = DoneTracker()
+
+
+class _ZmqTracker(SendTracker):
+    def __init__(self, tracker: zmq.MessageTracker):
+        self._tracker = tracker
+
+    @property
+    def done(self) -> bool:
+        return self._tracker.done
+
+    def wait(self, timeout_s: float) -> None:
+        self._tracker.wait(timeout_s)
+
+
+def _send(sock: zmq.Socket, frames: Frames, prefix: Sequence[bytes] = ()) -> SendTracker:
+    big = any(memoryview(f).nbytes >= ZERO_COPY_MIN_BYTES for f in frames)
+    parts = list(prefix) + list(frames)
+    if not big:
+        sock.send_multipart(parts, copy=True)
+        return _DONE
+    tracker = sock.send_multipart(parts, copy=False, track=True)
+    return _ZmqTracker(tracker)
+
+
+def _announce_host(bind_addr: str) -> str:
+    """The host clients dial: the bind address, or this host's address for a wildcard."""
+    if bind_addr in ("0.0.0.0", "*", ""):
+        return socket.gethostbyname(socket.gethostname())
+    return bind_addr
+
+
+class ZmqServerChannel(ServerChannel):
+    def __init__(self, context: zmq.Context, bind_addr: str, max_message_bytes: int):
+        self._sock = context.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        host = "*" if bind_addr in ("0.0.0.0", "*") else bind_addr
+        self._sock.bind(f"tcp://{host}:0")
+        port = self._sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
+        self.address = f"tcp://{_announce_host(bind_addr)}:{port}"
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def recv(self, timeout_s: float) -> tuple[bytes, list] | None:
+        if not self._poller.poll(max(0, int(timeout_s * 1000))):
+            return None
+        parts = self._sock.recv_multipart(copy=False)
+        peer = parts[0].bytes
+        return peer, [p.buffer for p in parts[1:]]
+
+    def send(self, peer: bytes, frames: Frames) -> SendTracker:
+        return _send(self._sock, frames, prefix=(peer,))
+
+    def drop(self, peer: bytes) -> None:
+        # A ROUTER cannot hang up one peer; the server stops answering it instead.
+        return None
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+
+class ZmqClientChannel(ClientChannel):
+    def __init__(self, context: zmq.Context, addresses: Sequence[str]):
+        self._socks = []
+        self._poller = zmq.Poller()
+        for address in addresses:
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 1000)  # let a goodbye leave before close
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.connect(address)
+            self._poller.register(sock, zmq.POLLIN)
+            self._socks.append(sock)
+        self._index = {sock: i for i, sock in enumerate(self._socks)}
+
+    def send(self, server: int, frames: Frames) -> SendTracker:
+        return _send(self._socks[server], frames)
+
+    def recv(self, timeout_s: float) -> tuple[int, list] | None:
+        events = self._poller.poll(max(0, int(timeout_s * 1000)))
+        if not events:
+            return None
+        sock = events[0][0]
+        parts = sock.recv_multipart(copy=False)
+        return self._index[sock], [p.buffer for p in parts]
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+        self._socks = []
+
+
+class ZmqTransport(Transport):
+    """ZeroMQ over TCP (one shared context per process)."""
+
+    name = "zmq"
+
+    def listen(self, bind_addr: str, *, max_message_bytes: int) -> ServerChannel:
+        return ZmqServerChannel(zmq.Context.instance(), bind_addr, max_message_bytes)
+
+    def connect(self, addresses: Sequence[str]) -> ClientChannel:
+        return ZmqClientChannel(zmq.Context.instance(), addresses)
+
+
+register_transport("zmq", ZmqTransport)

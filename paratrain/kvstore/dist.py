@@ -1,0 +1,351 @@
+"""``dist_sync``, ``dist_async``, ``dist_ssp``: the worker side of the parameter server.
+
+Each worker holds one connection per server (see :mod:`paratrain.comm.transport`),
+cuts every key into slices with :func:`paratrain.ps.sharding.plan_key`, and sends
+one request per slice. Requests never block; replies are matched by request id when
+a handle is waited on. A pull first collects the acknowledgements of this worker's
+earlier pushes of the same key (they arrive first, as each connection keeps order),
+so errors of a push that nobody waited for still surface.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from paratrain.comm import codecs
+from paratrain.comm.transport import ClientChannel, get_transport
+from paratrain.env import DistEnv, read_env
+from paratrain.errors import CommTimeout, ConfigError, PeerError, check_choice
+from paratrain.kvstore.base import Handle, Key, KVStore, TensorOrList, check_key, copy_out, sum_values
+from paratrain.ps import protocol
+from paratrain.ps.optimizer import ServerOptimizer, build_optimizer
+from paratrain.ps.policies import POLICY_NAMES
+from paratrain.ps.protocol import Message, Op
+from paratrain.ps.sharding import DEFAULT_BIGARRAY_BOUND, KeySlice, key_name, plan_key
+
+#: Extra seconds a worker waits beyond the servers' timeout, so that the server's
+#: error (which names the missing workers) arrives before the worker gives up.
+REPLY_MARGIN_S = 10.0
+#: Codecs whose payload the servers can decode one slice at a time.
+PS_CODECS = ("none", "fp16", "bf16", "2bit", "topk")
+# The worker's receive path trusts nothing more than the server's does.
+_MAX_REPLY_BYTES = 1 << 34
+
+
+@dataclass(frozen=True)
+class DistKVStoreConfig:
+    """Options of a parameter-server KVStore."""
+
+    mode: str = "dist_sync"
+    staleness: int = 2
+    bigarray_bound: int = DEFAULT_BIGARRAY_BOUND
+    transport: str = "zmq"
+
+    def __post_init__(self) -> None:
+        check_choice("kvstore", self.mode, POLICY_NAMES)
+        if isinstance(self.staleness, bool) or not isinstance(self.staleness, int) or self.staleness < 0:
+            raise ConfigError(f"staleness={self.staleness!r} must be an int >= 0")
+        if isinstance(self.bigarray_bound, bool) or not isinstance(self.bigarray_bound, int) \
+                or self.bigarray_bound < 1:
+            raise ConfigError(f"bigarray_bound={self.bigarray_bound!r} must be an int >= 1 (elements)")
+
+
+@dataclass
+class _KeyInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    slices: list[KeySlice]
+    unacked: list[tuple[int, int]] = field(default_factory=list)   # (server, request id) of pushes
+    codec_states: dict[int, codecs.CodecState] = field(default_factory=dict)
+
+
+class DistKVStore(KVStore):
+    """A KVStore whose values live on parameter servers.
+
+    ``push_scale`` multiplies every pushed value on the server before it is summed
+    (the Trainer sets it to 1 / global batch); ``last_min_clock[key]`` is the slowest
+    worker's push count the servers reported with the last pull (instrumentation).
+    """
+
+    def __init__(self, config: DistKVStoreConfig, *, rank: int, num_workers: int,
+                 addresses: Sequence[str], secret: str, timeout_s: float = 60.0):
+        if not addresses:
+            raise ConfigError(f"kvstore {config.mode!r} needs parameter servers; start the job with "
+                              f"--servers M (M >= 1)")
+        if not 0 <= rank < num_workers:
+            raise ConfigError(f"rank={rank} must be in [0, num_workers={num_workers})")
+        self.config = config
+        self.type = config.mode
+        self._rank, self._num_workers = rank, num_workers
+        self._addresses = list(addresses)
+        self._timeout_s = timeout_s
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._replies: dict[int, tuple[int, Message]] = {}
+        self._keys: dict[Key, _KeyInfo] = {}
+        self._optimizer: ServerOptimizer | None = None
+        self._compression = codecs.CompressionConfig()
+        self._barriers = 0
+        self._bytes_sent = 0
+        self._closed = False
+        self.push_scale = 1.0
+        self.last_min_clock: dict[Key, int] = {}
+        self._channel: ClientChannel = get_transport(config.transport).connect(self._addresses)
+        self._handshake(secret)
+
+    # -- KVStore API --------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    @property
+    def num_servers(self) -> int:
+        return len(self._addresses)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_sent
+
+    def init(self, key: Key, value: torch.Tensor) -> None:
+        """Every worker calls it; the servers keep rank 0's value. Blocks until rank 0
+        has initialized the key on every server."""
+        check_key(key)
+        if key in self._keys:
+            raise ConfigError(f"key {key!r} is already initialized")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise TypeError(f"init value for key {key!r} must be a float tensor, got {type(value).__name__}")
+        protocol.dtype_code(value.dtype)
+        flat = value.detach().cpu().reshape(-1).contiguous()
+        info = _KeyInfo(tuple(value.shape), value.dtype,
+                        plan_key(key, flat.numel(), self.num_servers, self.config.bigarray_bound))
+        if flat.numel() == 0:
+            raise ConfigError(f"key {key!r} has no elements")
+        requests = [self._send(part.server, Op.INIT, key, info, part, flat[part.start:part.stop])
+                    for part in info.slices]
+        self._collect(requests, f"init of key {key!r}")
+        self._keys[key] = info
+
+    def push(self, key: Key, value: TensorOrList, priority: int = 0) -> Handle:
+        """Send ``value`` (a list is summed first) to the key's servers; does not block."""
+        info = self._info(key)
+        total = sum_values(value)
+        if tuple(total.shape) != info.shape:
+            raise ConfigError(f"push to key {key!r}: shape {tuple(total.shape)}, the key holds {info.shape}")
+        if self._optimizer is None and self.type != "dist_sync":
+            raise ConfigError(f"{self.type} applies pushes on the servers as they arrive and needs a server "
+                              f"optimizer: call kv.set_optimizer(...) before pushing")
+        flat = total.detach().to("cpu", info.dtype).reshape(-1).contiguous()
+        requests = []
+        with self._lock:
+            for part in info.slices:
+                request = self._send_push(key, info, part, flat[part.start:part.stop])
+                info.unacked.append(request)
+                requests.append(request)
+        return Handle(lambda timeout: self._collect_acks(info, requests, timeout), f"push of key {key!r}")
+
+    def pull(self, key: Key, out: TensorOrList, priority: int = 0, block: bool = True) -> Handle:
+        """Read the key into ``out``; sees every push this worker made before."""
+        info = self._info(key)
+        requests = [self._send(part.server, Op.PULL, key, info, part) for part in info.slices]
+        handle = Handle(lambda timeout: self._finish_pull(key, info, requests, out, timeout),
+                        f"pull of key {key!r} from server(s) {sorted({p.server for p in info.slices})}")
+        if block:
+            handle.wait(self._timeout_s + REPLY_MARGIN_S)
+        return handle
+
+    def set_optimizer(self, optimizer: Any) -> None:
+        """Run ``optimizer`` (a spec dict, a name, or a ServerOptimizer) on the
+        servers. Every worker calls it; rank 0's is sent, then all meet at a barrier."""
+        built = build_optimizer(optimizer)
+        if self._rank == 0:
+            payload = protocol.encode_json(built.to_spec())
+            self._broadcast_control(Op.SET_OPTIMIZER, payload, "set_optimizer")
+        self.barrier()
+        self._optimizer = built
+
+    def set_gradient_compression(self, compression: dict | str | None) -> None:
+        """Compress pushes (``fp16``, ``bf16``, ``2bit``, ``topk``); each worker keeps
+        its own error-feedback residual per key slice. Rank 0 tells the servers."""
+        config = codecs.parse_compression(compression)
+        check_choice("compression type for a parameter server", config.type, PS_CODECS)
+        if self._rank == 0:
+            payload = protocol.encode_json(config.to_dict())
+            self._broadcast_control(Op.SET_COMPRESSION, payload, "set_gradient_compression")
+        self.barrier()
+        self._compression = config
+        for info in self._keys.values():
+            info.codec_states.clear()
+
+    def barrier(self) -> None:
+        """Block until every worker reached its same-numbered barrier (on server 0)."""
+        self._barriers += 1
+        request = self._send_raw(0, protocol.encode(Op.BARRIER, request_id=next(self._ids),
+                                                    clock=self._barriers))
+        self._collect([request], f"barrier {self._barriers}")
+
+    def close(self) -> None:
+        """Say goodbye to every server (they exit when all workers did)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            requests = [self._send_raw(s, protocol.encode(Op.GOODBYE, request_id=next(self._ids)))
+                        for s in range(self.num_servers)]
+            self._collect(requests, "goodbye", timeout_s=min(5.0, self._timeout_s))
+        except (CommTimeout, PeerError):
+            pass  # a server that is already gone needs no goodbye
+        finally:
+            self._channel.close()
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _info(self, key: Key) -> _KeyInfo:
+        check_key(key)
+        if key not in self._keys:
+            raise ConfigError(f"key {key!r} is not initialized on this worker; call kv.init({key!r}, value) first")
+        return self._keys[key]
+
+    def _send_raw(self, server: int, frames: list) -> tuple[int, int]:
+        with self._lock:
+            self._channel.send(server, frames)
+        return server, protocol.HEADER.unpack(frames[0])[5]
+
+    def _send(self, server: int, op: Op, key: Key, info: _KeyInfo, part: KeySlice,
+              values: torch.Tensor | None = None, *, scale: float = 1.0, status: int = 0) -> tuple[int, int]:
+        payload = None if values is None else protocol.tensor_bytes(values)
+        dtype = info.dtype if values is None else values.dtype
+        frames = protocol.encode(op, key=key_name(key), request_id=next(self._ids), dtype=dtype,
+                                 shape=info.shape, offset=part.start, length=part.length if values is None
+                                 else values.numel(), scale=scale, status=status, payload=payload)
+        if payload is not None:
+            self._bytes_sent += payload.nbytes
+        return self._send_raw(server, frames)
+
+    def _send_push(self, key: Key, info: _KeyInfo, part: KeySlice, values: torch.Tensor) -> tuple[int, int]:
+        if not self._compression.enabled:
+            return self._send(part.server, Op.PUSH, key, info, part, values, scale=self.push_scale)
+        payload, info.codec_states[part.start] = codecs.encode(
+            self._compression, values, info.codec_states.get(part.start))
+        return self._send(part.server, Op.PUSH, key, info, part, payload[0].reshape(-1).contiguous(),
+                          scale=self.push_scale, status=protocol.STATUS_COMPRESSED)
+
+    def _broadcast_control(self, op: Op, payload: bytes, what: str) -> None:
+        requests = [self._send_raw(s, protocol.encode(op, request_id=next(self._ids), payload=payload))
+                    for s in range(self.num_servers)]
+        self._collect(requests, what)
+
+    def _collect(self, requests: list[tuple[int, int]], what: str,
+                 timeout_s: float | None = None) -> dict[int, Message]:
+        """Wait for the replies to ``requests``; raise on an error reply or timeout."""
+        timeout_s = self._timeout_s + REPLY_MARGIN_S if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        wanted = {request_id: server for server, request_id in requests}
+        found: dict[int, Message] = {}
+        with self._lock:
+            while True:
+                for request_id in [r for r in wanted if r in self._replies]:
+                    server, message = self._replies.pop(request_id)
+                    found[request_id] = message
+                    del wanted[request_id]
+                    if message.op == Op.ERROR:
+                        error = message.control().get("error", "unknown error")
+                        raise PeerError(f"worker {self._rank}: {what} failed on server {server}: {error}")
+                if not wanted:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CommTimeout(f"worker {self._rank}: {what} got no reply from server(s) "
+                                      f"{sorted(set(wanted.values()))} within {timeout_s:.1f}s")
+                self._receive_one(remaining)
+
+    def _receive_one(self, timeout_s: float) -> None:
+        item = self._channel.recv(min(timeout_s, 1.0))
+        if item is None:
+            return
+        server, frames = item
+        message = protocol.decode(frames, max_payload_bytes=_MAX_REPLY_BYTES)
+        if message.op == Op.ERROR and message.request_id == 0:
+            raise PeerError(f"worker {self._rank}: server {server} rejected a message: "
+                            f"{message.control().get('error')}")
+        self._replies[message.request_id] = (server, message)
+
+    def _collect_acks(self, info: _KeyInfo, requests: list[tuple[int, int]], timeout: float | None) -> None:
+        with self._lock:
+            pending = [r for r in requests if r in info.unacked]
+            for request in pending:
+                info.unacked.remove(request)
+            self._collect(pending, "push", timeout)
+
+    def _finish_pull(self, key: Key, info: _KeyInfo, requests: list[tuple[int, int]], out: TensorOrList,
+                     timeout: float | None) -> None:
+        with self._lock:
+            acks, info.unacked = info.unacked, []
+            self._collect(acks, f"push of key {key!r}", timeout)
+            replies = self._collect(requests, f"pull of key {key!r}", timeout)
+        flat = torch.empty(math.prod(info.shape), dtype=info.dtype)
+        for (server, request_id), part in zip(requests, info.slices):
+            message = replies[request_id]
+            if message.op != Op.DATA or message.offset != part.start or message.length != part.length \
+                    or message.dtype != info.dtype:
+                raise PeerError(f"worker {self._rank}: server {server} answered the pull of key {key!r} "
+                                f"with {message.op.name} offset {message.offset} length {message.length}")
+            flat[part.start:part.stop] = message.tensor()
+        self.last_min_clock[key] = min(replies[r].clock for _, r in requests)
+        copy_out(flat.view(info.shape), out)
+
+    def _handshake(self, secret: str) -> None:
+        hello = protocol.encode_json({"rank": self._rank, "num_workers": self._num_workers,
+                                      "mode": self.type, "staleness": self.config.staleness})
+        requests = [self._send_raw(s, protocol.encode(Op.HELLO, request_id=next(self._ids)))
+                    for s in range(self.num_servers)]
+        challenges = self._collect(requests, "hello", timeout_s=self._timeout_s)
+        auths = []
+        for server, request_id in requests:
+            nonce = bytes(challenges[request_id].payload or b"")
+            mac = protocol.sign(secret, nonce, hello)
+            auths.append(self._send_raw(server, protocol.encode(Op.AUTH, request_id=next(self._ids),
+                                                                payload=mac + hello)))
+        try:
+            self._collect(auths, "authentication", timeout_s=min(self._timeout_s, 5.0))
+        except CommTimeout:
+            raise PeerError(f"worker {self._rank}: the parameter servers did not accept this job's "
+                            f"secret (PARATRAIN_SECRET)") from None
+
+
+def server_addresses(env: DistEnv) -> list[str]:
+    """The servers' addresses, as they announced them in the job's TCP store."""
+    from paratrain.comm.process_group import connect_store
+    from datetime import timedelta
+
+    if env.num_servers < 1:
+        raise ConfigError("PARATRAIN_NUM_SERVERS=0: dist_* kvstores need parameter servers; "
+                          "launch with --servers M (M >= 1)")
+    store = connect_store(env)
+    keys = [f"ps/server/{i}" for i in range(env.num_servers)]
+    try:
+        store.wait(keys, timedelta(seconds=env.timeout_s))
+    except Exception as exc:  # torch raises several types for a store timeout
+        raise CommTimeout(f"worker {env.rank}: parameter servers did not announce {keys} in the store "
+                          f"within {env.timeout_s}s: {exc}") from None
+    return [store.get(key).decode("utf-8") for key in keys]
+
+
+def create_dist_kvstore(type_name: str, *, staleness: int = 2, env: DistEnv | None = None,
+                        **options) -> KVStore:
+    """Connect to the job's parameter servers as a ``dist_sync``/``dist_async``/
+    ``dist_ssp`` KVStore. ``options``: ``bigarray_bound``, ``transport``."""
+    config = DistKVStoreConfig(mode=type_name, staleness=staleness, **options)
+    env = env or read_env()
+    return DistKVStore(config, rank=env.rank, num_workers=env.world_size, addresses=server_addresses(env),
+                       secret=env.secret, timeout_s=env.timeout_s)

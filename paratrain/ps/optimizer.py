@@ -1,0 +1,152 @@
+"""Optimizers that run on the parameter servers.
+
+Each server updates only the key slices it holds, and keeps their optimizer state
+(momentum, Adam moments) beside them, so state is sharded exactly as the keys are.
+The update follows ``torch.optim`` (SGD with momentum, Adam) so that a model trained
+with updates on the servers matches one trained with a local optimizer. The
+gradient the update sees is ``rescale_grad * scale * sum_of_pushes``: ``scale``
+travels with each push (1 / global batch from the Trainer), and the sum of a round's
+pushes is what MXNet feeds its server optimizer.
+
+Specs travel as JSON (``{"type": "sgd", "lr": 0.1, ...}``), never pickled.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from paratrain.errors import ConfigError
+
+
+def _check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None,
+                  low_inclusive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r} must be a number")
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or (high is not None and value >= high) or value != value:
+        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
+        raise ConfigError(f"{name}={value!r} must be {bound}")
+
+
+def _write_back(weight: torch.Tensor, master: torch.Tensor) -> None:
+    # weight.float() is the weight itself for float32 (updated in place already)
+    # and an upcast copy for half types, whose result is rounded back once.
+    if master is not weight:
+        weight.copy_(master)
+
+
+class ServerOptimizer(abc.ABC):
+    """Updates one key slice in place from the summed gradient."""
+
+    type: ClassVar[str]
+
+    @abc.abstractmethod
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        """``weight``: the slice (any float dtype); ``grad``: float32, already
+        rescaled; ``state``: this slice's optimizer state, created on first use."""
+
+    def to_spec(self) -> dict:
+        return {"type": self.type, **dataclasses.asdict(self)}
+
+
+@dataclass
+class SGD(ServerOptimizer):
+    """``torch.optim.SGD``: ``buf = momentum * buf + g``; ``w -= lr * buf``."""
+
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    rescale_grad: float = 1.0
+    type: ClassVar[str] = "sgd"
+
+    def __post_init__(self) -> None:
+        _check_number("lr", self.lr)
+        _check_number("momentum", self.momentum, high=1.0)
+        _check_number("weight_decay", self.weight_decay)
+        _check_number("rescale_grad", self.rescale_grad, low_inclusive=False)
+
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        master = weight.float()
+        step = grad * self.rescale_grad if self.rescale_grad != 1.0 else grad
+        if self.weight_decay:
+            step = step + self.weight_decay * master
+        if self.momentum:
+            buf = state.get("momentum")
+            if buf is None:
+                buf = state["momentum"] = step.clone()
+            else:
+                buf.mul_(self.momentum).add_(step)
+            step = buf
+        _write_back(weight, master.add_(step, alpha=-self.lr))
+
+
+@dataclass
+class Adam(ServerOptimizer):
+    """``torch.optim.Adam`` with bias correction."""
+
+    lr: float = 0.001
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    rescale_grad: float = 1.0
+    type: ClassVar[str] = "adam"
+
+    def __post_init__(self) -> None:
+        _check_number("lr", self.lr)
+        _check_number("beta1", self.beta1, high=1.0)
+        _check_number("beta2", self.beta2, high=1.0)
+        _check_number("eps", self.eps, low_inclusive=False)
+        _check_number("weight_decay", self.weight_decay)
+        _check_number("rescale_grad", self.rescale_grad, low_inclusive=False)
+
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        master = weight.float()
+        g = grad * self.rescale_grad if self.rescale_grad != 1.0 else grad
+        if self.weight_decay:
+            g = g + self.weight_decay * master
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(g)
+            state["exp_avg_sq"] = torch.zeros_like(g)
+        state["step"] += 1
+        exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        exp_avg.mul_(self.beta1).add_(g, alpha=1 - self.beta1)
+        exp_avg_sq.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        bias1 = 1 - self.beta1 ** step
+        bias2 = 1 - self.beta2 ** step
+        denom = (exp_avg_sq.sqrt() / bias2 ** 0.5).add_(self.eps)
+        _write_back(weight, master.addcdiv_(exp_avg, denom, value=-self.lr / bias1))
+
+
+OPTIMIZERS: dict[str, type[ServerOptimizer]] = {"sgd": SGD, "adam": Adam}
+
+
+def build_optimizer(spec: Any) -> ServerOptimizer:
+    """A server optimizer from a spec dict (``{"type": "sgd", "lr": 0.1}``), a
+    :class:`ServerOptimizer`, or a name with default hyperparameters."""
+    if isinstance(spec, ServerOptimizer):
+        return spec
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"optimizer spec {spec!r} must be a dict like {{'type': 'sgd', 'lr': 0.1}}, "
+                          f"a name ({', '.join(OPTIMIZERS)}) or a ServerOptimizer")
+    params = dict(spec)
+    name = str(params.pop("type", "")).lower()
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer type={name!r} is not supported on servers; choose one of: "
+                          f"{', '.join(OPTIMIZERS)}")
+    if "betas" in params and name == "adam":  # torch spelling
+        params["beta1"], params["beta2"] = params.pop("betas")
+    if params.pop("nesterov", False):
+        raise ConfigError("nesterov=True is not supported by the server SGD")
+    fields = {f.name for f in dataclasses.fields(OPTIMIZERS[name])}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ConfigError(f"optimizer {name!r} got unknown option(s) {unknown}; allowed: {sorted(fields)}")
+    return OPTIMIZERS[name](**params)

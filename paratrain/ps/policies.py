@@ -1,0 +1,138 @@
+"""When a server applies pushes and when it may answer a pull: sync, async and
+bounded staleness as pluggable policies (ps-lite's request handles), not branches.
+
+A policy sees one key slice at a time (:class:`SliceState`), counts every worker's
+pushes as its clock, and calls ``apply(state, grad)`` (the optimizer, or "store the
+sum") when an update is due.
+"""
+from __future__ import annotations
+
+import abc
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from paratrain.errors import ConfigError
+
+ApplyFn = Callable[["SliceState", torch.Tensor], None]
+
+
+@dataclass
+class SliceState:
+    """One key slice on one server: its value, optimizer state and clocks."""
+
+    value: torch.Tensor                 # flat, the key's dtype
+    full_shape: tuple[int, ...]
+    offset: int
+    num_workers: int
+    optimizer_state: dict = field(default_factory=dict)
+    pushes: list[int] = field(default_factory=list)       # per worker: pushes received
+    applied_rounds: int = 0
+    pending: list[deque] = field(default_factory=list)    # sync: queued pushes per worker
+    lent: object = None                 # tracker of a zero-copy reply still reading value
+
+    def __post_init__(self) -> None:
+        self.pushes = [0] * self.num_workers
+        self.pending = [deque() for _ in range(self.num_workers)]
+
+    def writable_value(self) -> torch.Tensor:
+        """The value, safe to change in place: if a zero-copy reply may still be
+        reading it, the state moves to a fresh copy first."""
+        if self.lent is not None and not self.lent.done:
+            self.value = self.value.clone()
+        self.lent = None
+        return self.value
+
+
+class UpdatePolicy(abc.ABC):
+    """How pushes become updates, and when pulls are answered."""
+
+    name: str = "base"
+    #: Async kinds have no round to sum, so without a server optimizer there is no
+    #: meaningful value to store.
+    needs_optimizer: bool = True
+
+    @abc.abstractmethod
+    def on_push(self, state: SliceState, worker: int, grad: torch.Tensor, apply: ApplyFn) -> None:
+        """Take ``grad`` from ``worker``: float32, already scaled, possibly a
+        read-only view of the received frame (copy before changing it)."""
+
+    @abc.abstractmethod
+    def blocking_workers(self, state: SliceState, worker: int) -> list[int]:
+        """Workers whose pushes ``worker``'s pull still waits for (empty: answer now)."""
+
+    def min_clock(self, state: SliceState) -> int:
+        return min(state.pushes)
+
+
+class SyncPolicy(UpdatePolicy):
+    """MXNet ``dist_sync``: round ``i`` is applied once every worker pushed its i-th
+    value, summed in rank order so the result does not depend on arrival order."""
+
+    name = "dist_sync"
+    needs_optimizer = False
+
+    def on_push(self, state: SliceState, worker: int, grad: torch.Tensor, apply: ApplyFn) -> None:
+        state.pushes[worker] += 1
+        state.pending[worker].append(grad)
+        while all(state.pending):
+            total = state.pending[0].popleft().clone()
+            for rank in range(1, state.num_workers):
+                total.add_(state.pending[rank].popleft())
+            apply(state, total)
+            state.applied_rounds += 1
+
+    def blocking_workers(self, state: SliceState, worker: int) -> list[int]:
+        # This worker's last round is applied once everyone reached it.
+        target = state.pushes[worker]
+        if state.applied_rounds >= target:
+            return []
+        return [rank for rank in range(state.num_workers) if state.pushes[rank] < target]
+
+
+class AsyncPolicy(UpdatePolicy):
+    """MXNet ``dist_async``: every push is applied on arrival."""
+
+    name = "dist_async"
+
+    def on_push(self, state: SliceState, worker: int, grad: torch.Tensor, apply: ApplyFn) -> None:
+        state.pushes[worker] += 1
+        apply(state, grad)
+        state.applied_rounds += 1
+
+    def blocking_workers(self, state: SliceState, worker: int) -> list[int]:
+        return []
+
+
+class StalenessPolicy(AsyncPolicy):
+    """Stale synchronous parallel: async updates, but a worker that pushed ``c``
+    times gets its pull answered only when every worker pushed at least
+    ``c - staleness`` times, so no worker runs more than ``staleness`` clocks ahead
+    of the slowest."""
+
+    name = "dist_ssp"
+
+    def __init__(self, staleness: int):
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+            raise ConfigError(f"staleness={staleness!r} must be an int >= 0")
+        self.staleness = staleness
+
+    def blocking_workers(self, state: SliceState, worker: int) -> list[int]:
+        floor = state.pushes[worker] - self.staleness
+        return [rank for rank in range(state.num_workers) if state.pushes[rank] < floor]
+
+
+POLICY_NAMES = ("dist_sync", "dist_async", "dist_ssp")
+
+
+def build_policy(name: str, staleness: int = 0) -> UpdatePolicy:
+    """The policy for a kvstore type name."""
+    if name == "dist_sync":
+        return SyncPolicy()
+    if name == "dist_async":
+        return AsyncPolicy()
+    if name == "dist_ssp":
+        return StalenessPolicy(staleness)
+    raise ConfigError(f"kvstore mode={name!r} is not known; choose one of: {', '.join(POLICY_NAMES)}")

@@ -1,0 +1,220 @@
+"""The parameter server's wire format.
+
+A message is a list of frames: a fixed 116-byte header packed with :mod:`struct`,
+the key's name (UTF-8), and an optional payload. Tensor payloads are the raw bytes
+of a contiguous slice, sent and received without copies; control payloads are
+small UTF-8 JSON objects. Nothing on the wire is ever unpickled, and every field is
+checked before it is used, so a malformed message is rejected with
+:class:`ProtocolError` instead of crashing or corrupting a server.
+
+Authentication is a challenge-response on connect: the client sends ``HELLO``,
+the server answers with a random nonce, and the client proves it knows the job
+secret with ``HMAC-SHA256(secret, nonce + hello_json)``.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+MAGIC = b"PTPS"
+VERSION = 1
+MAX_NDIM = 8
+MAX_KEY_BYTES = 256
+MAX_CONTROL_BYTES = 64 * 1024
+NONCE_BYTES = 32
+
+# magic, version, op, dtype, ndim, request_id, offset, length, clock, scale, status, shape[8]
+HEADER = struct.Struct(f"<4sBBBBQQQQdI{MAX_NDIM}q")
+
+
+class Op(enum.IntEnum):
+    """Requests (worker to server) and replies (server to worker)."""
+
+    HELLO = 1
+    AUTH = 2
+    INIT = 3
+    PUSH = 4
+    PULL = 5
+    SET_OPTIMIZER = 6
+    BARRIER = 7
+    GOODBYE = 8
+    SET_COMPRESSION = 9
+    OK = 16
+    DATA = 17
+    ERROR = 18
+    CHALLENGE = 19
+
+
+TENSOR_OPS = (Op.INIT, Op.PUSH, Op.DATA)
+CONTROL_OPS = (Op.HELLO, Op.AUTH, Op.SET_OPTIMIZER, Op.SET_COMPRESSION, Op.ERROR, Op.CHALLENGE)
+#: ``status`` of a PUSH whose payload is compressed with the job's codec.
+STATUS_COMPRESSED = 1
+
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4,
+    torch.int32: 5, torch.int64: 6, torch.uint8: 7, torch.int8: 8,
+}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this wire format."""
+
+
+@dataclass
+class Message:
+    """One decoded message. ``payload`` is a zero-copy view of the payload frame."""
+
+    op: Op
+    key: str = ""
+    request_id: int = 0
+    dtype: torch.dtype = torch.float32
+    shape: tuple[int, ...] = ()
+    offset: int = 0
+    length: int = 0
+    clock: int = 0
+    scale: float = 1.0
+    status: int = 0
+    payload: memoryview | None = None
+
+    def tensor(self) -> torch.Tensor:
+        """The payload as a flat tensor of ``length`` elements (a view, not a copy)."""
+        if self.payload is None:
+            raise ProtocolError(f"{self.op.name} message carries no tensor")
+        return bytes_to_tensor(self.payload, self.dtype)
+
+    def control(self) -> dict:
+        """The payload as a JSON object (control messages)."""
+        return decode_json(self.payload)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    if dtype not in DTYPE_CODES:
+        allowed = ", ".join(str(d) for d in DTYPE_CODES)
+        raise TypeError(f"dtype {dtype} cannot travel to a parameter server; allowed: {allowed}")
+    return DTYPE_CODES[dtype]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, without a copy (bfloat16 included)."""
+    flat = tensor.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def bytes_to_tensor(buffer: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor viewing ``buffer``. Received frames are read-only; the server
+    only reads them, so torch's warning about non-writable buffers is silenced."""
+    view = memoryview(buffer)
+    if view.nbytes == 0:
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(view, dtype=torch.uint8)
+    return raw.view(dtype)
+
+
+def encode_json(obj: dict) -> bytes:
+    data = json.dumps(obj, sort_keys=True).encode("utf-8")
+    if len(data) > MAX_CONTROL_BYTES:
+        raise ValueError(f"control payload of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}")
+    return data
+
+
+def decode_json(payload: Any) -> dict:
+    if payload is None:
+        return {}
+    data = bytes(payload)
+    if len(data) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"control payload of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"control payload is not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"control payload must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def encode(op: Op, *, key: str = "", request_id: int = 0, dtype: torch.dtype = torch.float32,
+           shape: Sequence[int] = (), offset: int = 0, length: int = 0, clock: int = 0,
+           scale: float = 1.0, status: int = 0, payload: Any = None) -> list:
+    """Frames for one message; ``payload`` (bytes or memoryview) is not copied."""
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"tensors of {len(shape)} dimensions cannot be sent; at most {MAX_NDIM}")
+    dims = list(shape) + [0] * (MAX_NDIM - len(shape))
+    header = HEADER.pack(MAGIC, VERSION, int(op), dtype_code(dtype), len(shape), request_id,
+                         offset, length, clock, scale, status, *dims)
+    frames = [header, key.encode("utf-8")]
+    if payload is not None:
+        frames.append(payload)
+    return frames
+
+
+def decode(frames: Sequence[Any], *, max_payload_bytes: int) -> Message:
+    """Check and decode one message. Raises :class:`ProtocolError` on anything odd."""
+    if not 2 <= len(frames) <= 3:
+        raise ProtocolError(f"a message has 2 or 3 frames, got {len(frames)}")
+    header = memoryview(frames[0])
+    if header.nbytes != HEADER.size:
+        raise ProtocolError(f"header is {header.nbytes} bytes, expected {HEADER.size}")
+    (magic, version, op_code, dtype_code_, ndim, request_id, offset, length, clock, scale,
+     status, *dims) = HEADER.unpack(header)
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError(f"bad magic {magic!r} or version {version}")
+    try:
+        op = Op(op_code)
+    except ValueError:
+        raise ProtocolError(f"unknown op code {op_code}") from None
+    if dtype_code_ not in CODE_DTYPES:
+        raise ProtocolError(f"unknown dtype code {dtype_code_}")
+    if ndim > MAX_NDIM or any(d < 0 for d in dims[:ndim]):
+        raise ProtocolError(f"bad shape: ndim={ndim}, dims={dims[:ndim]}")
+    if scale != scale or scale in (float("inf"), float("-inf")):
+        raise ProtocolError(f"scale={scale} is not finite")
+    key_frame = memoryview(frames[1])
+    if key_frame.nbytes > MAX_KEY_BYTES:
+        raise ProtocolError(f"key of {key_frame.nbytes} bytes exceeds {MAX_KEY_BYTES}")
+    try:
+        key = bytes(key_frame).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("key is not UTF-8") from None
+    payload = memoryview(frames[2]) if len(frames) == 3 else None
+    message = Message(op, key, request_id, CODE_DTYPES[dtype_code_], tuple(dims[:ndim]),
+                      offset, length, clock, scale, status, payload)
+    _check_payload(message, max_payload_bytes)
+    return message
+
+
+def _check_payload(message: Message, max_payload_bytes: int) -> None:
+    nbytes = 0 if message.payload is None else message.payload.nbytes
+    if message.op in TENSOR_OPS:
+        itemsize = torch.empty(0, dtype=message.dtype).element_size()
+        if nbytes > max_payload_bytes:
+            raise ProtocolError(f"payload of {nbytes} bytes exceeds the limit of {max_payload_bytes}")
+        if nbytes != message.length * itemsize:
+            raise ProtocolError(f"payload is {nbytes} bytes, but length={message.length} "
+                                f"elements of {message.dtype} need {message.length * itemsize}")
+    elif message.op in CONTROL_OPS:
+        if nbytes > MAX_CONTROL_BYTES:
+            raise ProtocolError(f"control payload of {nbytes} bytes exceeds {MAX_CONTROL_BYTES}")
+    elif nbytes:
+        raise ProtocolError(f"{message.op.name} carries no payload, got {nbytes} bytes")
+
+
+def sign(secret: str, nonce: bytes, hello: bytes) -> bytes:
+    """The client's proof that it knows the job secret."""
+    return hmac.new(secret.encode("utf-8"), nonce + hello, hashlib.sha256).digest()
+
+
+def verify(secret: str, nonce: bytes, hello: bytes, mac: bytes) -> bool:
+    return hmac.compare_digest(sign(secret, nonce, hello), bytes(mac))

@@ -1,0 +1,312 @@
+"""Parameter server pieces without a network: sharding, wire format, optimizers,
+policies, and a whole server driven through the in-process transport."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from paratrain.comm.transport import get_transport
+from paratrain.errors import ConfigError, PeerError
+from paratrain.kvstore.dist import DistKVStore, DistKVStoreConfig
+from paratrain.ps import protocol
+from paratrain.ps.optimizer import SGD, Adam, build_optimizer
+from paratrain.ps.policies import AsyncPolicy, SliceState, StalenessPolicy, SyncPolicy, build_policy
+from paratrain.ps.protocol import Op, ProtocolError
+from paratrain.ps.server import ParameterServer, ServerConfig
+from paratrain.ps.sharding import key_name, plan_key, server_for_key, split_range
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def test_small_key_lives_whole_on_its_hash_server():
+    plan = plan_key("weight", 6, num_servers=3)
+    assert len(plan) == 1 and (plan[0].start, plan[0].stop) == (0, 6)
+    assert plan[0].server == server_for_key("weight", 3)
+
+
+def test_large_key_is_split_contiguously_over_all_servers():
+    plan = plan_key(7, 1200 * 1200, num_servers=2)
+    assert [(s.server, s.start, s.stop) for s in plan] == [(0, 0, 720000), (1, 720000, 1440000)]
+    plan = plan_key(7, 10, num_servers=3, bound=5)
+    assert [(s.start, s.stop) for s in plan] == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_bound_is_exclusive_like_mxnet():
+    assert len(plan_key(1, 999_999, 2)) == 1
+    assert len(plan_key(1, 1_000_000, 2)) == 2
+
+
+def test_hash_is_stable_and_keys_of_different_types_differ():
+    # crc32 of the names: identical in every process, unlike hash() on str.
+    assert [server_for_key(k, 4) for k in ("a", "b", 0, 1)] == [server_for_key(k, 4) for k in ("a", "b", 0, 1)]
+    assert key_name(1) != key_name("1")
+    spread = {server_for_key(i, 4) for i in range(64)}
+    assert spread == {0, 1, 2, 3}
+
+
+def test_split_range_covers_everything():
+    for numel in (0, 1, 5, 16, 17):
+        for parts in (1, 2, 3, 5):
+            ranges = split_range(numel, parts)
+            assert ranges[0][0] == 0 and ranges[-1][1] == numel
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            sizes = [b - a for a, b in ranges]
+            assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("bad", [dict(numel=-1, num_servers=1), dict(numel=4, num_servers=0),
+                                 dict(numel=4, num_servers=1, bound=0)])
+def test_plan_rejects_bad_input(bad):
+    with pytest.raises(ValueError):
+        plan_key("k", **bad)
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def test_round_trip_is_zero_copy_on_receive():
+    value = torch.arange(12, dtype=torch.bfloat16)
+    frames = protocol.encode(Op.PUSH, key="s:w", request_id=9, dtype=value.dtype, shape=(3, 4),
+                             offset=0, length=12, scale=0.5, payload=protocol.tensor_bytes(value))
+    message = protocol.decode(frames, max_payload_bytes=1 << 20)
+    assert (message.op, message.key, message.request_id, message.shape, message.scale) == \
+        (Op.PUSH, "s:w", 9, (3, 4), 0.5)
+    assert torch.equal(message.tensor(), value)
+    assert message.tensor().data_ptr() == memoryview(frames[2]).obj.__array_interface__["data"][0]
+
+
+def _good_push() -> list:
+    value = torch.ones(4)
+    return protocol.encode(Op.PUSH, key="i:1", request_id=1, shape=(4,), length=4,
+                           payload=protocol.tensor_bytes(value))
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda f: f[:1],                                        # too few frames
+    lambda f: f + [b"x", b"y"],                             # too many
+    lambda f: [f[0][:-1]] + f[1:],                          # truncated header
+    lambda f: [b"XXXX" + f[0][4:]] + f[1:],                 # bad magic
+    lambda f: [f[0][:5] + b"\x63" + f[0][6:]] + f[1:],      # unknown op
+    lambda f: [f[0][:6] + b"\x63" + f[0][7:]] + f[1:],      # unknown dtype
+    lambda f: [f[0][:7] + b"\x09" + f[0][8:]] + f[1:],      # ndim > 8
+    lambda f: f[:2] + [bytes(f[2])[:-1]],                   # truncated payload
+    lambda f: [f[0], b"\xff\xfe"] + f[2:],                  # key not utf-8
+    lambda f: [f[0], b"k" * 300] + f[2:],                   # key too long
+])
+def test_malformed_messages_are_rejected(mangle):
+    frames = [bytes(memoryview(f)) for f in _good_push()]
+    with pytest.raises(ProtocolError):
+        protocol.decode(mangle(frames), max_payload_bytes=1 << 20)
+
+
+def test_oversized_payload_is_rejected():
+    with pytest.raises(ProtocolError, match="exceeds"):
+        protocol.decode(_good_push(), max_payload_bytes=8)
+
+
+def test_hmac_depends_on_secret_nonce_and_hello():
+    mac = protocol.sign("s3cret", b"n" * 32, b"{}")
+    assert protocol.verify("s3cret", b"n" * 32, b"{}", mac)
+    assert not protocol.verify("other", b"n" * 32, b"{}", mac)
+    assert not protocol.verify("s3cret", b"m" * 32, b"{}", mac)
+    assert not protocol.verify("s3cret", b"n" * 32, b'{"rank": 1}', mac)
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+@pytest.mark.parametrize("server, make_torch", [
+    (SGD(lr=0.1, momentum=0.9, weight_decay=0.01), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9,
+                                                                              weight_decay=0.01)),
+    (Adam(lr=0.01, weight_decay=0.001), lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.001)),
+])
+def test_server_optimizers_match_torch(server, make_torch):
+    torch.manual_seed(0)
+    weight = torch.randn(50)
+    reference = torch.nn.Parameter(weight.clone())
+    optimizer, state = make_torch([reference]), {}
+    for _ in range(5):
+        grad = torch.randn(50)
+        reference.grad = grad.clone()
+        optimizer.step()
+        server.update(weight, grad, state)
+    torch.testing.assert_close(weight, reference.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_optimizer_specs_are_validated():
+    assert isinstance(build_optimizer({"type": "adam", "betas": (0.8, 0.9)}), Adam)
+    with pytest.raises(ConfigError, match="unknown option"):
+        build_optimizer({"type": "sgd", "lr": 0.1, "momentun": 0.9})
+    with pytest.raises(ConfigError, match="lr=-1"):
+        build_optimizer({"type": "sgd", "lr": -1})
+    with pytest.raises(ConfigError, match="rmsprop"):
+        build_optimizer({"type": "rmsprop"})
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def _state(workers: int) -> SliceState:
+    return SliceState(value=torch.zeros(3), full_shape=(3,), offset=0, num_workers=workers)
+
+
+def test_sync_sums_in_rank_order_whatever_the_arrival():
+    applied = []
+    state, policy = _state(3), SyncPolicy()
+    for rank in (2, 0):
+        policy.on_push(state, rank, torch.full((3,), float(rank + 1)), lambda s, g: applied.append(g))
+    assert applied == [] and policy.blocking_workers(state, 0) == [1]
+    policy.on_push(state, 1, torch.full((3,), 2.0), lambda s, g: applied.append(g))
+    assert len(applied) == 1 and torch.equal(applied[0], torch.full((3,), 6.0))
+    assert policy.blocking_workers(state, 0) == []
+
+
+def test_async_never_blocks_and_ssp_blocks_beyond_staleness():
+    state = _state(2)
+    async_policy, ssp = AsyncPolicy(), StalenessPolicy(2)
+    for _ in range(3):
+        async_policy.on_push(state, 0, torch.zeros(3), lambda s, g: None)
+    assert async_policy.blocking_workers(state, 0) == []
+    assert ssp.blocking_workers(state, 0) == [1]          # 3 pushes vs 0: 3 > 2 ahead
+    ssp.on_push(state, 1, torch.zeros(3), lambda s, g: None)
+    assert ssp.blocking_workers(state, 0) == []            # 3 vs 1: exactly 2 ahead
+    with pytest.raises(ConfigError):
+        build_policy("dist_ssp", staleness=-1)
+    with pytest.raises(ConfigError):
+        build_policy("dist_bogus")
+
+
+# ----------------------------------------------------------------------------- whole server in-process
+
+
+class InprocJob:
+    """Servers on threads, workers made on demand, all over the inproc transport."""
+
+    def __init__(self, num_servers: int, secret: str = "k3y", timeout_s: float = 5.0):
+        transport = get_transport("inproc")
+        self.servers = []
+        self.stop = threading.Event()
+        self.threads = []
+        for rank in range(num_servers):
+            channel = transport.listen("127.0.0.1", max_message_bytes=1 << 24)
+            server = ParameterServer(ServerConfig(server_rank=rank, num_servers=num_servers, secret=secret,
+                                                  timeout_s=timeout_s), channel)
+            thread = threading.Thread(target=server.serve, kwargs=dict(
+                keep_running=lambda: not self.stop.is_set(), poll_s=0.02, liveness_every_s=0.05), daemon=True)
+            thread.start()
+            self.servers.append(server)
+            self.threads.append(thread)
+        self.addresses = [s.channel.address for s in self.servers]
+        self.secret, self.timeout_s = secret, timeout_s
+
+    def worker(self, rank: int, num_workers: int, mode: str = "dist_sync", secret: str | None = None,
+               **options) -> DistKVStore:
+        return DistKVStore(DistKVStoreConfig(mode=mode, transport="inproc", **options), rank=rank,
+                           num_workers=num_workers, addresses=self.addresses,
+                           secret=self.secret if secret is None else secret, timeout_s=self.timeout_s)
+
+    def close(self):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=5)
+
+
+@pytest.fixture
+def job():
+    made = []
+
+    def make(num_servers=2, **kwargs):
+        made.append(InprocJob(num_servers, **kwargs))
+        return made[-1]
+    yield make
+    for j in made:
+        j.close()
+
+
+def _in_threads(fns):
+    results, errors = [None] * len(fns), []
+
+    def run(i):
+        try:
+            results[i] = fns[i]()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.timeout(60)
+def test_inproc_sync_single_worker_split_key(job):
+    j = job(num_servers=3)
+    kv = j.worker(0, 1, bigarray_bound=10)
+    kv.init("w", torch.zeros(5, 4))
+    kv.push("w", [torch.ones(5, 4), 2 * torch.ones(5, 4)])
+    out = torch.empty(5, 4)
+    kv.pull("w", out=out)
+    assert torch.equal(out, torch.full((5, 4), 3.0))
+    assert all(s.stats["pushes"] == 1 for s in j.servers)  # 20 elements over 3 servers
+    kv.close()
+
+
+@pytest.mark.timeout(60)
+def test_inproc_two_workers_with_server_sgd(job):
+    j = job(num_servers=2)
+
+    def work(rank):
+        kv = j.worker(rank, 2)
+        kv.init(3, torch.full((4,), 10.0 * (rank + 1)))   # rank 0's value wins
+        kv.set_optimizer({"type": "sgd", "lr": 0.5})
+        out = torch.empty(4)
+        for _ in range(3):
+            kv.push(3, torch.ones(4) * (rank + 1))
+            kv.pull(3, out=out)
+        kv.close()
+        return out
+    outs = _in_threads([lambda: work(0), lambda: work(1)])
+    for out in outs:
+        assert torch.equal(out, torch.full((4,), 10.0 - 3 * 0.5 * 3))
+
+
+@pytest.mark.timeout(60)
+def test_inproc_bad_requests_get_clear_errors(job):
+    j = job(num_servers=1)
+    kv = j.worker(0, 1, mode="dist_async")
+    kv.init("k", torch.zeros(3))
+    with pytest.raises(ConfigError, match="set_optimizer"):
+        kv.push("k", torch.ones(3))
+    with pytest.raises(ConfigError, match="shape"):
+        kv.push("k", torch.ones(4))
+    with pytest.raises(ConfigError, match="not initialized"):
+        kv.pull("nope", out=torch.empty(3))
+    with pytest.raises(ConfigError, match="already initialized"):
+        kv.init("k", torch.zeros(3))
+    with pytest.raises(PeerError, match="secret"):
+        j.worker(0, 1, mode="dist_async", secret="wrong")
+    kv.close()
+
+
+@pytest.mark.timeout(60)
+def test_inproc_compressed_pushes_decode_on_the_server(job):
+    j = job(num_servers=2)
+    kv = j.worker(0, 1, bigarray_bound=8)
+    kv.init("g", torch.zeros(20))
+    kv.set_gradient_compression({"type": "2bit", "threshold": 0.5})
+    grad = torch.linspace(-1, 1, 20)
+    out = torch.empty(20)
+    kv.pushpull("g", grad, out=out)
+    expected = torch.where(grad >= 0.5, 0.5, torch.where(grad <= -0.5, -0.5, 0.0))
+    assert torch.equal(out, expected)
+    kv.set_gradient_compression("fp16")
+    kv.pushpull("g", grad, out=out)
+    assert torch.equal(out, grad.half().float())
+    with pytest.raises(ConfigError):
+        kv.set_gradient_compression("powersgd")
+    kv.close()
