@@ -1,0 +1,267 @@
+"""Compressed bucket reducers over real gloo processes on loopback.
+
+Every worker also simulates every other worker with the pure codecs, so it can check
+that the reducer returned exactly the sum of each worker's decoded gradient.
+"""
+import multiprocessing
+import os
+import signal
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+
+from paratrain.comm import codecs
+from paratrain.comm.codecs import parse_compression
+from paratrain.errors import CommTimeout
+from paratrain.parallel.compressed import (BucketReducer, CastReducer, GatherReducer, PowerSGDReducer,
+                                           build_bucket_reducer, plan_segments, sum_in_rank_order)
+
+BUCKET_SIZES = (37, 301)          # odd sizes: padding, chunks that do not divide evenly
+SHAPES_OF_BUCKET_1 = [(10, 20), (20,), (9, 9)]   # 200 + 20 + 81 = 301
+STEPS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_workers(target, world: int, timeout: float, *args) -> list:
+    """Start ``world`` spawned processes running ``target(rank, world, port, queue, *args)``;
+    return their results in rank order. Kills (by PID) whatever is left at the end."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(rank, world, port, queue, *args), daemon=True)
+             for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    results = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while len(results) < world:
+            rank, value = queue.get(timeout=max(deadline - time.monotonic(), 0.1))
+            results[rank] = value
+        for proc in procs:
+            proc.join(timeout=max(deadline - time.monotonic(), 1.0))
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join(5)
+    return [results[rank] for rank in range(world)]
+
+
+def init_worker(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    from datetime import timedelta
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world, timeout=timedelta(seconds=30))
+
+
+def make_grad(rank: int, step: int, bucket: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 * step + 100 * bucket + rank)
+    return torch.randn(BUCKET_SIZES[bucket], generator=generator) * 0.3
+
+
+# --------------------------------------------------------------------------- references
+
+def reference_cast(grads, dtype):
+    scale = 1.0 / len(grads) if dtype == torch.float16 else 1.0
+    chunk_sum = sum_in_rank_order([codecs.encode_cast(g, dtype, scale=scale) for g in grads])
+    return codecs.decode_cast(chunk_sum.to(dtype), scale=scale)
+
+
+class GatherReference:
+    """Every worker's residuals, advanced with the pure codecs."""
+
+    def __init__(self, config, world):
+        self.config, self.world = config, world
+        self.residuals = {}
+
+    def step(self, bucket, grads):
+        decoded = []
+        for rank, grad in enumerate(grads):
+            payload, state = codecs.encode(self.config, grad, self.residuals.get((rank, bucket)))
+            self.residuals[(rank, bucket)] = state
+            decoded.append(codecs.decode(self.config, payload, grad.numel()))
+        return sum_in_rank_order(decoded)
+
+
+class PowerSGDReference:
+    def __init__(self, config, world, shapes):
+        self.config, self.world, self.shapes = config, world, shapes
+        self.residuals, self.qs = {}, {}
+
+    def step(self, bucket, grads):
+        segments = plan_segments(self.shapes.get(bucket), grads[0].numel(), self.config.rank)
+        ms = [g + self.residuals.get((r, bucket), torch.zeros_like(g)) for r, g in enumerate(grads)]
+        result = torch.zeros_like(grads[0])
+        new_res = [torch.zeros_like(g) for g in grads]
+        for index, seg in enumerate(segments):
+            span = slice(seg.start, seg.start + seg.numel)
+            if not seg.compressed:
+                result[span] = sum(m[span] for m in ms)
+                continue
+            mats = []
+            for m in ms:
+                padded = torch.zeros(seg.rows * seg.cols)
+                padded[:seg.numel] = m[span]
+                mats.append(padded.view(seg.rows, seg.cols))
+            rank = min(self.config.rank, seg.rows, seg.cols)
+            q = self.qs.get((bucket, index))
+            if q is None:
+                q = codecs.initial_q(seg.cols, rank, self.config.seed + 7919 * bucket + index)
+            p = codecs.orthogonalize(sum(mat @ q for mat in mats))
+            q_locals = [mat.t() @ p for mat in mats]
+            q_sum = sum(q_locals)
+            result[span] = (p @ q_sum.t()).reshape(-1)[:seg.numel]
+            decoded_each = [(p @ ql.t()).reshape(-1)[:seg.numel] for ql in q_locals]
+            # the result is the sum of each worker's decoded gradient
+            assert torch.allclose(result[span], sum(decoded_each), atol=1e-5)
+            for r, mat in enumerate(mats):
+                new_res[r][span] = mat.reshape(-1)[:seg.numel] - decoded_each[r]
+            self.qs[(bucket, index)] = q_sum
+        for r in range(len(grads)):
+            self.residuals[(r, bucket)] = new_res[r]
+        return result
+
+
+SPECS = ("none", "fp16", "bf16", "2bit:0.2", "topk:0.05", "powersgd:2")
+
+
+def reducer_worker(rank, world, port, queue):
+    try:
+        init_worker(rank, world, port)
+        report = {}
+        for spec in SPECS:
+            config = parse_compression(spec)
+            reducer = build_bucket_reducer(config)
+            shapes = {1: SHAPES_OF_BUCKET_1} if config.type == "powersgd" else {}
+            for bucket, bucket_shapes in shapes.items():
+                reducer.describe_bucket(bucket, bucket_shapes)
+            if config.type in ("2bit", "topk"):
+                reference = GatherReference(config, world)
+            elif config.type == "powersgd":
+                reference = PowerSGDReference(config, world, shapes)
+            max_error, exact, digest = 0.0, True, []
+            for step in range(STEPS):
+                pending = [reducer.launch(b, make_grad(rank, step, b)) for b in range(len(BUCKET_SIZES))]
+                for bucket, handle in enumerate(pending):
+                    got = handle.wait(timeout=30)
+                    grads = [make_grad(r, step, bucket) for r in range(world)]
+                    if config.type == "none":
+                        expected = sum_in_rank_order(grads)
+                    elif config.type in ("fp16", "bf16"):
+                        expected = reference_cast(grads, codecs.CAST_DTYPES[config.type])
+                    else:
+                        expected = reference.step(bucket, grads)
+                    assert got.shape == expected.shape and got.dtype == torch.float32
+                    exact = exact and torch.equal(got, expected)
+                    max_error = max(max_error, (got - expected).abs().max().item())
+                    digest.append(got.sum().item())
+            report[spec] = {"exact": exact, "max_error": max_error, "bytes": reducer.bytes_sent,
+                            "digest": digest}
+        torch.distributed.destroy_process_group()
+        queue.put((rank, report))
+    except BaseException:
+        queue.put((rank, traceback.format_exc()))
+
+
+@pytest.mark.timeout(150)
+def test_reducers_return_the_sum_of_decoded_gradients_on_3_workers():
+    results = run_workers(reducer_worker, 3, 140)
+    for rank, report in enumerate(results):
+        assert isinstance(report, dict), f"rank {rank} failed:\n{report}"
+    first = results[0]
+    for spec in SPECS:
+        # every rank ends up with the same bits
+        assert all(r[spec]["digest"] == first[spec]["digest"] for r in results), spec
+    # gather-based codecs and the cast codecs do their own arithmetic: exact
+    for spec in ("fp16", "bf16", "2bit:0.2", "topk:0.05"):
+        assert first[spec]["exact"], (spec, first[spec]["max_error"])
+    assert first["none"]["max_error"] < 1e-5          # gloo adds in its own order
+    assert first["powersgd:2"]["max_error"] < 1e-4    # QR and matmuls, same inputs
+    plain = first["none"]["bytes"]
+    assert plain == 4 * sum(BUCKET_SIZES) * STEPS
+    assert first["fp16"]["bytes"] * 2 == plain
+    assert first["2bit:0.2"]["bytes"] == 4 * (3 + 19) * STEPS     # ceil(37/16) + ceil(301/16) words
+    assert first["topk:0.05"]["bytes"] == 8 * (2 + 16) * STEPS    # ceil(0.05 * n) entries
+    assert first["powersgd:2"]["bytes"] < plain
+
+
+def timeout_worker(rank, world, port, queue):
+    try:
+        init_worker(rank, world, port)
+        if rank == 0:
+            reducer = build_bucket_reducer(parse_compression("2bit"))
+            start = time.monotonic()
+            try:
+                reducer.launch(0, torch.ones(10)).wait(timeout=1.0)
+                queue.put((rank, "no timeout"))
+            except CommTimeout as exc:
+                queue.put((rank, (str(exc), time.monotonic() - start)))
+        else:
+            queue.put((rank, "silent"))
+            time.sleep(4)   # never joins the collective while rank 0 waits
+    except BaseException:
+        queue.put((rank, traceback.format_exc()))
+    queue.close()
+    queue.join_thread()   # flush the result before the hard exit below
+    os._exit(0)   # the timed-out group cannot be shut down cleanly
+
+
+@pytest.mark.timeout(60)
+def test_wait_times_out_and_names_what_it_waited_for():
+    results = run_workers(timeout_worker, 2, 50)
+    assert isinstance(results[0], tuple), results[0]
+    message, elapsed = results[0]
+    assert "all_gather of 2bit bucket 0" in message and "rank 0" in message
+    assert elapsed < 10
+
+
+# --------------------------------------------------------------------------- one process
+
+def test_single_process_reducers_decode_their_own_payload():
+    grad = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    for spec in SPECS:
+        config = parse_compression(spec)
+        reducer = build_bucket_reducer(config)
+        got = reducer.launch(0, grad).wait(timeout=5)
+        assert got.shape == grad.shape
+        if config.type in ("2bit", "topk"):
+            payload, _ = codecs.encode(config, grad)
+            assert torch.equal(got, codecs.decode(config, payload, 100))
+        elif config.type == "powersgd":
+            assert torch.allclose(got + reducer.buckets[0].residual, grad, atol=1e-5)
+        else:
+            assert torch.allclose(got, grad, atol=1e-2)
+
+
+def test_launch_does_not_touch_the_callers_bucket():
+    grad = torch.randn(50)
+    before = grad.clone()
+    for spec in SPECS:
+        build_bucket_reducer(parse_compression(spec)).launch(0, grad).wait(timeout=5).mul_(3.0)
+        assert torch.equal(grad, before), spec
+
+
+def test_factory_picks_reducer_and_rejects_raw_specs():
+    assert type(build_bucket_reducer(parse_compression("none"))) is BucketReducer
+    assert isinstance(build_bucket_reducer(parse_compression("bf16")), CastReducer)
+    assert isinstance(build_bucket_reducer(parse_compression("topk")), GatherReducer)
+    assert isinstance(build_bucket_reducer(parse_compression("powersgd")), PowerSGDReducer)
+    with pytest.raises(TypeError, match="CompressionConfig"):
+        build_bucket_reducer({"type": "2bit"})
+
+
+def test_plan_segments_compresses_matrices_only():
+    segments = plan_segments([(100, 50), (100,), (3, 3)], 5000 + 100 + 9, rank=2)
+    assert [(s.start, s.numel, s.compressed) for s in segments] == [
+        (0, 5000, True), (5000, 100, False), (5100, 9, False)]   # 2 * (3 + 3) >= 9
+    whole = plan_segments(None, 1000, rank=2)
+    assert len(whole) == 1 and whole[0].rows * whole[0].cols >= 1000
