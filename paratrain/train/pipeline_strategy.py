@@ -1,0 +1,438 @@
+"""Pipeline and hybrid parallelism as a :class:`Strategy`.
+
+The model (an ``nn.Sequential``) is cut into S stages, one per process; each global
+batch's share is split into M micro-batches that flow forward stage by stage, and
+their gradients flow back, in the order a schedule (GPipe or 1F1B) gives each stage.
+With ``replicas=D`` the job is a D x S mesh and each stage's gradients are summed
+over its D replicas before every stage steps its own optimizer.
+
+Where things live: the cut and the schedules are pure functions in
+:mod:`paratrain.parallel.pipeline`; activations travel over
+:mod:`paratrain.parallel.p2p`; the mesh and the replica allreduce are in
+:mod:`paratrain.parallel.hybrid`. This file runs one stage's schedule.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from paratrain.comm.process_group import connect_store, init_process_group
+from paratrain.env import DistEnv, read_env
+from paratrain.errors import ConfigError, check_choice
+from paratrain.parallel.hybrid import StageReplicaSync, build_mesh, new_stage_groups
+from paratrain.parallel.p2p import TRANSPORTS, open_channel
+from paratrain.parallel.pipeline import (BACKWARD, FORWARD, SCHEDULES, build_schedule,
+                                         build_stage_module, check_stage_count, gpipe_schedule, resolve_partition,
+                                         split_by_counts)
+from paratrain.train.strategy import StepResult, Strategy
+
+# Strategies built in one process get distinct store keys for their p2p links; every
+# rank builds them in the same order, so a local counter agrees across ranks.
+_SESSIONS = itertools.count()
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Where one stage's time went during the last schedule run."""
+
+    schedule_s: float   # running the action list (forwards, backwards, transfers)
+    wait_s: float       # blocked in a receive: the bubble plus transfer time
+    peak_activation_bytes: int
+
+    @property
+    def idle_fraction(self) -> float:
+        return self.wait_s / self.schedule_s if self.schedule_s > 0 else 0.0
+
+
+class ActivationMeter:
+    """Measures activation bytes alive on this stage: tensors autograd saves for the
+    backward pass (through ``saved_tensors_hooks``) and the stage's own stashed
+    inputs/outputs, counted once per storage, parameters excluded. ``peak`` is the
+    high-water mark since :meth:`reset`."""
+
+    def __init__(self, params) -> None:
+        self._param_storages = {p.untyped_storage().data_ptr() for p in params}
+        self._refs: dict[int, int] = {}
+        self._excluded: set[int] = set()
+        self.live = self.peak = 0
+
+    def reset(self, exclude=()) -> None:
+        """Start a new high-water mark; storages of ``exclude`` (the stage's input
+        batch, which is data rather than activations) are not counted."""
+        self.peak = self.live
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def hold(self, tensor: torch.Tensor):
+        """Wrap ``tensor`` so its storage counts as alive until the wrapper dies."""
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._param_storages or key in self._excluded or storage.nbytes() == 0:
+            return tensor
+        return _Held(self, tensor, key, storage.nbytes())
+
+    def hooks(self):
+        """Context manager that routes autograd's saved tensors through :meth:`hold`."""
+        return torch.autograd.graph.saved_tensors_hooks(self.hold, _unwrap)
+
+    def _acquire(self, key: int, nbytes: int) -> None:
+        self._refs[key] = self._refs.get(key, 0) + 1
+        if self._refs[key] == 1:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.live -= nbytes
+
+
+class _Held:
+    __slots__ = ("meter", "tensor", "key", "nbytes")
+
+    def __init__(self, meter: ActivationMeter, tensor, key: int, nbytes: int) -> None:
+        self.meter, self.tensor, self.key, self.nbytes = meter, tensor, key, nbytes
+        meter._acquire(key, nbytes)
+
+    def __del__(self) -> None:
+        self.meter._release(self.key, self.nbytes)
+
+
+def _unwrap(packed):
+    return packed.tensor if isinstance(packed, _Held) else packed
+
+
+def count_correct(outputs: torch.Tensor, targets: torch.Tensor) -> int:
+    """Correct predictions for class logits ``[N, C]`` and class targets ``[N]``; 0
+    for anything else (regression losses have no accuracy)."""
+    if outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point():
+        return int((outputs.argmax(1) == targets).sum())
+    return 0
+
+
+class StageRunner:
+    """Runs one stage's action list: receive, compute, send, stash for backward."""
+
+    def __init__(self, module, stage: int, num_stages: int, previous, following, loss_fn) -> None:
+        self.module, self.stage, self.num_stages = module, stage, num_stages
+        self.previous, self.following, self.loss_fn = previous, following, loss_fn
+        self.meter = ActivationMeter(list(module.parameters()))
+        self._wait_s = 0.0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    def run(self, actions, micro_inputs, micro_targets) -> tuple[float, int, StepTiming]:
+        """Execute ``actions``; returns (loss sum, correct, timing). Loss and correct
+        are this stage's: non-zero only on the last stage."""
+        self._wait_s, loss_sum, correct = 0.0, 0.0, 0
+        stash: dict[int, tuple] = {}
+        self.meter.reset(exclude=micro_inputs[:1] if self.previous is None else ())
+        start = time.perf_counter()
+        for action in actions:
+            m = action.micro_batch
+            if action.kind == FORWARD:
+                x, y = self._forward(m, micro_inputs[m], grad_enabled=True)
+                if self.is_last:
+                    loss = self.loss_fn(y, micro_targets[m])
+                    loss_sum += loss.item()
+                    correct += count_correct(y, micro_targets[m])
+                    y = loss
+                stash[m] = (self.meter.hold(x), self.meter.hold(y))
+            else:
+                x, y = (_unwrap(t) for t in stash.pop(m))
+                self._backward(m, x, y)
+        for channel in (self.previous, self.following):
+            if channel is not None:
+                channel.flush()
+        timing = StepTiming(time.perf_counter() - start, self._wait_s, self.meter.peak)
+        return loss_sum, correct, timing
+
+    @torch.no_grad()
+    def run_forward_only(self, micro_inputs, micro_targets) -> tuple[float, int]:
+        """Forward every micro-batch (evaluation); loss and correct on the last stage."""
+        loss_sum, correct = 0.0, 0
+        for action in gpipe_schedule(self.num_stages, len(micro_targets), self.stage):
+            if action.kind != FORWARD:
+                continue
+            m = action.micro_batch
+            _, y = self._forward(m, micro_inputs[m], grad_enabled=False)
+            if self.is_last:
+                loss_sum += self.loss_fn(y, micro_targets[m]).item()
+                correct += count_correct(y, micro_targets[m])
+        return loss_sum, correct
+
+    def _forward(self, m: int, local_input, grad_enabled: bool):
+        if self.previous is None:
+            x = local_input
+        else:
+            x = self._recv(self.previous, m)
+            if grad_enabled and x.is_floating_point():
+                x.requires_grad_(True)
+        with self.meter.hooks():
+            y = self.module(x)
+        if self.following is not None:
+            self.following.send(y.detach(), tag=m)
+        return x, y
+
+    def _backward(self, m: int, x, y) -> None:
+        if self.is_last:
+            y.backward()
+        else:
+            y.backward(self._recv(self.following, m))
+        if self.previous is not None:
+            grad = x.grad if x.grad is not None else torch.zeros_like(x)
+            self.previous.send(grad, tag=m)
+
+    def _recv(self, channel, m: int) -> torch.Tensor:
+        start = time.perf_counter()
+        tensor = channel.recv(expected_tag=m)
+        self._wait_s += time.perf_counter() - start
+        return tensor
+
+
+class PipelineStrategy(Strategy):
+    """Pipeline (``replicas=1``) or hybrid (``replicas=D``) parallelism.
+
+    ``stages``: S processes per replica; ``micro_batches``: M per step, must divide
+    each replica's batch; ``schedule``: ``gpipe`` or ``1f1b``; ``balance``: how to
+    cut the model (see :func:`paratrain.parallel.pipeline.resolve_partition`);
+    ``transport``: ``zmq`` or ``gloo`` for activations; ``sample_input``: a batch to
+    time layers on for ``balance="time"``. Needs exactly S*D processes.
+    """
+
+    def __init__(self, *, stages: int, micro_batches: int, schedule: str = "1f1b", replicas: int = 1,
+                 balance="params", transport: str = "zmq", sample_input: torch.Tensor | None = None,
+                 env: DistEnv | None = None) -> None:
+        self.env = env or read_env()
+        if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+            raise ConfigError(f"micro_batches={micro_batches!r} must be an integer >= 1")
+        check_choice("schedule", schedule, SCHEDULES)
+        check_choice("transport", transport, TRANSPORTS)
+        self.mesh = build_mesh(stages, replicas, self.env.rank, self.env.world_size)
+        self.micro_batches, self.schedule, self.balance = micro_batches, schedule, balance
+        self.transport, self.sample_input = transport, sample_input
+        self.name = "hybrid" if replicas > 1 else "pipeline"
+        self.stage = self.mesh.stage
+        self.data_rank, self.data_world = self.mesh.replica, replicas
+        self.is_logging_rank = self.env.rank == 0
+        self.last_timing: StepTiming | None = None
+        self._channels: list = []
+        self._owns_group = False
+
+    def validate(self, global_batch: int, world_size: int | None = None) -> None:
+        """Raise :class:`ConfigError` unless ``global_batch`` splits into D replica
+        shares of M equal micro-batches (and ``world_size``, if given, is S*D)."""
+        if world_size is not None:
+            build_mesh(self.mesh.stages, self.mesh.replicas, 0, world_size)
+        per_step = self.mesh.replicas * self.micro_batches
+        if not isinstance(global_batch, int) or global_batch < 1 or global_batch % per_step:
+            raise ConfigError(
+                f"batch size {global_batch!r} must be a positive multiple of replicas={self.mesh.replicas} "
+                f"x micro_batches={self.micro_batches} = {per_step}")
+
+    # ----------------------------------------------------------------- setup
+
+    def setup(self, model, optimizer, optimizer_params, loss_fn) -> None:
+        from paratrain.train.trainer import build_optimizer
+        if not isinstance(model, torch.nn.Sequential):
+            raise TypeError(f"pipeline stages split an nn.Sequential, got {type(model).__name__}")
+        check_stage_count(len(model), self.mesh.stages)   # before any process waits on a peer
+        if self.env.distributed:
+            self._owns_group = init_process_group(self.env)
+        self.counts = self._agree_on_partition(model)
+        bounds = split_by_counts(self.counts)
+        stage_modules = [build_stage_module(model, b) for b in bounds]
+        # Shapes and dtypes of every stage's entries, to decode gathered bytes later.
+        self._layouts = [[(k, v.shape, v.dtype) for k, v in m.state_dict().items()] for m in stage_modules]
+        self._param_layouts = [[(p.shape, p.dtype) for p in m.parameters()] for m in stage_modules]
+        self.module = stage_modules[self.stage]
+        self.loss_fn = loss_fn
+        group = new_stage_groups(self.mesh) if self.env.distributed else None
+        self.sync = StageReplicaSync(group, self.mesh.replicas)
+        self.sync.attach(list(self.module.parameters()))
+        self.optimizer = build_optimizer(self.module.parameters(), optimizer, optimizer_params)
+        previous, following = self._open_links()
+        self.runner = StageRunner(self.module, self.stage, self.mesh.stages, previous, following, loss_fn)
+
+    def _agree_on_partition(self, model) -> list[int]:
+        sample = self.sample_input
+        if self.balance != "time":
+            return resolve_partition(model, self.mesh.stages, self.balance)
+        # Timings differ between processes: rank 0 measures, everyone uses its cut.
+        counts = torch.zeros(self.mesh.stages, dtype=torch.int64)
+        if self.env.rank == 0:
+            counts[:] = torch.tensor(resolve_partition(model, self.mesh.stages, "time", sample_input=sample))
+        if self.env.distributed:
+            dist.broadcast(counts, src=0)
+        return counts.tolist()
+
+    def _open_links(self):
+        session = next(_SESSIONS)
+        store = connect_store(self.env) if self.transport == "zmq" and self.env.distributed else None
+        links = []
+        # The link to the previous stage first: its binder publishes before waiting,
+        # so opening in stage order cannot deadlock.
+        for peer in (self.mesh.previous_rank, self.mesh.next_rank):
+            if peer is None:
+                links.append(None)
+                continue
+            low, high = sorted((self.env.rank, peer))
+            key = f"pipeline/{session}/link{low}-{high}"
+            links.append(open_channel(self.transport, store, key, rank=self.env.rank, peer=peer,
+                                      bind_addr=self.env.bind_addr, timeout_s=self.env.timeout_s))
+        self._channels = [c for c in links if c is not None]
+        return links
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self, inputs, targets, global_batch) -> StepResult:
+        samples = len(targets)
+        if samples % self.micro_batches or samples == 0:
+            raise ConfigError(
+                f"micro_batches={self.micro_batches} does not divide this replica's batch of {samples} "
+                f"(global batch {global_batch}); use a batch size that is a multiple of "
+                f"replicas x micro_batches = {self.mesh.replicas * self.micro_batches}")
+        size = samples // self.micro_batches
+        self.module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        actions = build_schedule(self.schedule, self.mesh.stages, self.micro_batches, self.stage)
+        loss_sum, correct, self.last_timing = self.runner.run(
+            actions, inputs.split(size), targets.split(size))
+        self.sync.reduce(1.0 / global_batch)   # loss_fn sums: normalise by the global batch
+        self.optimizer.step()
+        return self._share_totals(loss_sum, correct, samples)
+
+    def evaluate(self, inputs, targets) -> StepResult:
+        """Totals over the held-out set every rank was given: each replica evaluates
+        its 1/D share in M micro-batches, and the shares are summed."""
+        self.module.eval()
+        share = torch.arange(len(targets)).tensor_split(self.data_world)[self.data_rank]
+        inputs, targets = inputs[share], targets[share]
+        chunks = [c for c in torch.arange(len(targets)).tensor_split(self.micro_batches) if len(c)]
+        loss_sum, correct = self.runner.run_forward_only(
+            [inputs[c] for c in chunks], [targets[c] for c in chunks])
+        return self._share_totals(loss_sum, correct, len(targets))
+
+    def _share_totals(self, loss_sum: float, correct: int, samples: int) -> StepResult:
+        """The last stage of each replica knows its loss; sum over replicas, so
+        every rank returns the same global totals."""
+        if not self.runner.is_last:
+            loss_sum, correct, samples = 0.0, 0, 0
+        if self.env.distributed:
+            stats = torch.tensor([loss_sum, float(correct), float(samples)], dtype=torch.float64)
+            dist.all_reduce(stats)
+            loss_sum, correct, samples = stats[0].item(), int(stats[1]), int(stats[2])
+        return StepResult(loss_sum, correct, samples)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint_shard(self) -> str | None:
+        """``stage{s}``, saved by replica 0 only (replicas hold equal copies)."""
+        return self.shard_name if self.mesh.replica == 0 else None
+
+    @property
+    def shard_name(self) -> str:
+        """The checkpoint file stem this rank resumes from (every replica)."""
+        return f"stage{self.stage}"
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "stages": self.mesh.stages, "counts": list(self.counts),
+                "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        layout = (state.get("stage"), state.get("stages"), state.get("counts"))
+        if layout != (self.stage, self.mesh.stages, list(self.counts)):
+            raise ConfigError(
+                f"checkpoint is stage {layout[0]} of {layout[1]} with layer counts {layout[2]}; this rank "
+                f"is stage {self.stage} of {self.mesh.stages} with {list(self.counts)}: resume in the same layout")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_model_state(self) -> dict:
+        """The whole model's state dict, assembled from every stage (collective: all
+        ranks call it, all get it)."""
+        tensors = list(self.module.state_dict().values())
+        result = {}
+        for stage, blob in enumerate(self._gather_stage_bytes(tensors)):
+            decoded = _decode(blob, [(shape, dtype) for _, shape, dtype in self._layouts[stage]])
+            result.update({key: t for (key, _, _), t in zip(self._layouts[stage], decoded)})
+        return result
+
+    def param_checksum(self) -> str:
+        """sha256 over the full model's parameters in order (collective); equals the
+        one-process model's checksum when the parameters are equal."""
+        import hashlib
+        digest = hashlib.sha256()
+        for blob in self._gather_stage_bytes(list(self.module.parameters())):
+            digest.update(blob)
+        return digest.hexdigest()
+
+    def _gather_stage_bytes(self, tensors) -> list[bytes]:
+        """Each stage's tensors as concatenated raw bytes, stage 0 first (replica
+        0's copy), on every rank."""
+        local = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+                          or [torch.zeros(0, dtype=torch.uint8)])
+        if not self.env.distributed:
+            return [local.numpy().tobytes()]
+        world = self.env.world_size
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([local.numel()]))
+        longest = max(int(s) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[:local.numel()] = local
+        gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        return [gathered[r][:int(sizes[r])].numpy().tobytes()
+                for r in (self.mesh.rank_of(0, s) for s in range(self.mesh.stages))]
+
+    # ------------------------------------------------------------------ misc
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(c.bytes_sent for c in self._channels) + self.sync.bytes_sent
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        self._channels = []
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+
+
+def assemble_stage_states(stage_states) -> dict:
+    """One state dict for the whole model from the per-stage checkpoints
+    (:meth:`PipelineStrategy.state_dict` of each stage, any order): stage modules
+    keep the full model's layer names, so their entries merge without renaming."""
+    states = sorted(stage_states, key=lambda s: s["stage"])
+    stages = [s["stage"] for s in states]
+    if stages != list(range(states[0]["stages"] if states else 0)) or not states:
+        raise ConfigError(f"need one checkpoint per stage 0..S-1, got stages {stages}")
+    merged = {}
+    for state in states:
+        merged.update(state["model"])
+    return merged
+
+
+def _decode(blob: bytes, specs) -> list[torch.Tensor]:
+    """Split ``blob`` into tensors of the given (shape, dtype), in order."""
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+    tensors, offset = [], 0
+    for shape, dtype in specs:
+        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        # clone before view: a dtype view needs an aligned start, a slice may not have one
+        tensors.append(data[offset:offset + nbytes].clone().view(dtype).reshape(shape))
+        offset += nbytes
+    if offset != len(data):
+        raise RuntimeError(f"stage state has {len(data)} bytes, layout expects {offset}")
+    return tensors
