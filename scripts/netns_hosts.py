@@ -306,6 +306,25 @@ class NetnsHosts:
             raise NetnsError(f"could not find a free port on host {index}: {result.stderr}")
         return int(result.stdout.strip())
 
+    def torchrun_argv(self, index: int, *, nproc_per_node: int, port: int, run_id: str,
+                      join_timeout_s: int = 60) -> list[str]:
+        """``torchrun`` for host ``index`` of a job spread over every host, with the
+        c10d rendezvous on host 0; append ``-m module ...`` or ``script.py ...``.
+
+        ``--local-addr`` makes each agent advertise its namespace address (the
+        hostname resolves to an address that does not exist inside a namespace), and
+        ``is_host`` tells host 0's agent to serve the rendezvous store, which it cannot
+        guess because the endpoint address is not the machine's hostname.
+        """
+        self._check_index(index)
+        is_host = "true" if index == 0 else "false"
+        return [sys.executable, "-m", "torch.distributed.run",
+                "--nnodes", str(self.num_hosts), "--nproc-per-node", str(nproc_per_node),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{host_address(0)}:{port}",
+                "--rdzv-id", run_id, "--local-addr", host_address(index),
+                "--rdzv-conf", f"is_host={is_host},join_timeout={join_timeout_s}",
+                "--max-restarts", "0"]
+
     def _check_index(self, index: int) -> None:
         if not isinstance(index, int) or not 0 <= index < self.num_hosts:
             raise ValueError(f"host index={index!r} must be in [0, {self.num_hosts})")
