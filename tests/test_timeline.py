@@ -146,3 +146,42 @@ def test_null_timeline_has_the_same_methods_and_writes_nothing(tmp_path):
     assert isinstance(build_timeline(str(tmp_path / "t.json"), rank=0), Timeline)
     public = {name for name in dir(Timeline) if not name.startswith("_")}
     assert public <= set(dir(NullTimeline))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_worker_allreduce_run_has_a_track_per_rank_and_comm_overlapping_backward(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    base = tmp_path / "trace.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "paratrain.cli", "train", "--workers", "2", "--strategy", "allreduce",
+         "--model", "mlp", "--epochs", "1", "--no-progress", "--timeline", str(base)],
+        capture_output=True, text=True, timeout=200, cwd=root,
+        env={**os.environ, "PARATRAIN_TIMEOUT": "60", "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    merged = json.loads(pathlib.Path(merge_timelines(str(base), str(tmp_path / "all.json"))).read_text())
+    spans = _spans(merged)
+    assert sorted({s["pid"] for s in spans}) == [0, 1]  # one track per rank
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in merged["traceEvents"]
+             if e["ph"] == "M" and e["name"] == "thread_name"}
+    for rank in (0, 1):
+        mine = [s for s in spans if s["pid"] == rank]
+        backward = [s for s in mine if s["name"] == "backward"]
+        comm = [s for s in mine if s["cat"] == "comm"]
+        assert len(backward) == 23 and len([s for s in mine if s["name"] == "forward"]) == 23
+        assert len([s for s in mine if s["name"] == "optimizer"]) == 23
+        assert comm and all(names[(rank, s["tid"])].startswith("comm") for s in comm)
+        assert all(names[(rank, s["tid"])] == "main" for s in backward)
+        assert all(s["args"].get("bytes", 0) > 0 for s in comm)
+        # every step's allreduce is launched from a backward hook, so it starts while that
+        # step's backward is still running: communication overlaps backward
+        overlapping = [c for c in comm if any(b["ts"] < c["ts"] < b["ts"] + b["dur"] for b in backward)]
+        assert len(overlapping) == len(backward), (len(overlapping), len(backward))
+        # and it is still in flight, or finishing, after that backward ends (not nested in it)
+        assert any(c["ts"] + c["dur"] > b["ts"] + b["dur"]
+                   for c in comm for b in backward if b["ts"] < c["ts"] < b["ts"] + b["dur"])

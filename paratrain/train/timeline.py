@@ -61,6 +61,9 @@ def _write_json_atomically(path: str, payload: dict) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, separators=(",", ":"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a trace is an ordinary file
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(OSError):
