@@ -165,6 +165,7 @@ def reducer_worker(rank, world, port, queue):
                     max_error = max(max_error, (got - expected).abs().max().item())
                     digest.append(got.sum().item())
             report[spec] = {"exact": exact, "max_error": max_error, "bytes": reducer.bytes_sent,
+                            "payload": reducer.payload_bytes,
                             "digest": digest}
         torch.distributed.destroy_process_group()
         queue.put((rank, report))
@@ -186,13 +187,17 @@ def test_reducers_return_the_sum_of_decoded_gradients_on_3_workers():
         assert first[spec]["exact"], (spec, first[spec]["max_error"])
     assert first["none"]["max_error"] < 1e-5          # gloo adds in its own order
     assert first["powersgd:2"]["max_error"] < 1e-4    # QR and matmuls, same inputs
-    plain = first["none"]["bytes"]
-    assert plain == 4 * sum(BUCKET_SIZES) * STEPS
-    assert first["fp16"]["bytes"] * 2 == plain
-    assert first["2bit:0.2"]["bytes"] == 4 * (3 + 19) * STEPS     # ceil(37/16) + ceil(301/16) words
-    assert first["topk:0.05"]["bytes"] == 8 * (2 + 16) * STEPS    # ceil(0.05 * n) entries
-    assert first["powersgd:2"]["bytes"] < plain
-
+    payload = {spec: first[spec]["payload"] for spec in SPECS}
+    wire = {spec: first[spec]["bytes"] for spec in SPECS}
+    assert payload["none"] == 4 * sum(BUCKET_SIZES) * STEPS
+    assert wire["none"] == sum(2 * 2 * 4 * n // 3 for n in BUCKET_SIZES) * STEPS   # ring: 2(N-1)/N
+    assert payload["fp16"] * 2 == payload["none"]
+    assert wire["fp16"] * 2 == pytest.approx(wire["none"], rel=0.03)   # chunk padding only
+    assert payload["2bit:0.2"] == 4 * (3 + 19) * STEPS     # ceil(37/16) + ceil(301/16) words
+    assert payload["topk:0.05"] == 8 * (2 + 16) * STEPS    # ceil(0.05 * n) entries
+    for spec in ("2bit:0.2", "topk:0.05"):
+        assert wire[spec] == 2 * payload[spec]             # all_gather: N-1 copies
+    assert payload["powersgd:2"] < payload["none"] and wire["powersgd:2"] < wire["none"]
 
 def timeout_worker(rank, world, port, queue):
     try:

@@ -15,10 +15,14 @@ bucket order on every rank, so collectives match across ranks.
 | 2bit, topk | all_gather of payloads | the sum, in rank order, of each worker's decoded gradient |
 | powersgd | all_reduce of ``P``, then of ``Q`` | ``P Q_sum^T``: the sum of each worker's ``P Q_r^T`` |
 
-``bytes_sent`` counts the encoded payload of this worker's gradients (what a
-parameter-server push would carry): 4 bytes per entry plain, 2 for fp16/bf16, 1/4 for
-2bit, 8 * ratio for topk, ``P`` and ``Q`` for PowerSGD. The collective algorithm moves
-a multiple of it (ring all_reduce about 2(N-1)/N, all_gather N-1).
+Two byte counters, both cumulative: ``payload_bytes`` is the encoded size of this
+worker's gradients (what a parameter-server push would carry: 4 bytes per entry plain,
+2 for fp16/bf16, 1/4 for 2bit, 8 * ratio for topk, ``P`` and ``Q`` for PowerSGD);
+``bytes_sent`` is what this worker sends under the collective's algorithm, counted as
+:class:`~paratrain.kvstore.allreduce.AllreduceKVStore` counts the plain path (ring
+all_reduce 2(N-1)/N of the buffer, all_gather N-1 times it, all_to_all (N-1)/N), so
+the numbers in one Speedometer line compare. Gathering costs N-1 copies, so on 4
+workers 2bit saves 16x in payload but about 8x on the wire.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from datetime import timedelta
 from paratrain.comm import codecs
 from paratrain.comm.codecs import CompressionConfig
 from paratrain.errors import CommTimeout, ConfigError
+from paratrain.kvstore.allreduce import ring_allreduce_bytes
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -59,6 +64,16 @@ def wait_work(work, timeout: float, what: str) -> None:
             raise CommTimeout(f"rank {group_rank()}: timed out after {timeout:.1f}s waiting for {what} "
                               f"from the other workers") from exc
         raise
+
+
+def all_gather_bytes(nbytes: int, world: int) -> int:
+    """Bytes each worker sends in a ring all_gather of ``nbytes`` each: N-1 times it."""
+    return (world - 1) * nbytes
+
+
+def all_to_all_bytes(nbytes: int, world: int) -> int:
+    """Bytes each worker sends in an all_to_all of a buffer of ``nbytes``: all but its own share."""
+    return (world - 1) * nbytes // world
 
 
 def sum_in_rank_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -90,7 +105,8 @@ class BucketReducer:
 
     def __init__(self, group=None) -> None:
         self.group = group
-        self.bytes_sent = 0
+        self.bytes_sent = 0       # this worker's bytes under the collective's algorithm
+        self.payload_bytes = 0    # encoded size of this worker's gradients
 
     @property
     def num_workers(self) -> int:
@@ -103,13 +119,18 @@ class BucketReducer:
     def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce:
         buffer = flat.detach().float().clone()   # ``flat`` stays the caller's
         work = self._all_reduce(buffer)
-        self.bytes_sent += buffer.numel() * 4
+        self._count_all_reduce(buffer)
         what = f"all_reduce of bucket {bucket_index}"
 
         def finish(timeout: float) -> torch.Tensor:
             wait_work(work, timeout, what)
             return buffer.to(flat.dtype)
         return PendingReduce(finish)
+
+    def _count_all_reduce(self, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        self.payload_bytes += nbytes
+        self.bytes_sent += ring_allreduce_bytes(nbytes, self.num_workers)
 
     def _all_reduce(self, tensor: torch.Tensor):
         if self.num_workers == 1:
@@ -148,12 +169,14 @@ class CastReducer(BucketReducer):
             work = None
         else:
             work = dist.all_to_all_single(received, send, group=self.group, async_op=True)
-        self.bytes_sent += numel * send.element_size()
+        self.payload_bytes += numel * send.element_size()
+        self.bytes_sent += all_to_all_bytes(send.numel() * send.element_size(), workers)
 
         def finish(timeout: float) -> torch.Tensor:
             deadline = time.monotonic() + timeout
             wait_work(work, timeout, f"all_to_all of {self.dtype} bucket {bucket_index}")
             chunk_sum = sum_in_rank_order(received.view(workers, chunk)).to(self.dtype)
+            self.bytes_sent += all_gather_bytes(chunk_sum.numel() * chunk_sum.element_size(), workers)
             gathered = torch.empty(chunk * workers, dtype=self.dtype)
             wait_work(self._all_gather(gathered, chunk_sum), deadline - time.monotonic(),
                       f"all_gather of {self.dtype} chunk sums of bucket {bucket_index}")
@@ -199,7 +222,9 @@ class GatherReducer(BucketReducer):
         workers, numel = self.num_workers, flat.numel()
         gathered = torch.empty(workers * payload.numel(), dtype=payload.dtype)
         work = self._all_gather(gathered, payload)
-        self.bytes_sent += payload.numel() * payload.element_size()
+        nbytes = payload.numel() * payload.element_size()
+        self.payload_bytes += nbytes
+        self.bytes_sent += all_gather_bytes(nbytes, workers)
 
         def finish(timeout: float) -> torch.Tensor:
             wait_work(work, timeout, f"all_gather of {self.config.type} bucket {bucket_index}")
@@ -308,7 +333,7 @@ class PowerSGDReducer(BucketReducer):
                 p_parts.append(piece)
         p_buffer = torch.cat(p_parts)
         work = self._all_reduce(p_buffer)
-        self.bytes_sent += p_buffer.numel() * 4
+        self._count_all_reduce(p_buffer)
 
         def finish(timeout: float) -> torch.Tensor:
             deadline = time.monotonic() + timeout
@@ -335,7 +360,7 @@ class PowerSGDReducer(BucketReducer):
             q_buffer = torch.cat([q.reshape(-1) for q in q_locals.values()])
             wait_work(self._all_reduce(q_buffer), deadline - time.monotonic(),
                       f"all_reduce of PowerSGD Q of bucket {bucket_index}")
-            self.bytes_sent += q_buffer.numel() * 4
+            self._count_all_reduce(q_buffer)
             offset = 0
             for index, q_local in q_locals.items():
                 segment = state.segments[index]
