@@ -16,9 +16,12 @@ Needs root and ``ip`` (``apt-get install -y iproute2``). Command line::
     python scripts/netns_hosts.py exec pt1-h0 -- python -c "print('hello from h0')"
     python scripts/netns_hosts.py down --prefix pt1
     python scripts/netns_hosts.py list
-    # set up, run a command on every host ({host} {hosts} {addr} {addr0} are filled in),
-    # wait, and always tear down:
-    python scripts/netns_hosts.py run --hosts 2 -- torchrun --nnodes 2 --node-rank {host} ...
+    # set up, run a command on every host ({host} {hosts} {addr} {addr0} {is_first} are
+    # filled in), wait, and always tear down:
+    python scripts/netns_hosts.py run --hosts 2 -- python -c "print('{host} at {addr}')"
+    # the same, as one torchrun job across the hosts (c10d rendezvous on host 0):
+    python scripts/netns_hosts.py torchrun --hosts 2 --nproc-per-node 2 --rate 1gbit -- \
+        -m paratrain.cli train --strategy allreduce
 
 From Python::
 
@@ -363,10 +366,12 @@ def _install_sigterm_teardown(hosts: NetnsHosts) -> None:
 # -- command line --------------------------------------------------------------
 
 def fill_placeholders(argv: list[str], hosts: NetnsHosts, index: int) -> list[str]:
-    """Replace ``{host}``, ``{hosts}``, ``{addr}`` and ``{addr0}`` in each argument."""
+    """Replace ``{host}`` (index), ``{hosts}`` (count), ``{addr}``, ``{addr0}`` (host 0's
+    address) and ``{is_first}`` (``true`` on host 0, else ``false``) in each argument."""
     values = {"host": str(index), "hosts": str(hosts.num_hosts), "addr": hosts.address(index),
-              "addr0": hosts.address(0)}
-    return [re.sub(r"\{(host|hosts|addr|addr0)\}", lambda m: values[m.group(1)], arg) for arg in argv]
+              "addr0": hosts.address(0), "is_first": "true" if index == 0 else "false"}
+    return [re.sub(r"\{(host|hosts|addr|addr0|is_first)\}", lambda m: values[m.group(1)], arg)
+            for arg in argv]
 
 
 def _command_after_dashes(parser: argparse.ArgumentParser, command: list[str]) -> list[str]:
@@ -377,17 +382,34 @@ def _command_after_dashes(parser: argparse.ArgumentParser, command: list[str]) -
     return command
 
 
+def _run_everywhere(hosts: NetnsHosts, argv_for_host, timeout_s: float) -> int:
+    """Start one command per host, wait for all (up to ``timeout_s``); the worst exit code."""
+    processes = [hosts.popen(i, argv_for_host(i)) for i in range(hosts.num_hosts)]
+    deadline = time.monotonic() + timeout_s
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait(timeout=max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            print(f"netns_hosts: command ran past {timeout_s} s; stopping it", file=sys.stderr)
+            codes.append(124)
+    return max(codes, key=abs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="create hosts and leave them up")
     run = sub.add_parser("run", help="create hosts, run a command on each, tear down")
-    for p in (up, run):
+    torchrun = sub.add_parser("torchrun", help="create hosts, run one torchrun job across them, tear down")
+    for p in (up, run, torchrun):
         p.add_argument("--hosts", type=int, required=True, help="number of hosts")
         p.add_argument("--rate", default=None, help="per-link rate, e.g. 100mbit or 1gbit")
         p.add_argument("--prefix", default=None, help="namespace name prefix (default: random)")
-    run.add_argument("--timeout", type=float, default=600.0, help="seconds before the commands are killed")
-    run.add_argument("command", nargs=argparse.REMAINDER)
+    torchrun.add_argument("--nproc-per-node", type=int, default=1)
+    for p in (run, torchrun):
+        p.add_argument("--timeout", type=float, default=600.0, help="seconds before the commands are killed")
+        p.add_argument("command", nargs=argparse.REMAINDER)
     execute = sub.add_parser("exec", help="run a command on one host")
     execute.add_argument("host", help="host namespace, e.g. pt1-h0")
     execute.add_argument("command", nargs=argparse.REMAINDER)
@@ -408,18 +430,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "run":
             command = _command_after_dashes(run, args.command)
             with NetnsHosts(args.hosts, rate=args.rate, prefix=args.prefix) as hosts:
-                processes = [hosts.popen(i, fill_placeholders(command, hosts, i))
-                             for i in range(hosts.num_hosts)]
-                deadline = time.monotonic() + args.timeout
-                codes = []
-                for process in processes:
-                    try:
-                        codes.append(process.wait(timeout=max(0.0, deadline - time.monotonic())))
-                    except subprocess.TimeoutExpired:
-                        print(f"netns_hosts: command ran past {args.timeout} s; stopping it",
-                              file=sys.stderr)
-                        codes.append(124)
-            return max(codes, key=abs)
+                return _run_everywhere(hosts, lambda i: fill_placeholders(command, hosts, i), args.timeout)
+        if args.action == "torchrun":
+            command = _command_after_dashes(torchrun, args.command)
+            with NetnsHosts(args.hosts, rate=args.rate, prefix=args.prefix) as hosts:
+                port = hosts.free_port(0)
+                return _run_everywhere(hosts, lambda i: [
+                    *hosts.torchrun_argv(i, nproc_per_node=args.nproc_per_node, port=port,
+                                         run_id=hosts.config.prefix),
+                    *fill_placeholders(command, hosts, i)], args.timeout)
         if args.action == "exec":
             command = _command_after_dashes(execute, args.command)
             if not re.match(r"^[a-z][a-z0-9]{0,15}-h\d+$", args.host) or args.host not in list_namespaces():

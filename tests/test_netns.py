@@ -115,9 +115,18 @@ def test_config_validation_names_the_bad_value():
 
 def test_placeholders_are_filled_per_host():
     hosts = netns_hosts.NetnsHosts(3, prefix="ptfill")  # never brought up
-    argv = ["torchrun", "--node-rank", "{host}", "--nnodes", "{hosts}", "{addr0}:29500", "--bind={addr}"]
+    argv = ["torchrun", "--node-rank", "{host}", "--nnodes", "{hosts}", "{addr0}:29500", "--bind={addr}",
+            "is_host={is_first}"]
     assert netns_hosts.fill_placeholders(argv, hosts, 2) == [
-        "torchrun", "--node-rank", "2", "--nnodes", "3", "10.77.0.1:29500", "--bind=10.77.0.3"]
+        "torchrun", "--node-rank", "2", "--nnodes", "3", "10.77.0.1:29500", "--bind=10.77.0.3",
+        "is_host=false"]
+    assert netns_hosts.fill_placeholders(["{is_first}"], hosts, 0) == ["true"]
+    torchrun = hosts.torchrun_argv(1, nproc_per_node=2, port=29400, run_id="job")
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"]
+    for flag, value in (("--nnodes", "3"), ("--nproc-per-node", "2"), ("--rdzv-backend", "c10d"),
+                        ("--rdzv-endpoint", "10.77.0.1:29400"), ("--local-addr", "10.77.0.2")):
+        assert torchrun[torchrun.index(flag) + 1] == value
+    assert "is_host=false" in torchrun[torchrun.index("--rdzv-conf") + 1]
     with pytest.raises(ValueError, match="index=3"):
         hosts.address(3)
     with pytest.raises(netns_hosts.NetnsError, match="not up"):
