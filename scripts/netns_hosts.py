@@ -266,12 +266,12 @@ class NetnsHosts:
         return host_address(index)
 
     def host_env(self, index: int) -> dict[str, str]:
-        """Variables that make common tools use the host's own interface: gloo would
+        """Variables that make the tools use the host's own interface: gloo would
         otherwise resolve the machine's hostname to an address that does not exist
-        inside the namespace."""
+        inside the namespace, and paratrain's listeners (parameter servers, pipeline
+        channels) would bind loopback, which other hosts cannot reach."""
         self._check_index(index)
-        return {"GLOO_SOCKET_IFNAME": HOST_INTERFACE, "TP_SOCKET_IFNAME": HOST_INTERFACE,
-                "NETNS_HOST_INDEX": str(index), "NETNS_HOST_ADDR": host_address(index)}
+        return _host_env(index)
 
     def popen(self, index: int, argv: list[str], env: dict[str, str] | None = None,
               **popen_kwargs) -> subprocess.Popen:
@@ -331,6 +331,12 @@ class NetnsHosts:
     def _check_index(self, index: int) -> None:
         if not isinstance(index, int) or not 0 <= index < self.num_hosts:
             raise ValueError(f"host index={index!r} must be in [0, {self.num_hosts})")
+
+
+def _host_env(index: int) -> dict[str, str]:
+    return {"GLOO_SOCKET_IFNAME": HOST_INTERFACE, "TP_SOCKET_IFNAME": HOST_INTERFACE,
+            "PARATRAIN_BIND": host_address(index),
+            "NETNS_HOST_INDEX": str(index), "NETNS_HOST_ADDR": host_address(index)}
 
 
 def _stop(process: subprocess.Popen, grace_s: float = 5.0) -> None:
@@ -444,9 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             if not re.match(r"^[a-z][a-z0-9]{0,15}-h\d+$", args.host) or args.host not in list_namespaces():
                 parser.error(f"host={args.host!r} is not a host namespace made by this script; "
                              f"see `{sys.argv[0]} list`")
-            index = args.host.rsplit("-h", 1)[1]
-            env = {**os.environ, "GLOO_SOCKET_IFNAME": HOST_INTERFACE, "TP_SOCKET_IFNAME": HOST_INTERFACE,
-                   "NETNS_HOST_INDEX": index, "NETNS_HOST_ADDR": host_address(int(index))}
+            env = {**os.environ, **_host_env(int(args.host.rsplit("-h", 1)[1]))}
             os.execvpe("ip", ["ip", "netns", "exec", args.host, *command], env)
         if args.action == "down":
             removed = teardown(args.prefix)

@@ -226,6 +226,9 @@ def test_command_line_up_exec_down_and_run():
         assert again.returncode == 1 and "already exist" in again.stderr
         shown = cli("exec", f"{prefix}-h1", "--", "ip", "-o", "addr", "show", "eth0")
         assert shown.returncode == 0 and "10.77.0.2/24" in shown.stdout
+        bind = cli("exec", f"{prefix}-h1", "--", sys.executable, "-c",
+                   "import os; print(os.environ['PARATRAIN_BIND'], os.environ['GLOO_SOCKET_IFNAME'])")
+        assert bind.stdout.split() == ["10.77.0.2", "eth0"]  # listeners bind the host's own address
         qdisc = cli("exec", f"{prefix}-h0", "--", "tc", "qdisc", "show", "dev", "eth0")
         assert "tbf" in qdisc.stdout and "100Mbit" in qdisc.stdout
         bad = cli("exec", "not-a-host", "--", "true")
