@@ -38,6 +38,10 @@ class DataParallelConfig:
             raise ConfigError(f"accumulate={self.accumulate!r} must be an integer >= 1")
         if self.sync_every is not None and (not isinstance(self.sync_every, int) or self.sync_every < 1):
             raise ConfigError(f"sync_every={self.sync_every!r} must be an integer >= 1")
+        if self.compression is not None:   # fail at the edge, before any process starts
+            from paratrain.comm.codecs import parse_compression
+            if parse_compression(self.compression).type == "none":
+                self.compression = None
         if self.amp == "fp16" and not torch.cuda.is_available():
             raise ConfigError("amp='fp16' needs a GPU (dynamic loss scaling); on CPU use amp='bf16'")
 

@@ -66,7 +66,7 @@ def param_checksum(params: Iterable[torch.Tensor]) -> str:
     """sha256 over the parameters' bytes, in order: equal iff the runs are bitwise equal."""
     digest = hashlib.sha256()
     for tensor in params:
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -90,6 +90,7 @@ class Trainer:
         if not self._params:
             raise ConfigError("Trainer got no trainable parameters (all frozen or empty)")
         self._buffers = list(module.buffers()) if module is not None else []
+        frozen = [p for p in param_list if not p.requires_grad]
         self.kvstore = kvstore if isinstance(kvstore, KVStore) else kvstore_module.create(kvstore, **(kvstore_options or {}))
         self.sync = build_gradient_sync(
             self.kvstore, optimizer=optimizer if isinstance(optimizer, str) else "sgd",
@@ -98,7 +99,7 @@ class Trainer:
         self.optimizer = build_optimizer(self._params, optimizer, optimizer_params)
         self.loss_scaler = loss_scaler
         self.sync.attach(self._params)
-        broadcast_buffers(self._buffers)
+        broadcast_buffers(frozen + self._buffers)   # frozen weights too: every replica starts equal
         self.timeline = None
         self.num_update = 0
 

@@ -1,0 +1,41 @@
+"""Shared test helpers: run the CLI or a launched script as real processes, with a
+hard timeout, and parse the --json summary line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def clean_env(**extra: str) -> dict:
+    """The test process's environment without launcher variables (tests run under
+    pytest, not under a launcher), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+           and not k.startswith(("PARATRAIN_", "TORCHELASTIC_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_paratrain(*args: str, timeout: float = 120, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``python -m paratrain.cli ARGS`` to completion (killed after ``timeout``)."""
+    return subprocess.run([sys.executable, "-m", "paratrain.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or clean_env(), cwd=cwd or REPO)
+
+
+def summary_of(result: subprocess.CompletedProcess) -> dict:
+    """The --json summary: the last line printed."""
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def paratrain_cli():
+    return run_paratrain
