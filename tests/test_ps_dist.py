@@ -43,29 +43,26 @@ def worker_sync_exact(with_optimizer: bool) -> dict:
                 errors.append(f"round {i} key {key}: got {out.flatten()[:3].tolist()} "
                               f"... expected {expected}")
     split = {k: sorted(s.server for s in kv._keys[k].slices) for k in keys}
+    reproducible = _rank_order_rounds(kv) if with_optimizer else {}
     kv.close()
-    return {"errors": errors, "servers": split}
+    return {"errors": errors, "servers": split, **reproducible}
 
 
-def worker_sync_deterministic() -> dict:
-    """Random fp32 pushes with jittered timing: the result equals the rank-order sum."""
-    kv = worker_env_kvstore("dist_sync")
-    rank, n = kv.rank, kv.num_workers
-    kv.init("w", torch.zeros(1000))
-    kv.set_optimizer({"type": "sgd", "lr": 0.1, "momentum": 0.9})
-    expected, momentum = torch.zeros(1000), None
-    out = torch.empty(1000)
-    for step in range(4):
+def _rank_order_rounds(kv, rounds: int = 3) -> dict:
+    """Random fp32 pushes with jittered timing under the server SGD: the result is
+    bitwise the rank-order sum, whatever order the pushes arrived in."""
+    n = kv.num_workers
+    kv.init("random", torch.zeros(1000))
+    expected, out = torch.zeros(1000), torch.empty(1000)
+    for step in range(rounds):
         grads = [torch.randn(1000, generator=torch.Generator().manual_seed(1000 * step + r)) for r in range(n)]
         time.sleep(random.random() * 0.03)
-        kv.push("w", grads[rank])
-        kv.pull("w", out=out)
+        kv.push("random", grads[kv.rank])
+        kv.pull("random", out=out)
         total = grads[0].clone()
         for g in grads[1:]:
             total.add_(g)
-        momentum = total.clone() if momentum is None else momentum.mul_(0.9).add_(total)
-        expected.add_(momentum, alpha=-0.1)
-    kv.close()
+        expected.add_(total, alpha=-LR)
     return {"bitwise_equal": bool(torch.equal(out, expected)), "checksum": float(out.double().sum())}
 
 
@@ -126,27 +123,20 @@ def test_dist_sync_is_exact_for_fp32_fp16_small_and_split_keys(with_optimizer):
             assert result["errors"] == []
             assert result["servers"]["big32"] == [0, 1] and result["servers"]["big16"] == [0, 1]
             assert len(result["servers"]["small32"]) == 1
+        if with_optimizer:  # sums in rank order: bitwise the same on every worker, every run
+            assert all(r["bitwise_equal"] for r in results)
+            assert len({r["checksum"] for r in results}) == 1
         # Every worker said goodbye: the servers end on their own.
         assert job.wait_servers_exit() == [0, 0]
 
 
 @pytest.mark.timeout(120)
-def test_dist_sync_sums_in_rank_order_so_runs_are_bitwise_reproducible():
-    with PSJob(num_workers=3, num_servers=1) as job:
-        job.start_servers()
-        results = job.run_workers("test_ps_dist:worker_sync_deterministic")
-    assert all(r.get("bitwise_equal") for r in results), results
-    assert len({r["checksum"] for r in results}) == 1
-
-
-@pytest.mark.timeout(120)
 def test_dead_worker_makes_sync_fail_with_its_rank_not_hang():
-    with PSJob(num_workers=3, num_servers=1, timeout_s=3) as job:
+    with PSJob(num_workers=2, num_servers=1, timeout_s=3) as job:
         job.start_servers()
         results = job.run_workers("test_ps_dist:worker_dies_early", timeout_s=60)
-    for rank in (0, 1):
-        assert "missing worker(s) [2]" in results[rank]["error"], results[rank]
-        assert results[rank]["waited_s"] < 3 + 10
+    assert "missing worker(s) [1]" in results[0]["error"], results[0]
+    assert results[0]["waited_s"] < 3 + 10
 
 
 def _staleness_violations(results: list[dict], staleness: int) -> int:

@@ -1,0 +1,139 @@
+"""Bad input against a live parameter-server process: thousands of random and
+truncated frames, wrong secrets, replayed handshakes, oversized messages, and bad
+requests from an authenticated worker. Afterwards the server is alive, its state is
+unchanged, and a normal worker gets the exact expected values."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+import zmq
+
+from paratrain.errors import PeerError
+from paratrain.kvstore.dist import DistKVStore, DistKVStoreConfig
+from paratrain.ps import protocol
+from paratrain.ps.protocol import Op
+from ps_harness import PSJob
+
+SHAPE = (2, 3)
+
+
+def _valid_push(request_id: int = 1, key: str = "s:w", dtype=torch.float32, shape=SHAPE, length=6) -> list:
+    value = torch.full(shape, -1.0).to(dtype)
+    return protocol.encode(Op.PUSH, key=key, request_id=request_id, dtype=dtype, shape=shape,
+                           offset=0, length=length, payload=bytes(protocol.tensor_bytes(value)))
+
+
+def _junk(rng: random.Random) -> list[bytes]:
+    kind = rng.randrange(4)
+    frames = [bytes(memoryview(f)) for f in _valid_push(rng.randrange(1 << 32))]
+    if kind == 0:      # random bytes in random frames
+        return [os.urandom(rng.randrange(0, 200)) for _ in range(rng.randrange(1, 5))]
+    if kind == 1:      # a valid message cut short somewhere
+        flat = b"".join(frames)
+        cut = rng.randrange(len(flat))
+        return [flat[:cut]] if rng.random() < 0.5 else [frames[0][:rng.randrange(len(frames[0]))], frames[1]]
+    if kind == 2:      # a valid header with random bytes flipped
+        header = bytearray(frames[0])
+        for _ in range(rng.randrange(1, 6)):
+            header[rng.randrange(len(header))] = rng.randrange(256)
+        return [bytes(header)] + frames[1:]
+    return frames      # a well-formed push without authentication
+
+
+def _dealer(context: zmq.Context, address: str) -> zmq.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    return sock
+
+
+def _replies(sock: zmq.Socket, timeout_ms: int = 300) -> list[list[bytes]]:
+    out = []
+    while sock.poll(timeout_ms):
+        out.append(sock.recv_multipart())
+        timeout_ms = 50
+    return out
+
+
+def _pull(kv: DistKVStore) -> torch.Tensor:
+    out = torch.empty(SHAPE)
+    kv.pull("w", out=out)
+    return out
+
+
+def _authenticated_bad_requests(kv: DistKVStore) -> list[str]:
+    """Send bad requests through a worker's own, authenticated connection; return
+    the server's error texts."""
+    bad = [
+        _valid_push(key="s:unknown"),                                          # unknown key
+        _valid_push(shape=(3, 2)),                                             # shape mismatch
+        _valid_push(dtype=torch.float64),                                      # dtype mismatch
+        _valid_push(shape=(6,), length=6),                                     # same numel, other shape
+        protocol.encode(Op.PUSH, key="s:w", request_id=1, shape=SHAPE, offset=3, length=3,
+                        payload=bytes(12)),                                    # wrong slice
+        protocol.encode(Op.PUSH, key="s:w", request_id=1, shape=SHAPE, length=6, status=1,
+                        payload=bytes(24)),                                    # compressed, no codec
+        protocol.encode(Op.SET_OPTIMIZER, request_id=1, payload=b'{"type": "evil"}'),
+        protocol.encode(Op.SET_OPTIMIZER, request_id=1, payload=b"\x80\x04pickle"),
+        protocol.encode(Op.DATA, request_id=1),                                # a reply is no request
+        [b"garbage", b"", b""],                                                # malformed
+    ]
+    errors = []
+    for frames in bad:
+        kv._channel.send(0, frames)
+        item = kv._channel.recv(5.0)
+        assert item is not None, f"no answer to {frames[:2]}"
+        message = protocol.decode(item[1], max_payload_bytes=1 << 20)
+        assert message.op == Op.ERROR
+        errors.append(message.control()["error"])
+    return errors
+
+
+@pytest.mark.timeout(180)
+def test_live_server_survives_bad_input_and_keeps_exact_state():
+    rng = random.Random(1234)
+    with PSJob(num_workers=1, num_servers=1, timeout_s=10, server_args=["--max-message-mb", "1"]) as job:
+        [address] = job.start_servers()
+        kv = DistKVStore(DistKVStoreConfig("dist_sync"), rank=0, num_workers=1, addresses=[address],
+                         secret=job.secret, timeout_s=10)
+        kv.init("w", torch.ones(SHAPE))
+        kv.set_optimizer({"type": "sgd", "lr": 2.0})
+        before = _pull(kv)
+
+        context = zmq.Context()
+        attackers = [_dealer(context, address) for _ in range(8)]
+        for _ in range(3000):
+            rng.choice(attackers).send_multipart(_junk(rng))
+        # Wrong secret, and a replay of a correct AUTH against a fresh nonce.
+        sock = attackers[0]
+        sock.send_multipart(protocol.encode(Op.HELLO, request_id=7))
+        challenge = [r for r in _replies(sock, 5000) if protocol.decode(r, max_payload_bytes=64).op == Op.CHALLENGE]
+        assert challenge, "the server stopped answering HELLO"
+        nonce = challenge[-1][2]
+        hello = protocol.encode_json({"rank": 0, "num_workers": 1, "mode": "dist_sync", "staleness": 2})
+        sock.send_multipart(protocol.encode(Op.AUTH, request_id=8, payload=protocol.sign("wrong", nonce, hello) + hello))
+        sock.send_multipart(_valid_push(9))
+        assert not any(protocol.decode(r, max_payload_bytes=64).op == Op.OK for r in _replies(sock, 500))
+        # Oversized: libzmq drops the connection (MAXMSGSIZE of 1 MB).
+        attackers[1].send_multipart([b"x" * (2 << 20)])
+        with pytest.raises(PeerError, match="secret"):
+            DistKVStore(DistKVStoreConfig("dist_sync"), rank=0, num_workers=1, addresses=[address],
+                        secret="not-the-secret", timeout_s=5)
+
+        errors = _authenticated_bad_requests(kv)
+        assert any("unknown key" in e for e in errors) and any("holds torch.float32" in e for e in errors)
+        assert any("evil" in e for e in errors) and any("malformed" in e for e in errors)
+
+        after = _pull(kv)
+        assert torch.equal(before, after) and torch.equal(after, torch.ones(SHAPE))
+        kv.push("w", -torch.ones(SHAPE))
+        assert torch.equal(_pull(kv), torch.full(SHAPE, 3.0))   # 1 - lr * (-1)
+        for sock in attackers:
+            sock.close()
+        context.term()
+        assert job.servers[0].poll() is None, "the server died"
+        kv.close()
+        assert job.wait_servers_exit() == [0]
