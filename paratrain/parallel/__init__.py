@@ -25,8 +25,8 @@ def build_gradient_sync(kv: KVStore, *, optimizer: str, optimizer_params: dict, 
         from paratrain.parallel.data_parallel import LocalSync
         return LocalSync()
     if kv.type == "allreduce":
-        from paratrain.parallel.data_parallel import BucketedAllreduceSync, KVStoreBucketReducer
-        reducer = KVStoreBucketReducer(kv)
+        from paratrain.parallel.data_parallel import AllreduceBucketReducer, BucketedAllreduceSync
+        reducer = AllreduceBucketReducer()
         if compression is not None:
             from paratrain.comm.codecs import parse_compression
             from paratrain.parallel.compressed import build_bucket_reducer

@@ -44,6 +44,11 @@ class GradientSync(abc.ABC):
     def after_step(self) -> None:
         """Hook run after the optimizer update (default: nothing)."""
 
+    def zero_grad(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Clear gradients after the update (default: set them to None)."""
+        for param in params:
+            param.grad = None
+
     @property
     def sync_enabled(self) -> bool:
         return self._sync_enabled

@@ -14,8 +14,8 @@ from typing import Protocol, Sequence
 import torch
 import torch.distributed as dist
 
-from paratrain.errors import ConfigError
-from paratrain.kvstore.base import KVStore
+from paratrain.errors import CommTimeout, ConfigError
+from paratrain.kvstore.allreduce import ring_allreduce_bytes
 from paratrain.parallel.base import GradientSync
 
 FIRST_BUCKET_MB = 1.0     # small first bucket: the last layers' gradients leave early
@@ -34,28 +34,35 @@ class BucketReducer(Protocol):
     def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce: ...
 
 
-class KVStoreBucketReducer:
-    """The default reducer: ``pushpull`` of the bucket through the (allreduce) KVStore."""
+class AllreduceBucketReducer:
+    """The default reducer: an in-place asynchronous ``all_reduce`` (sum) of the bucket."""
 
-    def __init__(self, kv: KVStore) -> None:
-        self.kv = kv
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.kv.bytes_sent
+    def __init__(self, group=None) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.bytes_sent = 0
 
     def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce:
-        key = f"__grad_bucket_{bucket_index}"
-        self.kv.push(key, flat)
-        return _HandleResult(self.kv.pull(key, out=flat, block=False))
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self.bytes_sent += ring_allreduce_bytes(flat.numel() * flat.element_size(), self.world)
+        return _WorkResult(work, flat, bucket_index, self.world)
 
 
 @dataclass
-class _HandleResult:
-    handle: object
+class _WorkResult:
+    work: object
+    flat: torch.Tensor
+    bucket_index: int
+    world: int
 
     def wait(self, timeout: float) -> torch.Tensor:
-        return self.handle.wait(timeout)
+        # Bounded by the process group's timeout (PARATRAIN_TIMEOUT), set at init.
+        try:
+            self.work.wait()
+        except RuntimeError as exc:
+            raise CommTimeout(f"allreduce of gradient bucket {self.bucket_index} failed or timed out "
+                              f"waiting for the other {self.world - 1} workers: {exc}") from exc
+        return self.flat
 
 
 @dataclass
@@ -132,6 +139,27 @@ class BucketedAllreduceSync(GradientSync):
         for slot, param in enumerate(bucket_params):
             self._where[id(param)] = (index, slot)
         self._buckets.append(_Bucket(bucket_params, offsets, flat))
+        for slot in range(len(bucket_params)):
+            self._point_grad_at_bucket(self._buckets[-1], slot)
+
+    @staticmethod
+    def _grad_view(bucket: _Bucket, slot: int) -> torch.Tensor:
+        param, start = bucket.params[slot], bucket.offsets[slot]
+        return bucket.flat[start:start + param.numel()].view_as(param)
+
+    def _point_grad_at_bucket(self, bucket: _Bucket, slot: int) -> None:
+        """Make ``param.grad`` a view into the bucket that is reduced in place, so the
+        optimizer reads the result with no copy out. ``zero_grad`` sets grads to None:
+        backward then hands over a fresh tensor (no memset, no in-place add) that is
+        copied into the bucket once, here."""
+        param, view = bucket.params[slot], self._grad_view(bucket, slot)
+        if param.grad is None:
+            view.zero_()
+        elif param.grad.data_ptr() != view.data_ptr():
+            view.copy_(param.grad)
+        else:
+            return
+        param.grad = view
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         if not self.sync_enabled:
@@ -146,12 +174,7 @@ class BucketedAllreduceSync(GradientSync):
             self._launch_ready()
 
     def _fill(self, bucket: _Bucket, slot: int) -> None:
-        param, start = bucket.params[slot], bucket.offsets[slot]
-        view = bucket.flat[start:start + param.numel()]
-        if param.grad is None:   # unused in this step: contributes zeros
-            view.zero_()
-        else:
-            view.copy_(param.grad.reshape(-1))
+        self._point_grad_at_bucket(bucket, slot)   # unused this step: its view holds zeros
         bucket.ready.add(slot)
 
     def _launch_ready(self) -> None:
@@ -176,13 +199,9 @@ class BucketedAllreduceSync(GradientSync):
             if self.timeline is not None:
                 self.timeline.complete(f"allreduce bucket {index}", "comm", bucket.launch_s, done_s,
                                        tid="comm", bytes=bucket.flat.numel() * bucket.flat.element_size())
-            summed.mul_(scale)
-            for param, start in zip(bucket.params, bucket.offsets):
-                grad = summed[start:start + param.numel()].view_as(param)
-                if param.grad is None:
-                    param.grad = grad.clone()
-                else:
-                    param.grad.copy_(grad)
+            if summed is not bucket.flat:   # a compressed reducer returns a new tensor
+                bucket.flat.copy_(summed)
+            bucket.flat.mul_(scale)       # every param.grad is a view of it
             bucket.ready.clear()
             bucket.pending = None
         self._next_launch = 0

@@ -144,7 +144,7 @@ class Trainer:
             self.sync.after_step()
             if self._broadcast_buffers_enabled:
                 broadcast_buffers(self._buffers)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.sync.zero_grad(self._params)
         self.num_update += 1
 
     @property

@@ -1,0 +1,174 @@
+"""paratrain ``allreduce`` vs PyTorch DDP (gloo): samples/sec in the same processes.
+
+    python bench/bench_allreduce.py --workers 2 4 --repeats 5        # DDP comparison
+    python bench/bench_allreduce.py --overhead --repeats 5           # fit() vs a hand loop
+
+Each worker process builds the same model twice (one wrapped in DDP, one driven by
+paratrain.Trainer over kvstore 'allreduce'), and runs timed windows of both,
+alternating, so the machine's noise hits both alike. Reported: the median over
+repeats of each's samples/sec and the median of the per-repeat ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+MODELS = {
+    "mlp": lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                                 nn.Linear(1024, 10)),
+    "cnn": lambda: nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                 nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10)),
+}
+
+
+def _batch(batch: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, 28, 28, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+
+
+def _time_steps(step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - start
+
+
+def worker(args) -> None:
+    """Runs inside each launched rank."""
+    import torch.distributed as dist
+    import paratrain
+    from paratrain.comm.process_group import init_process_group
+    from paratrain.env import read_env
+    torch.set_num_threads(1)
+    env = read_env()
+    init_process_group(env)
+    x, y = _batch(args.batch, env.rank)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    torch.manual_seed(0)
+    ddp_model = nn.parallel.DistributedDataParallel(MODELS[args.model]())
+    ddp_opt = torch.optim.SGD(ddp_model.parameters(), lr=0.01, momentum=0.9)
+    torch.manual_seed(0)
+    pt_model = MODELS[args.model]()
+    trainer = paratrain.Trainer(pt_model, "sgd", {"lr": 0.01, "momentum": 0.9}, kvstore="allreduce")
+
+    def ddp_step():
+        loss_fn(ddp_model(x), y).backward()
+        ddp_opt.step()
+        ddp_opt.zero_grad(set_to_none=True)
+
+    def paratrain_step():
+        loss_fn(pt_model(x), y).backward()
+        trainer.step(args.batch)
+
+    results = {"ddp": [], "paratrain": []}
+    for name, step in (("ddp", ddp_step), ("paratrain", paratrain_step)):
+        _time_steps(step, args.warmup)
+    for repeat in range(args.repeats):
+        order = (("ddp", ddp_step), ("paratrain", paratrain_step))
+        for name, step in (order if repeat % 2 == 0 else order[::-1]):
+            dist.barrier()
+            seconds = torch.tensor([_time_steps(step, args.steps)])
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)   # the slowest rank sets the pace
+            results[name].append(args.steps * args.batch * env.world_size / seconds.item())
+    if env.rank == 0:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle)
+
+
+def compare_ddp(args) -> list[dict]:
+    rows = []
+    for model in args.models:
+        for workers in args.workers:
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+                out = tmp.name
+            cmd = [sys.executable, "-m", "paratrain.cli", "launch", "-n", str(workers), __file__, "--worker",
+                   "--model", model, "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--out", out]
+            subprocess.run(cmd, check=True, timeout=1800, stdout=subprocess.DEVNULL,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+            with open(out) as handle:
+                res = json.load(handle)
+            os.unlink(out)
+            ratios = [p / d for p, d in zip(res["paratrain"], res["ddp"])]
+            rows.append({"model": model, "workers": workers, "ddp_samples_per_sec": statistics.median(res["ddp"]),
+                         "paratrain_samples_per_sec": statistics.median(res["paratrain"]),
+                         "ratio_median": statistics.median(ratios), "ratios": [round(r, 3) for r in ratios]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def compare_overhead(args) -> dict:
+    """Single process: paratrain.fit (strategy 'local') vs a hand-written loop over the
+    same data, model, optimizer and batch order."""
+    import paratrain
+    from paratrain.data.datasets import load_synthetic
+    torch.set_num_threads(1)
+    train, _ = load_synthetic(num_samples=args.batch * args.steps, num_features=784)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+
+    def hand_loop() -> float:
+        torch.manual_seed(0)
+        model = MODELS["mlp"]()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        for i in range(0, len(train) - args.batch + 1, args.batch):
+            x, y = train.batch(order[i:i + args.batch])
+            loss_fn(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    def paratrain_fit() -> float:
+        torch.manual_seed(0)
+        model = MODELS["mlp"]()
+        start = time.perf_counter()
+        paratrain.fit(model, train, strategy="local", epochs=1, batch_size=args.batch,
+                      optimizer_params={"lr": 0.01, "momentum": 0.9})
+        return time.perf_counter() - start
+
+    hand_loop(), paratrain_fit()   # warm up
+    overheads = []
+    for repeat in range(args.repeats):
+        pair = (hand_loop, paratrain_fit) if repeat % 2 == 0 else (paratrain_fit, hand_loop)
+        times = {fn.__name__: fn() for fn in pair}
+        overheads.append(times["paratrain_fit"] / times["hand_loop"] - 1.0)
+    row = {"overhead_median_pct": 100 * statistics.median(overheads),
+           "overheads_pct": [round(100 * o, 2) for o in overheads], "steps": args.steps, "batch": args.batch}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--workers", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--batch", type=int, default=64, help="per-worker batch")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--overhead", action="store_true", help="fit() vs a hand loop, one process")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+    elif args.overhead:
+        compare_overhead(args)
+    else:
+        compare_ddp(args)
+
+
+if __name__ == "__main__":
+    main()
