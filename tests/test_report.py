@@ -137,3 +137,32 @@ def test_helpers():
     assert cumulative([1.0, 2.0, 3.0]) == [1.0, 3.0, 6.0]
     with pytest.raises(ValueError, match="window=0"):
         moving_average([1.0], 0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_report_on_two_real_runs(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PARATRAIN_TIMEOUT": "60", "PYTHONPATH": str(root)}
+    for name, extra in (("plain", []), ("twobit", ["--compression", "2bit"])):
+        result = subprocess.run(
+            [sys.executable, "-m", "paratrain.cli", "train", "--workers", "2", "--strategy", "allreduce",
+             "--model", "mlp", "--epochs", "1", "--no-progress", "--log-dir", str(tmp_path / "runs" / name),
+             *extra], capture_output=True, text=True, timeout=200, cwd=root, env=env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = subprocess.run([sys.executable, "-m", "paratrain.cli", "report", str(tmp_path / "runs"),
+                             "--out", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=120, cwd=root, env=env)
+    assert report.returncode == 0, report.stderr
+    for name in ("loss", "accuracy", "throughput", "bytes"):
+        assert (tmp_path / "report" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    runs = {run.label: summarize(run) for run in load_runs([str(tmp_path / "runs")])}
+    assert set(runs) == {"plain", "twobit"} and runs["plain"]["steps"] == 23
+    # 2-bit codes put far fewer bytes on the wire than float32 gradients
+    assert runs["twobit"]["mb_sent"] * 8 < runs["plain"]["mb_sent"]
+    assert "plain" in report.stdout and "twobit" in report.stdout
