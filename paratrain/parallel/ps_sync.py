@@ -1,0 +1,112 @@
+"""Gradient aggregation through the parameter server (``dist_sync``,
+``dist_async``, ``dist_ssp``), as a :class:`GradientSync` the Trainer drives.
+
+Each trainable parameter is one key (its index in model order). With
+``update_on_kvstore`` (the default, and the only choice for async kinds) the servers
+run the optimizer: ``reduce`` pushes every gradient with its rescale attached, and
+``after_step`` pulls the new weights. Without it (``dist_sync`` only) ``reduce``
+pulls the summed gradient into ``p.grad`` and the Trainer's local optimizer steps.
+
+The rescale (1 / global batch) travels with every push, so a step with a different
+batch size (the last, short batch of an epoch) is still exact. Under ``dist_sync``
+the servers sum the round, which gives the global mean gradient. Under
+``dist_async``/``dist_ssp`` each push is applied alone and moves the weights by
+1 / num_workers of a mean step, so the workers' pushes of one "step" add up to what
+a sync step does, and the same learning rate stays stable.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+from paratrain.errors import ConfigError
+from paratrain.kvstore.base import Handle, KVStore
+from paratrain.parallel.base import GradientSync
+
+ASYNC_KINDS = ("dist_async", "dist_ssp")
+
+
+def server_optimizer_spec(optimizer: str, optimizer_params: dict) -> dict:
+    """The server spec for a torch-style optimizer name and its parameters."""
+    name = optimizer.lower()
+    if name not in ("sgd", "adam"):
+        raise ConfigError(f"optimizer={optimizer!r} cannot run on the parameter servers; choose sgd or adam, "
+                          f"or pass update_on_kvstore=False (dist_sync only)")
+    params = dict(optimizer_params)
+    if params.pop("dampening", 0) or params.pop("maximize", False) or params.pop("amsgrad", False):
+        raise ConfigError(f"optimizer params {optimizer_params} use options the server {name} lacks "
+                          f"(dampening, maximize, amsgrad)")
+    return {"type": name, **params}
+
+
+class ParameterServerSync(GradientSync):
+    """Pushes gradients to the servers and pulls weights (or summed gradients) back."""
+
+    def __init__(self, kv: KVStore, optimizer: str, optimizer_params: dict,
+                 update_on_kvstore: bool | None = None):
+        super().__init__()
+        if kv.type not in ("dist_sync", *ASYNC_KINDS):
+            raise ConfigError(f"ParameterServerSync needs a dist_* kvstore, got {kv.type!r}")
+        if update_on_kvstore is None:
+            update_on_kvstore = True
+        if not update_on_kvstore and kv.type in ASYNC_KINDS:
+            raise ConfigError(f"update_on_kvstore=False is for dist_sync only; {kv.type} applies each push on "
+                              f"arrival and needs the optimizer on the servers")
+        self.kv = kv
+        self.updates_on_server = bool(update_on_kvstore)
+        if self.updates_on_server:
+            kv.set_optimizer(server_optimizer_spec(optimizer, optimizer_params))
+        self.params: list[torch.nn.Parameter] = []
+        self.timeline = None
+        self._pending: list[Handle] = []
+
+    def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """One key per parameter; every worker starts from rank 0's values."""
+        self.params = list(params)
+        for index, param in enumerate(self.params):
+            self.kv.init(index, param.detach().cpu())
+        for index, param in enumerate(self.params):
+            self.kv.pull(index, out=param.data)
+
+    def reduce(self, scale: float) -> None:
+        """Push every gradient (zeros for a parameter without one: a sync round needs
+        every key from every worker), then, without server updates, pull the sums."""
+        if not self._sync_enabled:
+            return
+        start = time.perf_counter()
+        self.kv.push_scale = scale if self.updates_on_server else 1.0
+        for index, param in enumerate(self.params):
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            self.kv.push(index, grad.detach().cpu())
+        if self.updates_on_server:
+            # Ask for the new weights now; after_step waits for them.
+            self._pending = [self.kv.pull(i, out=p.data, block=False) for i, p in enumerate(self.params)]
+        else:
+            for index, param in enumerate(self.params):
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                self.kv.pull(index, out=param.grad)
+                param.grad.mul_(scale)
+        self._record("push/pull", start)
+
+    def after_step(self) -> None:
+        """With server updates: wait for the new weights pulled in ``reduce``."""
+        start = time.perf_counter()
+        pending, self._pending = self._pending, []
+        for handle in pending:
+            handle.wait(None)
+        if pending:
+            self._record("pull weights", start)
+
+    def _record(self, name: str, start: float) -> None:
+        if self.timeline is not None:  # start and end on time.perf_counter, as the timeline wants
+            self.timeline.complete(name, "comm", start, time.perf_counter())
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.kv.bytes_sent
+
+    def close(self) -> None:
+        self._pending = []
