@@ -246,13 +246,18 @@ def test_single_stage_pipeline_trains_and_checks_micro_batches():
     strategy = PipelineStrategy(stages=1, micro_batches=3, env=_env(1))
     strategy.setup(tiny_model(), "sgd", {"lr": 0.1}, nn.CrossEntropyLoss(reduction="sum"))
     x, y = torch.randn(10, 8), torch.randint(0, 4, (10,))
-    with pytest.raises(ConfigError, match="micro_batches=3 does not divide this replica's batch of 10"):
+    with pytest.raises(ConfigError, match="batch size 10 must be a positive multiple of replicas=1 x micro_batches=3"):
         strategy.train_step(x, y, 10)
     before = {k: v.clone() for k, v in strategy.full_model_state().items()}
     result = strategy.train_step(x[:9], y[:9], 9)
     assert result.samples == 9 and result.loss > 0
     after = strategy.full_model_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    # An epoch's short tail is cut into nearly equal micro-batches, not rejected...
+    assert strategy.train_step(x[:4], y[:4], 4).samples == 4
+    assert strategy.train_step(x[:2], y[:2], 2).samples == 2   # fewer samples than micro-batches
+    with pytest.raises(ConfigError, match="global batch 12 is larger than the validated batch size 9"):
+        strategy.train_step(torch.randn(12, 8), torch.randint(0, 4, (12,)), 12)
     assert assemble_stage_states([strategy.state_dict()]).keys() == after.keys()
     evaluation = strategy.evaluate(x, y)
     assert evaluation.samples == 10

@@ -224,17 +224,24 @@ class PipelineStrategy(Strategy):
         self.last_timing: StepTiming | None = None
         self._channels: list = []
         self._owns_group = False
+        self._batch_size: int | None = None   # the configured global batch, once validated
 
     def validate(self, global_batch: int, world_size: int | None = None) -> None:
         """Raise :class:`ConfigError` unless ``global_batch`` splits into D replica
-        shares of M equal micro-batches (and ``world_size``, if given, is S*D)."""
+        shares of M equal micro-batches (and ``world_size``, if given, is S*D).
+
+        Call it with the configured batch size before training; ``train_step`` calls
+        it on the first step otherwise. Later, shorter batches (an epoch's tail) are
+        then split into nearly equal micro-batches instead of being rejected.
+        """
         if world_size is not None:
             build_mesh(self.mesh.stages, self.mesh.replicas, 0, world_size)
         per_step = self.mesh.replicas * self.micro_batches
         if not isinstance(global_batch, int) or global_batch < 1 or global_batch % per_step:
             raise ConfigError(
                 f"batch size {global_batch!r} must be a positive multiple of replicas={self.mesh.replicas} "
-                f"x micro_batches={self.micro_batches} = {per_step}")
+                f"x micro_batches={self.micro_batches} = {per_step}, so that the micro-batches divide it")
+        self._batch_size = global_batch
 
     # ----------------------------------------------------------------- setup
 
@@ -292,21 +299,29 @@ class PipelineStrategy(Strategy):
     # ------------------------------------------------------------------ steps
 
     def train_step(self, inputs, targets, global_batch) -> StepResult:
-        samples = len(targets)
-        if samples % self.micro_batches or samples == 0:
-            raise ConfigError(
-                f"micro_batches={self.micro_batches} does not divide this replica's batch of {samples} "
-                f"(global batch {global_batch}); use a batch size that is a multiple of "
-                f"replicas x micro_batches = {self.mesh.replicas * self.micro_batches}")
-        size = samples // self.micro_batches
+        if self._batch_size is None:
+            self.validate(global_batch)
+        elif global_batch > self._batch_size:
+            raise ConfigError(f"global batch {global_batch} is larger than the validated batch size "
+                              f"{self._batch_size}; validate the new size first")
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        actions = build_schedule(self.schedule, self.mesh.stages, self.micro_batches, self.stage)
-        loss_sum, correct, self.last_timing = self.runner.run(
-            actions, inputs.split(size), targets.split(size))
+        micro_inputs, micro_targets = self._micro_batches(inputs, targets)
+        loss_sum, correct = 0.0, 0
+        if micro_targets:   # an epoch's tail may leave a replica nothing: it still joins the allreduce
+            actions = build_schedule(self.schedule, self.mesh.stages, len(micro_targets), self.stage)
+            loss_sum, correct, self.last_timing = self.runner.run(actions, micro_inputs, micro_targets)
         self.sync.reduce(1.0 / global_batch)   # loss_fn sums: normalise by the global batch
         self.optimizer.step()
-        return self._share_totals(loss_sum, correct, samples)
+        return self._share_totals(loss_sum, correct, len(targets))
+
+    def _micro_batches(self, inputs, targets):
+        """M equal micro-batches; for a short batch, at most M nearly equal non-empty
+        ones. Every stage of a replica holds the same slice, so all cut alike."""
+        count = min(self.micro_batches, len(targets))
+        if count == 0:
+            return [], []
+        return list(inputs.tensor_split(count)), list(targets.tensor_split(count))
 
     def evaluate(self, inputs, targets) -> StepResult:
         """Totals over the held-out set every rank was given: each replica evaluates
@@ -334,11 +349,11 @@ class PipelineStrategy(Strategy):
 
     def checkpoint_shard(self) -> str | None:
         """``stage{s}``, saved by replica 0 only (replicas hold equal copies)."""
-        return self.shard_name if self.mesh.replica == 0 else None
+        return self.resume_shard() if self.mesh.replica == 0 else None
 
-    @property
-    def shard_name(self) -> str:
-        """The checkpoint file stem this rank resumes from (every replica)."""
+    def resume_shard(self) -> str:
+        """The checkpoint file stem this rank resumes from: its stage's, on every
+        replica (replica 0 wrote it)."""
         return f"stage{self.stage}"
 
     def state_dict(self) -> dict:
