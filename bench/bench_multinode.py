@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import secrets
 import subprocess
 import sys
 import time
@@ -131,7 +132,9 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
 def run_one(run: str, hosts, args: argparse.Namespace) -> dict:
     """Run ``run`` on every host at once; rank 0's summary, or an ``error``."""
     port = hosts.free_port(0)
-    env = {"PARATRAIN_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # one job secret for every node: each node's `paratrain launch` would make up its own
+    env = {"PARATRAIN_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "PARATRAIN_SECRET": secrets.token_hex(16)}
     processes = [hosts.popen(i, command_for(run, hosts, i, port, args), env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, cwd=ROOT)
                  for i in range(hosts.num_hosts)]
@@ -153,7 +156,7 @@ def run_one(run: str, hosts, args: argparse.Namespace) -> dict:
 
 def _available(run: str) -> str | None:
     if run.startswith("dist_") and importlib.util.find_spec("paratrain.parallel.ps_sync") is None:
-        return "the parameter-server worker side (paratrain.parallel.ps_sync) is not there yet"
+        return "the parameter-server worker side (paratrain.parallel.ps_sync) is missing"
     return None
 
 

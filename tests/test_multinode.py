@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import secrets
 import subprocess
 import sys
 
@@ -55,9 +56,10 @@ def _one_host(strategy: str, workers: int, *extra: str) -> dict:
     return summary
 
 
-def _on_hosts(hosts, argv_for_host, timeout: float = 240) -> list[tuple[int, str]]:
+def _on_hosts(hosts, argv_for_host, timeout: float = 240, extra_env: dict | None = None
+              ) -> list[tuple[int, str]]:
     """Start one command per host, wait for all; (returncode, output) per host."""
-    processes = [hosts.popen(i, argv_for_host(i), env=ENV, stdout=subprocess.PIPE,
+    processes = [hosts.popen(i, argv_for_host(i), env={**ENV, **(extra_env or {})}, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, cwd=ROOT)
                  for i in range(hosts.num_hosts)]
     results = []
@@ -97,8 +99,10 @@ def test_dist_sync_two_hosts_via_paratrain_launch_matches_one_host():
     with netns_hosts.NetnsHosts(2) as hosts:
         port = hosts.free_port(0)
         # node 0 hosts the store and the server; the server binds host 0's address so
-        # host 1's workers can reach it
-        results = _on_hosts(hosts, lambda i: [
+        # host 1's workers can reach it. Each node's launcher would make up its own job
+        # secret, so the nodes are given one.
+        secret = {"PARATRAIN_SECRET": secrets.token_hex(16)}
+        results = _on_hosts(hosts, extra_env=secret, argv_for_host=lambda i: [
             sys.executable, "-m", "paratrain.cli", "launch", "-n", "2", "--servers", "1",
             "--nnodes", "2", "--node-rank", str(i), "--master-addr", hosts.address(0),
             "--master-port", str(port), "--bind", hosts.address(0),
