@@ -253,6 +253,11 @@ def test_inproc_sync_single_worker_split_key(job):
     kv.pull("w", out=out)
     assert torch.equal(out, torch.full((5, 4), 3.0))
     assert all(s.stats["pushes"] == 1 for s in j.servers)  # 20 elements over 3 servers
+    value = torch.arange(20.0).reshape(5, 4)
+    kv.pushpull("w", value)                                   # out defaults to the value
+    assert torch.equal(value, torch.arange(20.0).reshape(5, 4))
+    kv.pushpull("w", 2 * value, out=out)
+    assert torch.equal(out, 2 * value)
     kv.close()
 
 

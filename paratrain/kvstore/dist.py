@@ -139,6 +139,12 @@ class DistKVStore(KVStore):
     def push(self, key: Key, value: TensorOrList, priority: int = 0) -> Handle:
         """Send ``value`` (a list is summed first) to the key's servers; does not block."""
         info = self._info(key)
+        requests = self._push_requests(key, info, value, pull_after=False)
+        with self._lock:
+            info.unacked.extend(requests)
+        return Handle(lambda timeout: self._collect_acks(info, requests, timeout), f"push of key {key!r}")
+
+    def _push_requests(self, key: Key, info: _KeyInfo, value: TensorOrList, pull_after: bool) -> list:
         total = sum_values(value)
         if tuple(total.shape) != info.shape:
             raise ConfigError(f"push to key {key!r}: shape {tuple(total.shape)}, the key holds {info.shape}")
@@ -146,13 +152,22 @@ class DistKVStore(KVStore):
             raise ConfigError(f"{self.type} applies pushes on the servers as they arrive and needs a server "
                               f"optimizer: call kv.set_optimizer(...) before pushing")
         flat = total.detach().to("cpu", info.dtype).reshape(-1).contiguous()
-        requests = []
+        flags = protocol.STATUS_PULL_AFTER if pull_after else 0
         with self._lock:
-            for part in info.slices:
-                request = self._send_push(key, info, part, flat[part.start:part.stop])
-                info.unacked.append(request)
-                requests.append(request)
-        return Handle(lambda timeout: self._collect_acks(info, requests, timeout), f"push of key {key!r}")
+            return [self._send_push(key, info, part, flat[part.start:part.stop], flags) for part in info.slices]
+
+    def pushpull(self, key: Key, value: TensorOrList, out: TensorOrList | None = None,
+                 priority: int = 0, block: bool = True) -> Handle:
+        """Push then pull in one round trip per slice: each push asks its server to
+        answer with the value, as a pull sent right after it would see it."""
+        info = self._info(key)
+        requests = self._push_requests(key, info, value, pull_after=True)
+        out = value if out is None else out
+        handle = Handle(lambda timeout: self._finish_pull(key, info, requests, out, timeout),
+                        f"pushpull of key {key!r}")
+        if block:
+            handle.wait(self._timeout_s + REPLY_MARGIN_S)
+        return handle
 
     def pull(self, key: Key, out: TensorOrList, priority: int = 0, block: bool = True) -> Handle:
         """Read the key into ``out``; sees every push this worker made before."""
@@ -232,13 +247,14 @@ class DistKVStore(KVStore):
             self._bytes_sent += payload.nbytes
         return self._send_raw(server, frames)
 
-    def _send_push(self, key: Key, info: _KeyInfo, part: KeySlice, values: torch.Tensor) -> tuple[int, int]:
+    def _send_push(self, key: Key, info: _KeyInfo, part: KeySlice, values: torch.Tensor,
+                   flags: int) -> tuple[int, int]:
         if not self._compression.enabled:
-            return self._send(part.server, Op.PUSH, key, info, part, values, scale=self.push_scale)
+            return self._send(part.server, Op.PUSH, key, info, part, values, scale=self.push_scale, status=flags)
         payload, info.codec_states[part.start] = codecs.encode(
             self._compression, values, info.codec_states.get(part.start))
         return self._send(part.server, Op.PUSH, key, info, part, payload[0].reshape(-1).contiguous(),
-                          scale=self.push_scale, status=protocol.STATUS_COMPRESSED)
+                          scale=self.push_scale, status=flags | protocol.STATUS_COMPRESSED)
 
     def _broadcast_control(self, op: Op, payload: bytes, what: str) -> None:
         requests = [self._send_raw(s, protocol.encode(op, request_id=next(self._ids), payload=payload))
@@ -293,7 +309,10 @@ class DistKVStore(KVStore):
             acks, info.unacked = info.unacked, []
             self._collect(acks, f"push of key {key!r}", timeout)
             replies = self._collect(requests, f"pull of key {key!r}", timeout)
-        flat = torch.empty(math.prod(info.shape), dtype=info.dtype)
+        direct = isinstance(out, torch.Tensor) and out.dtype == info.dtype and out.is_contiguous() \
+            and tuple(out.shape) == info.shape and out.device.type == "cpu"
+        # Straight into ``out`` when its layout allows: one copy from the received frame.
+        flat = out.view(-1) if direct else torch.empty(math.prod(info.shape), dtype=info.dtype)
         for (server, request_id), part in zip(requests, info.slices):
             message = replies[request_id]
             if message.op != Op.DATA or message.offset != part.start or message.length != part.length \
@@ -302,7 +321,8 @@ class DistKVStore(KVStore):
                                 f"with {message.op.name} offset {message.offset} length {message.length}")
             flat[part.start:part.stop] = message.tensor()
         self.last_min_clock[key] = min(replies[r].clock for _, r in requests)
-        copy_out(flat.view(info.shape), out)
+        if not direct:
+            copy_out(flat.view(info.shape), out)
 
     def _handshake(self, secret: str) -> None:
         hello = protocol.encode_json({"rank": self._rank, "num_workers": self._num_workers,

@@ -77,17 +77,19 @@ class ParameterServerSync(GradientSync):
             return
         start = time.perf_counter()
         self.kv.push_scale = scale if self.updates_on_server else 1.0
-        for index, param in enumerate(self.params):
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            self.kv.push(index, grad.detach().cpu())
+        for param in self.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
         if self.updates_on_server:
-            # Ask for the new weights now; after_step waits for them.
-            self._pending = [self.kv.pull(i, out=p.data, block=False) for i, p in enumerate(self.params)]
+            # One pushpull per key, all in flight at once; after_step waits for the
+            # new weights (the Trainer runs no local optimizer in between).
+            self._pending = [self.kv.pushpull(i, p.grad.detach(), out=p.data, block=False)
+                             for i, p in enumerate(self.params)]
         else:
-            for index, param in enumerate(self.params):
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                self.kv.pull(index, out=param.grad)
+            handles = [self.kv.pushpull(i, p.grad.detach(), out=p.grad, block=False)
+                       for i, p in enumerate(self.params)]
+            for handle, param in zip(handles, self.params):
+                handle.wait(None)
                 param.grad.mul_(scale)
         self._record("push/pull", start)
 

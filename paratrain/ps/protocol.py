@@ -55,8 +55,10 @@ class Op(enum.IntEnum):
 
 TENSOR_OPS = (Op.INIT, Op.PUSH, Op.DATA)
 CONTROL_OPS = (Op.HELLO, Op.AUTH, Op.SET_OPTIMIZER, Op.SET_COMPRESSION, Op.ERROR, Op.CHALLENGE)
-#: ``status`` of a PUSH whose payload is compressed with the job's codec.
+#: ``status`` bits of a PUSH: the payload is compressed with the job's codec; the
+#: push also asks for the value (pushpull: one round trip, answered as a pull).
 STATUS_COMPRESSED = 1
+STATUS_PULL_AFTER = 2
 
 DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4,

@@ -278,7 +278,7 @@ class ParameterServer:
         if message.op == Op.PULL:
             return state
         dtype = self.dtypes[message.key]
-        compressed = message.op == Op.PUSH and message.status == protocol.STATUS_COMPRESSED
+        compressed = message.op == Op.PUSH and bool(message.status & protocol.STATUS_COMPRESSED)
         if message.dtype != dtype and not compressed:
             raise RequestRejected(f"key {message.key!r} holds {dtype}, got {message.dtype}")
         if message.shape != state.full_shape or message.offset != state.offset or (
@@ -320,7 +320,7 @@ class ParameterServer:
         if self.optimizer is None and self.policy.needs_optimizer:
             raise RequestRejected(f"{self.policy.name} applies pushes on arrival and needs a server "
                                   f"optimizer: call kv.set_optimizer(...) first")
-        if message.status == protocol.STATUS_COMPRESSED:
+        if message.status & protocol.STATUS_COMPRESSED:
             grad = decode_push(self.compression, message, state.value.numel())
         else:
             grad = message.tensor()
@@ -329,8 +329,12 @@ class ParameterServer:
             grad = grad * message.scale
         self.policy.on_push(state, rank, grad, self._apply)
         self.stats["pushes"] += 1
-        self._ok(peer, message.request_id, clock=state.pushes[rank])
         self._retry_pulls(message.key)
+        if message.status & protocol.STATUS_PULL_AFTER:  # pushpull: answered as a pull
+            message.payload = None  # do not keep the frame alive while parked
+            self._on_pull(peer, rank, message)
+        else:
+            self._ok(peer, message.request_id, clock=state.pushes[rank])
 
     def _apply(self, state: SliceState, grad: torch.Tensor) -> None:
         if self.optimizer is None:
