@@ -12,6 +12,7 @@ Parts:
   measured idle fraction (the part of the step's makespan it spent not computing:
   blocked in a receive, or done early) next to the theoretical (S-1)/(M+S-1).
   Medians over ``--repeats`` steps.
+* ``memory``: measured peak activation bytes per stage, GPipe vs 1F1B, M in {4, 8}.
 * ``throughput``: samples/s of the same balanced model as a 2-stage pipeline (1F1B,
   M=8) and in one process, median step time over ``--repeats`` steps.
 
@@ -109,7 +110,8 @@ def pipeline_worker(rank: int, port: int, args: dict, queue) -> None:
             strategy.train_step(x, y, args["batch"])
             if step >= args["warmup"]:
                 timing = strategy.last_timing
-                steps.append((time.perf_counter() - start, timing.schedule_s, timing.wait_s))
+                steps.append((time.perf_counter() - start, timing.schedule_s, timing.wait_s,
+                              timing.peak_activation_bytes))
         results[f"{schedule}/{micro}"] = steps
         strategy.close()
     gathered = [None, None]
@@ -130,12 +132,13 @@ def summarise(stages: list[dict], key: str) -> dict:
     """
     idle = [[] for _ in stages]
     for per_stage in zip(*(s[key] for s in stages)):
-        makespan = max(schedule_s for _, schedule_s, _ in per_stage)
-        for index, (_, schedule_s, wait_s) in enumerate(per_stage):
+        makespan = max(step[1] for step in per_stage)
+        for index, (_, schedule_s, wait_s, _) in enumerate(per_stage):
             idle[index].append(1.0 - (schedule_s - wait_s) / makespan)
     return {"stage_idle": [statistics.median(i) for i in idle],
-            "step_s": statistics.median(max(step_s for step_s, _, _ in per_stage)
-                                        for per_stage in zip(*(s[key] for s in stages)))}
+            "step_s": statistics.median(max(step[0] for step in per_stage)
+                                        for per_stage in zip(*(s[key] for s in stages))),
+            "peak_activation_bytes": [max(step[3] for step in s[key]) for s in stages]}
 
 
 def run_two(target, args: dict):
@@ -184,7 +187,7 @@ def single_process_step_s(args: dict) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="transport,bubble,throughput")
+    parser.add_argument("--parts", default="transport,bubble,memory,throughput")
     parser.add_argument("--repeats", type=int, default=7, help="measured steps (medians); >= 5")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--blocks", type=int, default=4, help="Linear+ReLU blocks; 2 stages split them evenly")
@@ -223,6 +226,15 @@ def main(argv=None) -> int:
             row = report["bubble"][m]
             print(f"  M={m}: theory {row['theory']:.3f}   stage0 {row['stage_idle'][0]:.3f}"
                   f"   stage1 {row['stage_idle'][1]:.3f}   step {row['step_s'] * 1e3:.1f} ms")
+
+    if "memory" in parts:
+        configs = [(schedule, m) for m in (4, 8) for schedule in ("gpipe", "1f1b")]
+        stages = run_two(pipeline_worker, {**common, "configs": configs})
+        report["memory"] = {f"{s}/{m}": summarise(stages, f"{s}/{m}")["peak_activation_bytes"] for s, m in configs}
+        print("memory (S=2): measured peak activation bytes per stage")
+        for (schedule, m) in configs:
+            peaks = report["memory"][f"{schedule}/{m}"]
+            print(f"  {schedule:>5} M={m}: stage0 {peaks[0]:>10}   stage1 {peaks[1]:>10}")
 
     if "throughput" in parts:
         single = single_process_step_s(common)

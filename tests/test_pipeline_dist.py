@@ -42,16 +42,18 @@ def make_data(samples: int, seed: int = 1):
     return x[:samples], torch.tensor(y)[order][:samples]
 
 
-def train_reference(model, x, y, batch: int, steps: int, start_step: int = 0):
-    """One process, whole global batch per step: what every parallel run must match."""
+def train_reference(model, x, y, batch: int, steps: int, tail: int = 0):
+    """One process, whole global batch per step (then a short ``tail`` batch, if
+    given): what every parallel run must match."""
     optimizer = torch.optim.SGD(model.parameters(), **LR)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    for step in range(start_step, start_step + steps):
-        xb, yb = x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]
+    bounds = [(step * batch, (step + 1) * batch) for step in range(steps)]
+    bounds += [(steps * batch, steps * batch + tail)] if tail else []
+    for begin, end in bounds:
         optimizer.zero_grad()
-        loss_fn(model(xb), yb).backward()
+        loss_fn(model(x[begin:end]), y[begin:end]).backward()
         for p in model.parameters():
-            p.grad /= batch
+            p.grad /= end - begin
         optimizer.step()
     return model
 
@@ -86,7 +88,8 @@ def _worker(rank: int, world: int, port: int, runs: list[dict], data, out_dir: s
 def _run_strategy(env, run: dict, x, y) -> dict:
     strategy = PipelineStrategy(stages=run["stages"], micro_batches=run["micro_batches"],
                                 schedule=run["schedule"], replicas=run.get("replicas", 1),
-                                balance=run.get("balance", "params"), env=env)
+                                balance=run.get("balance", "params"), transport=run.get("transport", "zmq"),
+                                sample_input=x[:8] if run.get("balance") == "time" else None, env=env)
     model = make_model(seed=run.get("seed", 0))
     strategy.setup(model, "sgd", LR, nn.CrossEntropyLoss(reduction="sum"))
     if "resume_from" in run:
@@ -99,6 +102,10 @@ def _run_strategy(env, run: dict, x, y) -> dict:
         result = strategy.train_step(x[begin:begin + share], y[begin:begin + share], batch)
         peaks.append(strategy.last_timing.peak_activation_bytes)
         losses.append(result.loss)
+    if run.get("tail"):   # an epoch's short last batch: uneven micro-batches
+        begin, share = (first + run["steps"]) * batch, run["tail"] // strategy.data_world
+        begin += strategy.data_rank * share
+        losses.append(strategy.train_step(x[begin:begin + share], y[begin:begin + share], run["tail"]).loss)
     held_out = strategy.evaluate(x[-run["held_out"]:], y[-run["held_out"]:]) if run.get("held_out") else None
     out = {"stage": strategy.stage, "replica": strategy.data_rank, "peak": max(peaks), "losses": losses,
            "full_state": strategy.full_model_state(), "checksum": strategy.param_checksum(),
@@ -155,6 +162,10 @@ def test_two_stages_match_one_process_resume_and_checkpoint_accuracy(tmp_path):
     runs = [
         {"name": "gpipe", "stages": 2, "micro_batches": 8, "schedule": "gpipe", "batch": batch, "steps": STEPS},
         {"name": "1f1b", "stages": 2, "micro_batches": 8, "schedule": "1f1b", "batch": batch, "steps": STEPS},
+        {"name": "gloo", "stages": 2, "micro_batches": 4, "schedule": "1f1b", "batch": batch, "steps": STEPS,
+         "transport": "gloo"},
+        {"name": "timed", "stages": 2, "micro_batches": 2, "schedule": "gpipe", "batch": batch, "steps": STEPS,
+         "balance": "time"},
         {"name": "long", "stages": 2, "micro_batches": 4, "schedule": "1f1b", "batch": 32, "steps": 40,
          "held_out": 200},
         # Resume: stop after 3 steps, save per-stage checkpoints, continue in a fresh
@@ -169,7 +180,9 @@ def test_two_stages_match_one_process_resume_and_checkpoint_accuracy(tmp_path):
     reference = train_reference(make_model(), x, y, batch, STEPS)
     six_steps = train_reference(make_model(), x, y, batch, 6).state_dict()
     assert max_diff(results["second_half"][0]["full_state"], six_steps) <= 1e-5
-    for name in ("gpipe", "1f1b"):
+    # Rank 0 times the layers and every rank uses its cut.
+    assert results["timed"][0]["counts"] == results["timed"][1]["counts"]
+    for name in ("gpipe", "1f1b", "gloo", "timed"):
         for rank_result in results[name]:
             assert max_diff(rank_result["full_state"], reference.state_dict()) <= 1e-5, name
         # 1e-5 equal, not bitwise: sums over micro-batches round differently.
@@ -198,20 +211,22 @@ def test_two_stages_match_one_process_resume_and_checkpoint_accuracy(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_four_stages_and_hybrid_2x2_match_one_process(tmp_path):
-    x, y = make_data(16 * STEPS)
+    x, y = make_data(16 * STEPS + 10)
     runs = [
         {"name": "gpipe4", "stages": 4, "micro_batches": 8, "schedule": "gpipe", "batch": 16, "steps": STEPS,
          "balance": "uniform"},
         {"name": "1f1b4", "stages": 4, "micro_batches": 8, "schedule": "1f1b", "batch": 16, "steps": STEPS,
          "balance": "uniform"},
+        # Then a tail of 10 samples: 5 per replica in micro-batches of 3 and 2.
         {"name": "hybrid", "stages": 2, "replicas": 2, "micro_batches": 2, "schedule": "1f1b", "batch": 16,
-         "steps": STEPS},
+         "steps": STEPS, "tail": 10},
     ]
     results = run_job(4, runs, (x, y), tmp_path)
     reference = train_reference(make_model(), x, y, 16, STEPS).state_dict()
-    for name in ("gpipe4", "1f1b4", "hybrid"):
+    with_tail = train_reference(make_model(), x, y, 16, STEPS, tail=10).state_dict()
+    for name, expected in (("gpipe4", reference), ("1f1b4", reference), ("hybrid", with_tail)):
         for rank_result in results[name]:
-            assert max_diff(rank_result["full_state"], reference) <= 1e-5, name
+            assert max_diff(rank_result["full_state"], expected) <= 1e-5, name
         assert len({r["checksum"] for r in results[name]}) == 1, name
     assert results["gpipe4"][0]["counts"] == [2, 2, 2, 1]
     for gpipe, one_f in zip(results["gpipe4"], results["1f1b4"]):
