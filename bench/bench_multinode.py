@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import secrets
+import statistics
 import subprocess
 import sys
 import time
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="allreduce,ddp,dist_sync:1,dist_sync:2,dist_async:1")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--dataset", default="synthetic")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each; the table shows the median")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
@@ -187,20 +189,26 @@ def main(argv: list[str] | None = None) -> int:
     rate = None if args.rate == "none" else args.rate
     results = []
     with netns_hosts.NetnsHosts(args.hosts, rate=rate) as hosts:
-        for run in runs:
-            skipped = _available(run)
-            result = {"run": run, "skipped": skipped} if skipped else run_one(run, hosts, args)
-            results.append(result)
-            print(json.dumps(result), flush=True)
+        # interleave the repeats so that a burst of load elsewhere hits every run alike
+        for _ in range(args.repeat):
+            for run in runs:
+                skipped = _available(run)
+                result = {"run": run, "skipped": skipped} if skipped else run_one(run, hosts, args)
+                results.append(result)
+                print(json.dumps(result), flush=True)
     print(f"\n{args.hosts} hosts x {args.nproc_per_node} process(es), links {args.rate}, "
-          f"{args.model} on {args.dataset}, global batch {args.batch_size}, {args.epochs} epoch(s)")
-    print(f"{'run':<14} {'samples/sec':>12} {'steps':>6} {'final_loss':>11}")
-    for result in results:
-        if "samples_per_sec" in result:
-            print(f"{result['run']:<14} {result['samples_per_sec']:>12.1f} {result['steps']:>6} "
-                  f"{result['final_loss']:>11.4f}")
+          f"{args.model} on {args.dataset}, global batch {args.batch_size}, {args.epochs} epoch(s), "
+          f"{args.repeat} repeat(s)")
+    print(f"{'run':<14} {'samples/sec':>12} {'min':>9} {'max':>9} {'steps':>6} {'final_loss':>11}")
+    for run in runs:
+        done = [r for r in results if r["run"] == run and "samples_per_sec" in r]
+        if done:
+            speeds = sorted(r["samples_per_sec"] for r in done)
+            print(f"{run:<14} {statistics.median(speeds):>12.1f} {speeds[0]:>9.1f} {speeds[-1]:>9.1f} "
+                  f"{done[0]['steps']:>6} {done[0]['final_loss']:>11.4f}")
         else:
-            print(f"{result['run']:<14} {'-':>12}  {result.get('skipped') or result.get('error')}")
+            failed = next(r for r in results if r["run"] == run)
+            print(f"{run:<14} {'-':>12}  {failed.get('skipped') or failed.get('error')}")
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
     return 0 if all("error" not in r for r in results) else 1
