@@ -13,6 +13,7 @@ Where things live: the cut and the schedules are pure functions in
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -121,7 +122,12 @@ class StageRunner:
         self.module, self.stage, self.num_stages = module, stage, num_stages
         self.previous, self.following, self.loss_fn = previous, following, loss_fn
         self.meter = ActivationMeter(list(module.parameters()))
+        self.timeline = None   # a paratrain Timeline: spans per forward, backward and wait
         self._wait_s = 0.0
+
+    def span(self, name: str, category: str):
+        """A timeline span, or nothing when no timeline is attached."""
+        return self.timeline.span(name, category) if self.timeline is not None else contextlib.nullcontext()
 
     @property
     def is_last(self) -> bool:
@@ -139,9 +145,10 @@ class StageRunner:
             if action.kind == FORWARD:
                 x, y = self._forward(m, micro_inputs[m], grad_enabled=True)
                 if self.is_last:
-                    loss = self.loss_fn(y, micro_targets[m])
-                    loss_sum += loss.item()
-                    correct += count_correct(y, micro_targets[m])
+                    with self.span(f"loss {m}", "compute"):
+                        loss = self.loss_fn(y, micro_targets[m])
+                        loss_sum += loss.item()
+                        correct += count_correct(y, micro_targets[m])
                     y = loss
                 stash[m] = (self.meter.hold(x), self.meter.hold(y))
             else:
@@ -174,24 +181,24 @@ class StageRunner:
             x = self._recv(self.previous, m)
             if grad_enabled and x.is_floating_point():
                 x.requires_grad_(True)
-        with self.meter.hooks():
+        with self.meter.hooks(), self.span(f"forward {m}", "compute"):
             y = self.module(x)
         if self.following is not None:
             self.following.send(y.detach(), tag=m)
         return x, y
 
     def _backward(self, m: int, x, y) -> None:
-        if self.is_last:
-            y.backward()
-        else:
-            y.backward(self._recv(self.following, m))
+        grad = None if self.is_last else self._recv(self.following, m)
+        with self.span(f"backward {m}", "compute"):
+            y.backward(grad)
         if self.previous is not None:
             grad = x.grad if x.grad is not None else torch.zeros_like(x)
             self.previous.send(grad, tag=m)
 
     def _recv(self, channel, m: int) -> torch.Tensor:
         start = time.perf_counter()
-        tensor = channel.recv(expected_tag=m)
+        with self.span(f"recv {m} from rank {channel.peer}", "wait"):
+            tensor = channel.recv(expected_tag=m)
         self._wait_s += time.perf_counter() - start
         return tensor
 
@@ -266,6 +273,7 @@ class PipelineStrategy(Strategy):
         self.optimizer = build_optimizer(self.module.parameters(), optimizer, optimizer_params)
         previous, following = self._open_links()
         self.runner = StageRunner(self.module, self.stage, self.mesh.stages, previous, following, loss_fn)
+        self.runner.timeline = self.timeline   # fit sets it before setup
 
     def _agree_on_partition(self, model) -> list[int]:
         sample = self.sample_input
@@ -311,8 +319,10 @@ class PipelineStrategy(Strategy):
         if micro_targets:   # an epoch's tail may leave a replica nothing: it still joins the allreduce
             actions = build_schedule(self.schedule, self.mesh.stages, len(micro_targets), self.stage)
             loss_sum, correct, self.last_timing = self.runner.run(actions, micro_inputs, micro_targets)
-        self.sync.reduce(1.0 / global_batch)   # loss_fn sums: normalise by the global batch
-        self.optimizer.step()
+        with self.runner.span("allreduce", "comm"):
+            self.sync.reduce(1.0 / global_batch)   # loss_fn sums: normalise by the global batch
+        with self.runner.span("optimizer", "compute"):
+            self.optimizer.step()
         return self._share_totals(loss_sum, correct, len(targets))
 
     def _micro_batches(self, inputs, targets):
