@@ -315,3 +315,27 @@ def test_inproc_compressed_pushes_decode_on_the_server(job):
     with pytest.raises(ConfigError):
         kv.set_gradient_compression("powersgd")
     kv.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("update_on_kvstore", [True, False], ids=["server_update", "local_update"])
+def test_parameter_server_sync_matches_local_training(job, update_on_kvstore):
+    from paratrain.train.trainer import Trainer
+
+    def run(kvstore):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        trainer = Trainer(model, "sgd", {"lr": 0.1, "momentum": 0.9}, kvstore=kvstore,
+                          update_on_kvstore=update_on_kvstore if kvstore != "local" else None)
+        for step in range(4):
+            batch = 5 + step  # a changing batch size: the rescale must follow it
+            x = torch.randn(batch, 6, generator=torch.Generator().manual_seed(step))
+            y = torch.arange(batch) % 3
+            torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+            trainer.step(batch)
+        trainer.close()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    j = job(num_servers=2)
+    on_servers = run(j.worker(0, 1, bigarray_bound=20))
+    torch.testing.assert_close(on_servers, run("local"), rtol=1e-5, atol=1e-6)
