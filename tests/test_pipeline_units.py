@@ -262,3 +262,16 @@ def test_single_stage_pipeline_trains_and_checks_micro_batches():
     evaluation = strategy.evaluate(x, y)
     assert evaluation.samples == 10
     strategy.close()
+
+
+@pytest.mark.timeout(30)
+def test_zmq_channel_delivers_what_was_sent_just_before_close():
+    a, b = _open_pair(timeout_s=20.0)
+    try:
+        big = torch.randn(1 << 20)   # 4 MB: still in ZeroMQ's queue when close() runs
+        a.send(big, tag=1)
+        a.close()
+        assert torch.equal(b.recv(expected_tag=1), big)
+    finally:
+        a.close()
+        b.close()

@@ -126,8 +126,10 @@ class ZmqChannel(Channel):
         return tensor_from_bytes(payload.buffer, dtype, shape)
 
     def close(self) -> None:
+        # Linger (bounded) rather than 0: a message sent just before close would
+        # otherwise be dropped from ZeroMQ's queue before it reaches the peer.
         if not self._socket.closed:
-            self._socket.close(linger=0)
+            self._socket.close(linger=int(self.timeout_s * 1000))
 
 
 class GlooChannel(Channel):
