@@ -16,6 +16,7 @@ from pathlib import Path
 
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError
+from paratrain.train.straggler import Straggler, parse_stragglers
 
 EXIT_USAGE = 2
 
@@ -77,6 +78,10 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--log-interval", type=_positive("--log-interval"), default=50, help="Speedometer period")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--bind", default=None, help="address parameter servers bind to")
+    out.add_argument("--straggler", default=None, metavar="RANK:FACTOR[,...]",
+                     help="simulate slow workers: each step of RANK takes FACTOR times as long")
+    out.add_argument("--step-delay", type=float, default=0.0, metavar="SECONDS",
+                     help="simulated extra compute per step on every worker (for straggler studies)")
     out.add_argument("--json", action="store_true", help="print the summary as one JSON line, last")
     out.add_argument("--summary-file", default=None, help=argparse.SUPPRESS)
 
@@ -104,9 +109,20 @@ def _resolve(args: argparse.Namespace, env: DistEnv) -> None:
     if args.resume and not any(Path(args.checkpoint_dir).glob("*.pt")):
         raise ConfigError(f"--resume: no checkpoint in --checkpoint-dir {args.checkpoint_dir!r}")
     _build_strategy(args, DistEnv(world_size=args.workers))   # validates strategy options, starts nothing
+    if args.step_delay < 0:
+        raise ConfigError(f"--step-delay {args.step_delay}: must be >= 0 seconds")
+    slow = parse_stragglers(args.straggler)
+    if any(rank >= args.workers for rank in slow):
+        raise ConfigError(f"--straggler {args.straggler!r} names a rank >= --workers {args.workers}")
 
 
 def _build_strategy(args: argparse.Namespace, env: DistEnv):
+    strategy = _build_plain_strategy(args, env)
+    factor = parse_stragglers(args.straggler).get(env.rank, 1.0)
+    return Straggler(strategy, factor, args.step_delay) if factor != 1.0 or args.step_delay else strategy
+
+
+def _build_plain_strategy(args: argparse.Namespace, env: DistEnv):
     from paratrain.train import build_strategy
     return build_strategy(args.strategy, compression=args.compression, accumulate=args.accumulate, amp=args.amp,
                           sync_every=args.sync_every, staleness=args.staleness, stages=args.stages,

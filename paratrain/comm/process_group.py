@@ -63,3 +63,12 @@ def destroy_process_group() -> None:
     """Leave the default group if one exists."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_ints(value: int) -> list[int]:
+    """Every rank's ``value``, in rank order (``[value]`` outside a process group)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(values, torch.tensor([value], dtype=torch.int64))
+    return [int(v) for v in values]

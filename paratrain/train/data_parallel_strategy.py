@@ -53,6 +53,7 @@ class DataParallelStrategy(Strategy):
         self.name = "local_sgd" if self.config.sync_every else self.config.kvstore
         self.data_rank, self.data_world = self.env.rank, self.env.world_size
         self.is_logging_rank = self.env.rank == 0
+        self._lockstep = self.config.kvstore not in ASYNC_TYPES
         self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
 
     def setup(self, model, optimizer, optimizer_params, loss_fn) -> None:
@@ -65,7 +66,15 @@ class DataParallelStrategy(Strategy):
                                compression=self.config.compression, sync_every=self.config.sync_every,
                                loss_scaler=scaler, kvstore_options=self.config.kvstore_options)
         self.trainer.timeline = self.timeline
-        self._lockstep = self.config.kvstore not in ASYNC_TYPES
+        if dist.is_initialized():
+            dist.barrier()   # start together: process start-up skew is not a speed difference
+
+    def make_sampler(self, dataset_len: int, global_batch: int, seed: int):
+        if self._lockstep or not self.env.distributed:
+            return super().make_sampler(dataset_len, global_batch, seed)
+        from paratrain.comm.process_group import connect_store
+        from paratrain.data.dispatch import DynamicBatchSampler
+        return DynamicBatchSampler(connect_store(self.env), dataset_len, global_batch, self.data_world, seed)
 
     def _autocast(self):
         if self.config.amp == "none":

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from paratrain.comm.process_group import all_gather_ints
 from paratrain.data.datasets import TensorDataset
-from paratrain.data.sampler import ShardedBatchSampler
 from paratrain.errors import ConfigError
 from paratrain.train import checkpoint as ckpt
 from paratrain.train.build import build_strategy
@@ -38,7 +38,7 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
     strategy.timeline = timeline
     torch.manual_seed(seed)
     strategy.setup(model, optimizer, optimizer_params or {"lr": 0.1}, loss_fn or nn.CrossEntropyLoss(reduction="sum"))
-    sampler = ShardedBatchSampler(len(train_data), batch_size, strategy.data_rank, strategy.data_world, seed)
+    sampler = strategy.make_sampler(len(train_data), batch_size, seed)
     state = FitState(strategy.name, epochs, len(sampler), batch_size)
     if resume:
         _restore(strategy, state, checkpoint_dir, seed=seed, batch_size=batch_size)
@@ -70,6 +70,7 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
         "accuracy": state.heldout.correct / state.heldout.samples if state.heldout else None,
         "samples_per_sec": train_samples / train_seconds if train_seconds else 0.0,
         "steps": state.step,
+        "steps_per_worker": all_gather_ints(state.step),
         "wall_s": round(state.wall_s, 3),
         "param_checksum": strategy.param_checksum(),
     }

@@ -63,6 +63,12 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
 
+    def make_sampler(self, dataset_len: int, global_batch: int, seed: int):
+        """The batch sampler this process trains with (default: a fixed shard of every
+        global batch; async strategies hand batches out dynamically)."""
+        from paratrain.data.sampler import ShardedBatchSampler
+        return ShardedBatchSampler(dataset_len, global_batch, self.data_rank, self.data_world, seed)
+
     def checkpoint_shard(self) -> str | None:
         """File-name stem this process saves its checkpoint under, or None when
         another rank saves the same state (data parallel: only rank 0 saves)."""
