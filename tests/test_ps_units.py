@@ -156,9 +156,9 @@ def test_sync_sums_in_rank_order_whatever_the_arrival():
     applied = []
     state, policy = _state(3), SyncPolicy()
     for rank in (2, 0):
-        policy.on_push(state, rank, torch.full((3,), float(rank + 1)), lambda s, g: applied.append(g))
+        policy.on_push(state, rank, torch.full((3,), float(rank + 1)), 1.0, lambda s, g, k: applied.append(g * k))
     assert applied == [] and policy.blocking_workers(state, 0) == [1]
-    policy.on_push(state, 1, torch.full((3,), 2.0), lambda s, g: applied.append(g))
+    policy.on_push(state, 1, torch.full((3,), 2.0), 1.0, lambda s, g, k: applied.append(g * k))
     assert len(applied) == 1 and torch.equal(applied[0], torch.full((3,), 6.0))
     assert policy.blocking_workers(state, 0) == []
 
@@ -167,10 +167,10 @@ def test_async_never_blocks_and_ssp_blocks_beyond_staleness():
     state = _state(2)
     async_policy, ssp = AsyncPolicy(), StalenessPolicy(2)
     for _ in range(3):
-        async_policy.on_push(state, 0, torch.zeros(3), lambda s, g: None)
+        async_policy.on_push(state, 0, torch.zeros(3), 1.0, lambda s, g, k: None)
     assert async_policy.blocking_workers(state, 0) == []
     assert ssp.blocking_workers(state, 0) == [1]          # 3 pushes vs 0: 3 > 2 ahead
-    ssp.on_push(state, 1, torch.zeros(3), lambda s, g: None)
+    ssp.on_push(state, 1, torch.zeros(3), 1.0, lambda s, g, k: None)
     assert ssp.blocking_workers(state, 0) == []            # 3 vs 1: exactly 2 ahead
     with pytest.raises(ConfigError):
         build_policy("dist_ssp", staleness=-1)

@@ -45,9 +45,10 @@ class ServerOptimizer(abc.ABC):
     type: ClassVar[str]
 
     @abc.abstractmethod
-    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
-        """``weight``: the slice (any float dtype); ``grad``: float32, already
-        rescaled; ``state``: this slice's optimizer state, created on first use."""
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0) -> None:
+        """``weight``: the slice (any float dtype); ``grad``: float32 (read only), to
+        be multiplied by ``scale * rescale_grad``; ``state``: this slice's optimizer
+        state, created on first use."""
 
     def to_spec(self) -> dict:
         return {"type": self.type, **dataclasses.asdict(self)}
@@ -69,9 +70,14 @@ class SGD(ServerOptimizer):
         _check_number("weight_decay", self.weight_decay)
         _check_number("rescale_grad", self.rescale_grad, low_inclusive=False)
 
-    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0) -> None:
         master = weight.float()
-        step = grad * self.rescale_grad if self.rescale_grad != 1.0 else grad
+        multiplier = self.rescale_grad * scale
+        if not (self.weight_decay or self.momentum):
+            # Plain SGD: one pass over the weights, the rescale folded into alpha.
+            _write_back(weight, master.add_(grad, alpha=-self.lr * multiplier))
+            return
+        step = grad * multiplier if multiplier != 1.0 else grad
         if self.weight_decay:
             step = step + self.weight_decay * master
         if self.momentum:
@@ -104,9 +110,10 @@ class Adam(ServerOptimizer):
         _check_number("weight_decay", self.weight_decay)
         _check_number("rescale_grad", self.rescale_grad, low_inclusive=False)
 
-    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0) -> None:
         master = weight.float()
-        g = grad * self.rescale_grad if self.rescale_grad != 1.0 else grad
+        multiplier = self.rescale_grad * scale
+        g = grad * multiplier if multiplier != 1.0 else grad
         if self.weight_decay:
             g = g + self.weight_decay * master
         if "exp_avg" not in state:

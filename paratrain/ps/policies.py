@@ -3,7 +3,7 @@ bounded staleness as pluggable policies (ps-lite's request handles), not branche
 
 A policy sees one key slice at a time (:class:`SliceState`), counts every worker's
 pushes as its clock, and calls ``apply(state, grad)`` (the optimizer, or "store the
-sum") when an update is due.
+sum") with a gradient and the scale to multiply it by, when an update is due.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 from paratrain.errors import ConfigError
 
-ApplyFn = Callable[["SliceState", torch.Tensor], None]
+ApplyFn = Callable[["SliceState", torch.Tensor, float], None]  # (state, grad, scale)
 
 
 @dataclass
@@ -55,8 +55,8 @@ class UpdatePolicy(abc.ABC):
     needs_optimizer: bool = True
 
     @abc.abstractmethod
-    def on_push(self, state: SliceState, worker: int, grad: torch.Tensor, apply: ApplyFn) -> None:
-        """Take ``grad`` from ``worker``: float32, already scaled, possibly a
+    def on_push(self, state: SliceState, worker: int, grad: torch.Tensor, scale: float, apply: ApplyFn) -> None:
+        """Take ``grad * scale`` from ``worker``; ``grad`` is float32, possibly a
         read-only view of the received frame (copy before changing it)."""
 
     @abc.abstractmethod
@@ -74,14 +74,21 @@ class SyncPolicy(UpdatePolicy):
     name = "dist_sync"
     needs_optimizer = False
 
-    def on_push(self, state: SliceState, worker: int, grad: torch.Tensor, apply: ApplyFn) -> None:
+    def on_push(self, state: SliceState, worker: int, grad: torch.Tensor, scale: float, apply: ApplyFn) -> None:
         state.pushes[worker] += 1
-        state.pending[worker].append(grad)
+        state.pending[worker].append((grad, scale))
         while all(state.pending):
-            total = state.pending[0].popleft().clone()
-            for rank in range(1, state.num_workers):
-                total.add_(state.pending[rank].popleft())
-            apply(state, total)
+            pushes = [state.pending[rank].popleft() for rank in range(state.num_workers)]
+            scales = {s for _, s in pushes}
+            if len(scales) == 1:  # the usual case: sum, and let the update scale once
+                total, round_scale = pushes[0][0].clone(), scales.pop()
+                for g, _ in pushes[1:]:
+                    total.add_(g)
+            else:
+                total, round_scale = pushes[0][0] * pushes[0][1], 1.0
+                for g, s in pushes[1:]:
+                    total.add_(g, alpha=s)
+            apply(state, total, round_scale)
             state.applied_rounds += 1
 
     def blocking_workers(self, state: SliceState, worker: int) -> list[int]:
@@ -97,9 +104,9 @@ class AsyncPolicy(UpdatePolicy):
 
     name = "dist_async"
 
-    def on_push(self, state: SliceState, worker: int, grad: torch.Tensor, apply: ApplyFn) -> None:
+    def on_push(self, state: SliceState, worker: int, grad: torch.Tensor, scale: float, apply: ApplyFn) -> None:
         state.pushes[worker] += 1
-        apply(state, grad)
+        apply(state, grad, scale)
         state.applied_rounds += 1
 
     def blocking_workers(self, state: SliceState, worker: int) -> list[int]:

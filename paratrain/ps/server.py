@@ -325,9 +325,7 @@ class ParameterServer:
         else:
             grad = message.tensor()
             grad = grad.float() if message.dtype != torch.float32 else grad
-        if message.scale != 1.0:
-            grad = grad * message.scale
-        self.policy.on_push(state, rank, grad, self._apply)
+        self.policy.on_push(state, rank, grad, message.scale, self._apply)
         self.stats["pushes"] += 1
         self._retry_pulls(message.key)
         if message.status & protocol.STATUS_PULL_AFTER:  # pushpull: answered as a pull
@@ -336,14 +334,16 @@ class ParameterServer:
         else:
             self._ok(peer, message.request_id, clock=state.pushes[rank])
 
-    def _apply(self, state: SliceState, grad: torch.Tensor) -> None:
+    def _apply(self, state: SliceState, grad: torch.Tensor, scale: float) -> None:
         if self.optimizer is None:
             # Only dist_sync gets here, with the round's sum in a fresh tensor: it
             # becomes the value, and a reply still reading the old one is unaffected.
+            if scale != 1.0:
+                grad.mul_(scale)
             state.value = grad.to(state.value.dtype)
             state.lent = None
             return
-        self.optimizer.update(state.writable_value(), grad, state.optimizer_state)
+        self.optimizer.update(state.writable_value(), grad, state.optimizer_state, scale)
 
     def _on_pull(self, peer: bytes, rank: int, message: Message) -> None:
         state = self._state_for(message)
