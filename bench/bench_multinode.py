@@ -152,7 +152,18 @@ def run_one(run: str, hosts, args: argparse.Namespace) -> dict:
     if any(codes) or not summaries:
         tail = next((o for o, c in zip(outputs, codes) if c), outputs[0])[-1500:]
         return {"run": run, "error": f"exit codes {codes}", "output_tail": tail}
-    return {"run": run, **summaries[0]}
+    return {"run": run, **summaries[0], "job_samples_per_sec": job_samples_per_sec(summaries[0])}
+
+
+def job_samples_per_sec(summary: dict) -> float:
+    """Samples/sec of the whole job. ``paratrain train`` reports rank 0's pace times the
+    number of workers; in async runs workers take different numbers of steps (those next
+    to the server run faster), so scale by the mean steps per worker over rank 0's. In
+    lockstep runs every worker takes the same steps and this is the reported figure."""
+    per_worker = summary.get("steps_per_worker")
+    if not per_worker or not summary.get("steps"):
+        return summary["samples_per_sec"]
+    return summary["samples_per_sec"] * statistics.mean(per_worker) / summary["steps"]
 
 
 def _available(run: str) -> str | None:
@@ -203,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         done = [r for r in results if r["run"] == run and "samples_per_sec" in r]
         if done:
-            speeds = sorted(r["samples_per_sec"] for r in done)
+            speeds = sorted(r.get("job_samples_per_sec", r["samples_per_sec"]) for r in done)
             print(f"{run:<14} {statistics.median(speeds):>12.1f} {speeds[0]:>9.1f} {speeds[-1]:>9.1f} "
                   f"{done[0]['steps']:>6} {done[0]['final_loss']:>11.4f}")
         else:

@@ -246,6 +246,7 @@ class NetnsHosts:
         for process in self._processes:
             _stop(process)
         teardown(self.config.prefix)
+        _LIVE_HOSTS.discard(self)
         with contextlib.suppress(Exception):
             atexit.unregister(self.down)
 
@@ -353,20 +354,26 @@ def _stop(process: subprocess.Popen, grace_s: float = 5.0) -> None:
             continue
 
 
+# Hosts that are up in this process, for the SIGTERM handler (one handler serves all).
+_LIVE_HOSTS: "set[NetnsHosts]" = set()
+
+
+def _on_sigterm(signum, frame) -> None:
+    for hosts in list(_LIVE_HOSTS):
+        hosts.down()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)  # die of SIGTERM, as without the handler
+
+
 def _install_sigterm_teardown(hosts: NetnsHosts) -> None:
-    """On SIGTERM tear down, then die of SIGTERM as before. Only where SIGTERM still
-    has its default action, so we never override a handler someone else set."""
+    """On SIGTERM tear down every live set of hosts, then die of SIGTERM as before.
+    Only where SIGTERM has its default action (or already ours), so a handler someone
+    else set is never replaced."""
+    _LIVE_HOSTS.add(hosts)
     if threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
-
-    def handler(signum, frame):
-        hosts.down()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 # -- command line --------------------------------------------------------------

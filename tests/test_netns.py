@@ -191,22 +191,24 @@ def test_teardown_on_error_kills_leftover_processes():
 @needs_netns
 @pytest.mark.timeout(60)
 def test_sigterm_tears_down():
-    prefix = "ptsig" + str(os.getpid() % 100000)
+    prefixes = [f"ptsig{i}x{os.getpid() % 100000}" for i in range(2)]
     code = (f"import sys, time; sys.path.insert(0, {str(SCRIPT.parent)!r}); import netns_hosts\n"
-            f"hosts = netns_hosts.NetnsHosts(2, prefix={prefix!r}); hosts.up()\n"
+            f"first = netns_hosts.NetnsHosts(2, prefix={prefixes[0]!r}); first.up()\n"
+            f"second = netns_hosts.NetnsHosts(1, prefix={prefixes[1]!r}); second.up()\n"
             "print('up', flush=True); time.sleep(60)\n")
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert owner.stdout.readline().strip() == "up"
-        assert len(netns_hosts.namespaces_of(prefix)) == 3
+        assert [len(netns_hosts.namespaces_of(p)) for p in prefixes] == [3, 2]
         owner.send_signal(signal.SIGTERM)
         assert owner.wait(timeout=30) == -signal.SIGTERM
-        assert netns_hosts.namespaces_of(prefix) == []
+        assert [netns_hosts.namespaces_of(p) for p in prefixes] == [[], []]  # both sets torn down
     finally:
         if owner.poll() is None:
             owner.kill()
             owner.wait(timeout=10)
-        netns_hosts.teardown(prefix)
+        for prefix in prefixes:
+            netns_hosts.teardown(prefix)
 
 
 @needs_netns
