@@ -7,7 +7,6 @@ compares them with the same model trained in this process.
 """
 from __future__ import annotations
 
-import copy
 import multiprocessing as mp
 import os
 import time
@@ -18,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from paratrain.errors import ConfigError
 from paratrain.train.pipeline_strategy import PipelineStrategy, assemble_stage_states
 
 STEPS = 5

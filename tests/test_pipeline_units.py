@@ -238,7 +238,10 @@ def test_strategy_rejects_bad_configuration_without_touching_the_network():
         strategy.validate(12, 4)
     with pytest.raises(ConfigError, match="WORLD_SIZE=2"):
         strategy.validate(16, 2)
-    strategy.validate(16, 4)
+    with pytest.raises(ConfigError, match="stages=3 is more than the model's 2 layers"):
+        PipelineStrategy(stages=3, micro_batches=1, env=_env(3)).validate(
+            4, 3, model=nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    strategy.validate(16, 4, model=tiny_model())
 
 
 def test_single_stage_pipeline_trains_and_checks_micro_batches():

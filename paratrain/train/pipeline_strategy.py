@@ -26,9 +26,8 @@ from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError, check_choice
 from paratrain.parallel.hybrid import StageReplicaSync, build_mesh, new_stage_groups
 from paratrain.parallel.p2p import TRANSPORTS, open_channel
-from paratrain.parallel.pipeline import (BACKWARD, FORWARD, SCHEDULES, build_schedule,
-                                         build_stage_module, check_stage_count, gpipe_schedule, resolve_partition,
-                                         split_by_counts)
+from paratrain.parallel.pipeline import (FORWARD, SCHEDULES, build_schedule, build_stage_module,
+                                         check_stage_count, gpipe_schedule, resolve_partition, split_by_counts)
 from paratrain.train.strategy import StepResult, Strategy
 
 # Strategies built in one process get distinct store keys for their p2p links; every
@@ -233,9 +232,10 @@ class PipelineStrategy(Strategy):
         self._owns_group = False
         self._batch_size: int | None = None   # the configured global batch, once validated
 
-    def validate(self, global_batch: int, world_size: int | None = None) -> None:
+    def validate(self, global_batch: int, world_size: int | None = None, model=None) -> None:
         """Raise :class:`ConfigError` unless ``global_batch`` splits into D replica
-        shares of M equal micro-batches (and ``world_size``, if given, is S*D).
+        shares of M equal micro-batches (and, if given, ``world_size`` is S*D and
+        ``model`` is an ``nn.Sequential`` with at least S layers). Starts nothing.
 
         Call it with the configured batch size before training; ``train_step`` calls
         it on the first step otherwise. Later, shorter batches (an epoch's tail) are
@@ -243,6 +243,8 @@ class PipelineStrategy(Strategy):
         """
         if world_size is not None:
             build_mesh(self.mesh.stages, self.mesh.replicas, 0, world_size)
+        if model is not None:
+            resolve_partition(model, self.mesh.stages, "uniform")   # type and layer count only
         per_step = self.mesh.replicas * self.micro_batches
         if not isinstance(global_batch, int) or global_batch < 1 or global_batch % per_step:
             raise ConfigError(
