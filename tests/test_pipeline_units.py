@@ -227,6 +227,10 @@ def test_strategy_rejects_bad_configuration_without_touching_the_network():
         PipelineStrategy(stages=2, micro_batches=2, replicas=2, env=_env(3))
     with pytest.raises(ConfigError, match="schedule='interleaved'"):
         PipelineStrategy(stages=1, micro_batches=2, schedule="interleaved", env=_env(1))
+    with pytest.raises(ConfigError, match="balance='time' needs sample_input"):
+        PipelineStrategy(stages=1, micro_batches=2, balance="time", env=_env(1))
+    with pytest.raises(ConfigError, match="balance='even'"):
+        PipelineStrategy(stages=1, micro_batches=2, balance="even", env=_env(1))
     with pytest.raises(ConfigError, match="micro_batches=0"):
         PipelineStrategy(stages=1, micro_batches=0, env=_env(1))
     # More stages than layers fails in setup before any process waits for a peer.

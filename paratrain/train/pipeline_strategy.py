@@ -26,7 +26,7 @@ from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError, check_choice
 from paratrain.parallel.hybrid import StageReplicaSync, build_mesh, new_stage_groups
 from paratrain.parallel.p2p import TRANSPORTS, open_channel
-from paratrain.parallel.pipeline import (FORWARD, SCHEDULES, build_schedule, build_stage_module,
+from paratrain.parallel.pipeline import (BALANCE_MODES, FORWARD, SCHEDULES, build_schedule, build_stage_module,
                                          check_stage_count, gpipe_schedule, resolve_partition, split_by_counts)
 from paratrain.train.strategy import StepResult, Strategy
 
@@ -220,6 +220,10 @@ class PipelineStrategy(Strategy):
             raise ConfigError(f"micro_batches={micro_batches!r} must be an integer >= 1")
         check_choice("schedule", schedule, SCHEDULES)
         check_choice("transport", transport, TRANSPORTS)
+        if isinstance(balance, str):
+            check_choice("balance", balance, BALANCE_MODES)
+        if balance == "time" and sample_input is None:   # checked on every rank, before rank 0 times
+            raise ConfigError("balance='time' needs sample_input, a batch to time the layers on")
         self.mesh = build_mesh(stages, replicas, self.env.rank, self.env.world_size)
         self.micro_batches, self.schedule, self.balance = micro_batches, schedule, balance
         self.transport, self.sample_input = transport, sample_input
@@ -266,7 +270,6 @@ class PipelineStrategy(Strategy):
         stage_modules = [build_stage_module(model, b) for b in bounds]
         # Shapes and dtypes of every stage's entries, to decode gathered bytes later.
         self._layouts = [[(k, v.shape, v.dtype) for k, v in m.state_dict().items()] for m in stage_modules]
-        self._param_layouts = [[(p.shape, p.dtype) for p in m.parameters()] for m in stage_modules]
         self.module = stage_modules[self.stage]
         self.loss_fn = loss_fn
         group = new_stage_groups(self.mesh) if self.env.distributed else None
