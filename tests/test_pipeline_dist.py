@@ -7,6 +7,7 @@ compares them with the same model trained in this process.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import time
@@ -84,6 +85,8 @@ def _worker(rank: int, world: int, port: int, runs: list[dict], data, out_dir: s
 
 
 def _run_strategy(env, run: dict, x, y) -> dict:
+    if run.get("peer_gone"):
+        return _run_with_peer_gone(env, run, x, y)
     strategy = PipelineStrategy(stages=run["stages"], micro_batches=run["micro_batches"],
                                 schedule=run["schedule"], replicas=run.get("replicas", 1),
                                 balance=run.get("balance", "params"), transport=run.get("transport", "zmq"),
@@ -111,6 +114,23 @@ def _run_strategy(env, run: dict, x, y) -> dict:
            "eval": None if held_out is None else (held_out.correct, held_out.samples, held_out.loss)}
     if "save_to" in run and strategy.checkpoint_shard() is not None:
         torch.save(strategy.state_dict(), run["save_to"].format(stage=strategy.stage))
+    strategy.close()
+    return out
+
+
+def _run_with_peer_gone(env, run: dict, x, y) -> dict:
+    """Stage 1 leaves right after setup; stage 0 must fail within its timeout, naming it."""
+    from paratrain.errors import CommTimeout
+    env = dataclasses.replace(env, timeout_s=2.0)
+    strategy = PipelineStrategy(stages=2, micro_batches=2, schedule=run["schedule"], env=env)
+    strategy.setup(make_model(), "sgd", LR, nn.CrossEntropyLoss(reduction="sum"))
+    out = {"stage": strategy.stage}
+    if strategy.stage == 0:
+        start = time.monotonic()
+        try:
+            strategy.train_step(x[:8], y[:8], 8)
+        except CommTimeout as error:
+            out.update(error=str(error), seconds=time.monotonic() - start)
     strategy.close()
     return out
 
@@ -172,8 +192,12 @@ def test_two_stages_match_one_process_resume_and_checkpoint_accuracy(tmp_path):
          "save_to": str(tmp_path / "stage{stage}.pt")},
         {"name": "second_half", "stages": 2, "micro_batches": 4, "schedule": "gpipe", "batch": batch, "steps": 3,
          "start_step": 3, "seed": 99, "resume_from": str(tmp_path / "stage{stage}.pt")},
+        {"name": "peer_gone", "schedule": "1f1b", "peer_gone": True},
     ]
     results = run_job(2, runs, (x, y), tmp_path)
+    # A stage whose neighbour is gone does not hang: it raises within its timeout, naming the peer.
+    gone = results["peer_gone"][0]
+    assert "rank 1" in gone["error"] and gone["seconds"] < 10, gone
 
     reference = train_reference(make_model(), x, y, batch, STEPS)
     six_steps = train_reference(make_model(), x, y, batch, 6).state_dict()
