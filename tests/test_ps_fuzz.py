@@ -137,3 +137,30 @@ def test_live_server_survives_bad_input_and_keeps_exact_state():
         assert job.servers[0].poll() is None, "the server died"
         kv.close()
         assert job.wait_servers_exit() == [0]
+
+
+@pytest.mark.timeout(120)
+def test_server_exits_when_the_store_goes_away():
+    job = PSJob(num_workers=2, num_servers=1, timeout_s=8)
+    try:
+        job.start_servers()
+        assert job.servers[0].poll() is None
+        job.store = None            # the launcher's store ends with the job
+        import gc
+        gc.collect()
+        assert job.wait_servers_exit(timeout_s=30) == [0]
+    finally:
+        job.close()
+
+
+def test_create_rejects_unknown_options_and_missing_servers():
+    from paratrain.env import DistEnv
+    from paratrain.errors import ConfigError
+    from paratrain.kvstore.dist import create_dist_kvstore
+
+    with pytest.raises(ConfigError, match="bigarray_bnd"):
+        create_dist_kvstore("dist_sync", bigarray_bnd=5)
+    with pytest.raises(ConfigError, match="--servers"):
+        create_dist_kvstore("dist_sync", env=DistEnv(num_servers=0))
+    with pytest.raises(ConfigError, match="dist_bogus"):
+        create_dist_kvstore("dist_bogus")

@@ -365,6 +365,11 @@ def create_dist_kvstore(type_name: str, *, staleness: int = 2, env: DistEnv | No
                         **options) -> KVStore:
     """Connect to the job's parameter servers as a ``dist_sync``/``dist_async``/
     ``dist_ssp`` KVStore. ``options``: ``bigarray_bound``, ``transport``."""
+    allowed = ("bigarray_bound", "transport")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"kvstore {type_name!r} got unknown option(s) {unknown}; allowed: staleness, "
+                          f"{', '.join(allowed)}")
     config = DistKVStoreConfig(mode=type_name, staleness=staleness, **options)
     env = env or read_env()
     return DistKVStore(config, rank=env.rank, num_workers=env.world_size, addresses=server_addresses(env),
