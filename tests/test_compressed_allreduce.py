@@ -270,3 +270,58 @@ def test_plan_segments_compresses_matrices_only():
         (0, 5000, True), (5000, 100, False), (5100, 9, False)]   # 2 * (3 + 3) >= 9
     whole = plan_segments(None, 1000, rank=2)
     assert len(whole) == 1 and whole[0].rows * whole[0].cols >= 1000
+
+
+# --------------------------------------------------------------------------- end to end (CLI)
+
+# Shared by every codec: no momentum, because 2bit's +-threshold steps ride a
+# momentum buffer badly (error feedback keeps the sum right, not the timing).
+CLI_TRAINING = ["--model", "cnn", "--epochs", "8", "--batch-size", "64", "--lr", "0.4",
+                "--momentum", "0", "--seed", "0", "--no-progress", "--json"]
+
+
+def run_cli(args: list, timeout: float) -> dict:
+    """``paratrain train ARGS``; the last stdout line is the JSON summary. The CLI runs
+    in its own session so that a timeout can stop it and every worker it started."""
+    import json
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "paratrain.cli", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, output[-3000:]
+    return json.loads(output.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def uncompressed_cnn_accuracy():
+    return run_cli(["--workers", "4", *CLI_TRAINING], timeout=280)["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "2bit:0.5", "topk:0.01", "powersgd:2"])
+def test_each_codec_trains_the_digits_cnn_within_one_point(spec, uncompressed_cnn_accuracy):
+    summary = run_cli(["--workers", "4", "--compression", spec, *CLI_TRAINING], timeout=280)
+    assert summary["accuracy"] >= uncompressed_cnn_accuracy - 0.01, (spec, summary, uncompressed_cnn_accuracy)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_accumulation_equals_a_k_times_larger_batch(tmp_path):
+    # 64 samples per step either way: one batch of 64, or 4 micro-batches of 16 that
+    # communicate once.
+    common = ["--workers", "2", "--model", "cnn", "--epochs", "1", "--batch-size", "64", "--seed", "3",
+              "--no-progress", "--json"]
+    run_cli([*common, "--accumulate", "4", "--checkpoint-dir", str(tmp_path / "k4")], timeout=180)
+    run_cli([*common, "--accumulate", "1", "--checkpoint-dir", str(tmp_path / "k1")], timeout=180)
+    accumulated = torch.load(tmp_path / "k4" / "model.pt", weights_only=True)["strategy"]["model"]
+    large_batch = torch.load(tmp_path / "k1" / "model.pt", weights_only=True)["strategy"]["model"]
+    assert accumulated.keys() == large_batch.keys()
+    worst = max((accumulated[name] - large_batch[name]).abs().max().item() for name in accumulated)
+    assert worst <= 1e-5, worst

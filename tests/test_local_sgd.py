@@ -104,6 +104,7 @@ def local_sgd_worker(rank, world, port, queue):
         queue.put((rank, {"snapshots": {k: v.tolist() for k, v in snapshots.items()},
                           "before_final": before_final.tolist(),
                           "after_final": after_final.tolist(), "bytes": sync.bytes_sent,
+                          "payload": sync.payload_bytes,
                           "averages": sync.averages}))
     except BaseException:
         queue.put((rank, traceback.format_exc()))
@@ -123,7 +124,8 @@ def test_local_sgd_matches_a_simulation_and_averages_every_h_steps():
         # after 7 steps (averaged at 3 and 6) every worker holds its own model
         assert torch.allclose(result["before_final"], expected[rank], atol=1e-6), rank
         assert result["averages"] == STEPS // SYNC_EVERY + 1
-        assert result["bytes"] == result["averages"] * numel * 4
+        assert result["payload"] == result["averages"] * numel * 4
+        assert result["bytes"] == result["averages"] * (2 * (WORLD - 1) * numel * 4 // WORLD)   # ring
     for step in (SYNC_EVERY, 2 * SYNC_EVERY):   # right after an average: identical everywhere
         assert all(torch.equal(r["snapshots"][step], results[0]["snapshots"][step]) for r in results)
     assert not torch.equal(results[0]["snapshots"][1], results[1]["snapshots"][1])

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from paratrain.errors import ConfigError
+from paratrain.kvstore.allreduce import ring_allreduce_bytes
 from paratrain.parallel.base import GradientSync
 from paratrain.parallel.compressed import group_size, wait_work
 
@@ -36,7 +37,8 @@ class LocalSGDSync(GradientSync):
         self.timeout_s = timeout_s
         self._buffers = list(buffers)
         self._params: list[torch.nn.Parameter] = []
-        self._bytes_sent = 0
+        self._bytes_sent = 0      # counted as the allreduce path counts: ring, 2(N-1)/N
+        self.payload_bytes = 0    # the parameters' own size, once per average
         self.steps = 0
         self.averages = 0
         # The Trainer copies rank 0's buffers after every step unless told not to;
@@ -76,7 +78,9 @@ class LocalSGDSync(GradientSync):
             return
         flat = self._flatten()
         work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self._bytes_sent += flat.numel() * flat.element_size()
+        nbytes = flat.numel() * flat.element_size()
+        self.payload_bytes += nbytes
+        self._bytes_sent += ring_allreduce_bytes(nbytes, self.num_workers)
         wait_work(work, self.timeout_s, f"all_reduce of the parameters (model average {self.averages + 1})")
         flat.div_(self.num_workers)
         self._unflatten(flat)
