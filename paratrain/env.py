@@ -21,6 +21,7 @@ job from these variables, and nothing else in paratrain reads ``os.environ`` for
 | ``TORCHELASTIC_USE_AGENT_STORE`` | torchrun | ``True``: the agent hosts the TCP store; every rank is a client |
 | ``PARATRAIN_STORE_HOSTED`` | launcher | ``1``: paratrain's launcher hosts the TCP store; every rank is a client |
 | ``PARATRAIN_TIMEOUT`` | user | seconds any network wait may take (default 60) |
+| ``PARATRAIN_REJOIN`` | launcher | ``1``: this worker was restarted alone and rejoins a running async job |
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class DistEnv:
     bind_addr: str = "127.0.0.1"
     store_hosted: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
+    rejoin: bool = False
     launched: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -105,5 +107,6 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         store_hosted=(environ.get("TORCHELASTIC_USE_AGENT_STORE", "") == "True"
                       or environ.get("PARATRAIN_STORE_HOSTED", "") == "1"),
         timeout_s=timeout_s,
+        rejoin=environ.get("PARATRAIN_REJOIN", "") == "1",
         launched="RANK" in environ,
     )

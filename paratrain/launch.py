@@ -25,6 +25,7 @@ from typing import Sequence
 from paratrain.errors import ConfigError
 
 POLL_S = 0.05
+RESTART_POLICIES = ("group", "worker")
 STOP_GRACE_S = 5.0
 _PR_SET_PDEATHSIG = 1
 
@@ -62,6 +63,7 @@ class LaunchConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 0            # 0: pick a free one (single node only)
     max_restarts: int = 0
+    restart_policy: str = "group"   # group: restart every worker; worker: only the dead one
     bind: str | None = None         # address parameter servers bind to
     extra_env: dict = field(default_factory=dict)
 
@@ -74,6 +76,8 @@ class LaunchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 0")
+        if self.restart_policy not in RESTART_POLICIES:
+            raise ConfigError(f"restart_policy={self.restart_policy!r}; allowed: {', '.join(RESTART_POLICIES)}")
         if not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(f"node_rank={self.node_rank} must be in [0, nnodes={self.nnodes})")
         if self.nnodes > 1 and self.master_port == 0:
@@ -152,6 +156,7 @@ class Launcher:
         return port
 
     def run(self) -> int:
+        self._restarts_left = self.config.max_restarts
         port = self._host_store()
         base = self._base_env(port)
         servers = [self._start_server(base, index) for index in range(self.config.num_servers)
@@ -162,7 +167,7 @@ class Launcher:
                 if failed is None:
                     return 0
                 label, how = failed
-                if attempt < self.config.max_restarts:
+                if self.config.restart_policy == "group" and attempt < self.config.max_restarts:
                     print(f"paratrain launch: worker {label} {how}; restarting the workers "
                           f"(attempt {attempt + 1} of {self.config.max_restarts})", file=sys.stderr, flush=True)
                     continue
@@ -176,22 +181,36 @@ class Launcher:
         env = dict(base, PARATRAIN_ROLE="server", PARATRAIN_SERVER_RANK=str(index), RANK="0", LOCAL_RANK="0")
         return _Child(f"server{index}", [sys.executable, "-m", "paratrain.ps.server"], env)
 
+    def _start_worker(self, base: dict, local_rank: int, attempt: int, rejoin: bool = False) -> _Child:
+        rank = self.config.node_rank * self.config.num_workers + local_rank
+        env = dict(base, RANK=str(rank), LOCAL_RANK=str(local_rank), TORCHELASTIC_RESTART_COUNT=str(attempt),
+                   PARATRAIN_ROLE="worker", PARATRAIN_REJOIN="1" if rejoin else "0")
+        return _Child(f"rank{rank}", self.worker_argv, env, pass_stderr=rank == 0 and sys.stderr.isatty())
+
     def _run_workers(self, base: dict, attempt: int) -> tuple[str, str] | None:
-        """Run every local worker to the end; return (rank, how it died) for the first failure."""
-        workers = []
-        for local_rank in range(self.config.num_workers):
-            rank = self.config.node_rank * self.config.num_workers + local_rank
-            env = dict(base, RANK=str(rank), LOCAL_RANK=str(local_rank), TORCHELASTIC_RESTART_COUNT=str(attempt),
-                       PARATRAIN_ROLE="worker")
-            workers.append(_Child(f"rank{rank}", self.worker_argv, env, pass_stderr=rank == 0 and sys.stderr.isatty()))
+        """Run every local worker to the end; return (rank, how it died) for the first
+        failure that is not handled by restarting that worker alone."""
+        workers = [self._start_worker(base, local_rank, attempt) for local_rank in range(self.config.num_workers)]
         try:
             while True:
                 codes = [w.proc.poll() for w in workers]
-                for worker, code in zip(workers, codes):
-                    if code not in (None, 0):
-                        return worker.label.replace("rank", "rank "), describe_exit(code)
-                if all(code == 0 for code in codes):
-                    return None
+                for local_rank, (worker, code) in enumerate(zip(workers, codes)):
+                    if code in (None, 0):
+                        continue
+                    label, how = worker.label.replace("rank", "rank "), describe_exit(code)
+                    if self.config.restart_policy == "worker" and self._restarts_left > 0:
+                        # Async training: the others keep going; this rank rejoins the
+                        # same job (same store namespace, so same servers and queue).
+                        self._restarts_left -= 1
+                        print(f"paratrain launch: worker {label} {how}; restarting it alone "
+                              f"({self._restarts_left} restarts left)", file=sys.stderr, flush=True)
+                        worker.reader.join(timeout=1.0)
+                        workers[local_rank] = self._start_worker(base, local_rank, attempt, rejoin=True)
+                        break
+                    return label, how
+                else:
+                    if all(code == 0 for code in codes):
+                        return None
                 time.sleep(POLL_S)
         finally:
             _stop_all(workers)

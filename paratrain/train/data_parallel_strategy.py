@@ -4,15 +4,16 @@ parameter server, local SGD). Covers gradient accumulation and mixed precision."
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from paratrain.comm.process_group import init_process_group
+from paratrain.comm.process_group import connect_store, init_process_group
 from paratrain.env import DistEnv, read_env
-from paratrain.errors import ConfigError, check_choice
-from paratrain.kvstore import DIST_TYPES, KVSTORE_TYPES
+from paratrain.errors import CommTimeout, ConfigError, check_choice
+from paratrain.kvstore import KVSTORE_TYPES
 from paratrain.train.strategy import Strategy, StepResult
 from paratrain.train.trainer import Trainer, param_checksum
 
@@ -57,8 +58,10 @@ class DataParallelStrategy(Strategy):
         self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
 
     def setup(self, model, optimizer, optimizer_params, loss_fn) -> None:
-        if self.env.distributed:
-            init_process_group(self.env)   # also for dist_*: evaluation and checksums use it
+        # Async workers share no process group: a dead one must not break the others,
+        # and a restarted one must be able to rejoin. They meet in the store instead.
+        if self.env.distributed and self._lockstep:
+            init_process_group(self.env)
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         scaler = torch.amp.GradScaler("cuda") if self.config.amp == "fp16" else None
@@ -66,13 +69,39 @@ class DataParallelStrategy(Strategy):
                                compression=self.config.compression, sync_every=self.config.sync_every,
                                loss_scaler=scaler, kvstore_options=self.config.kvstore_options)
         self.trainer.timeline = self.timeline
-        if dist.is_initialized():
-            dist.barrier()   # start together: process start-up skew is not a speed difference
+        self._start_together()
 
+    def _start_together(self) -> None:
+        """Start-up skew between processes is not a speed difference: begin together.
+        A worker rejoining a running async job does not wait."""
+        if dist.is_initialized():
+            dist.barrier()
+        elif self.env.distributed:
+            store = connect_store(self.env)
+            arrived = store.add("start/arrived", 1)
+            deadline = time.monotonic() + self.env.timeout_s
+            while arrived < self.env.world_size and not self.env.rejoin:
+                if time.monotonic() > deadline:
+                    raise CommTimeout(f"rank {self.env.rank}: only {arrived} of {self.env.world_size} workers "
+                                      f"arrived within {self.env.timeout_s}s")
+                time.sleep(0.01)
+                arrived = store.add("start/arrived", 0)
+
+    def steps_per_worker(self, steps: int) -> list[int]:
+        if self._lockstep or not self.env.distributed:
+            return super().steps_per_worker(steps)
+        store = connect_store(self.env)   # async: every rank posts its count; -1 if one never did
+        store.set(f"steps/rank{self.env.rank}", str(steps))
+        deadline = time.monotonic() + self.env.timeout_s
+        counts = []
+        for rank in range(self.env.world_size):
+            while not store.check([f"steps/rank{rank}"]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            counts.append(int(store.get(f"steps/rank{rank}")) if store.check([f"steps/rank{rank}"]) else -1)
+        return counts
     def make_sampler(self, dataset_len: int, global_batch: int, seed: int):
         if self._lockstep or not self.env.distributed:
             return super().make_sampler(dataset_len, global_batch, seed)
-        from paratrain.comm.process_group import connect_store
         from paratrain.data.dispatch import DynamicBatchSampler
         return DynamicBatchSampler(connect_store(self.env), dataset_len, global_batch, self.data_world, seed)
 

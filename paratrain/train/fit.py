@@ -12,7 +12,6 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from paratrain.comm.process_group import all_gather_ints
 from paratrain.data.datasets import TensorDataset
 from paratrain.errors import ConfigError
 from paratrain.train import checkpoint as ckpt
@@ -70,7 +69,7 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
         "accuracy": state.heldout.correct / state.heldout.samples if state.heldout else None,
         "samples_per_sec": train_samples / train_seconds if train_seconds else 0.0,
         "steps": state.step,
-        "steps_per_worker": all_gather_ints(state.step),
+        "steps_per_worker": strategy.steps_per_worker(state.step),
         "wall_s": round(state.wall_s, 3),
         "param_checksum": strategy.param_checksum(),
     }

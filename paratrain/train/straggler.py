@@ -32,59 +32,24 @@ def parse_stragglers(spec: str | None) -> dict[int, float]:
     return result
 
 
-class Straggler(Strategy):
-    """Delegates to ``inner`` and stretches each ``train_step`` by ``factor``."""
+class Straggler:
+    """Wraps a strategy (``inner``): the same object in every respect except that each
+    ``train_step`` is stretched by ``factor``."""
 
     def __init__(self, inner: Strategy, factor: float = 1.0, base_delay_s: float = 0.0) -> None:
-        self.inner = inner
-        self.factor = factor
-        self.base_delay_s = base_delay_s
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "factor", factor)
+        object.__setattr__(self, "base_delay_s", base_delay_s)
 
-    def __getattr__(self, name):            # everything else is the inner strategy's
+    def __getattr__(self, name):            # everything but train_step is the inner strategy's
         return getattr(self.inner, name)
 
-    def __setattr__(self, name, value):
-        if name in ("inner", "factor", "base_delay_s"):
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.inner, name, value)
-
-    name = property(lambda self: self.inner.name)
-    data_rank = property(lambda self: self.inner.data_rank)
-    data_world = property(lambda self: self.inner.data_world)
-    is_logging_rank = property(lambda self: self.inner.is_logging_rank)
-    bytes_sent = property(lambda self: self.inner.bytes_sent)
+    def __setattr__(self, name, value):     # e.g. fit sets .timeline on the real strategy
+        setattr(self.inner, name, value)
 
     def train_step(self, inputs, targets, global_batch):
         start = time.perf_counter()
         result = self.inner.train_step(inputs, targets, global_batch)
         work = time.perf_counter() - start
-        time.sleep(self.factor * (work + self.base_delay_s) - work)
+        time.sleep(max(0.0, self.factor * (work + self.base_delay_s) - work))
         return result
-
-    def setup(self, *args, **kwargs):
-        return self.inner.setup(*args, **kwargs)
-
-    def evaluate(self, inputs, targets):
-        return self.inner.evaluate(inputs, targets)
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state):
-        return self.inner.load_state_dict(state)
-
-    def make_sampler(self, *args):
-        return self.inner.make_sampler(*args)
-
-    def checkpoint_shard(self):
-        return self.inner.checkpoint_shard()
-
-    def full_model_state(self):
-        return self.inner.full_model_state()
-
-    def param_checksum(self):
-        return self.inner.param_checksum()
-
-    def close(self):
-        return self.inner.close()

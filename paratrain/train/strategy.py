@@ -69,6 +69,11 @@ class Strategy(abc.ABC):
         from paratrain.data.sampler import ShardedBatchSampler
         return ShardedBatchSampler(dataset_len, global_batch, self.data_rank, self.data_world, seed)
 
+    def steps_per_worker(self, steps: int) -> list[int]:
+        """Every worker's step count, in rank order (called once, at the end)."""
+        from paratrain.comm.process_group import all_gather_ints
+        return all_gather_ints(steps)
+
     def checkpoint_shard(self) -> str | None:
         """File-name stem this process saves its checkpoint under, or None when
         another rank saves the same state (data parallel: only rank 0 saves)."""
