@@ -174,8 +174,12 @@ def _train(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="paratrain-") as tmp:
         summary_file = Path(tmp) / "summary.json"
         worker_argv = [sys.executable, "-m", "paratrain.cli", *sys.argv[1:], "--summary-file", str(summary_file)]
+        # Async workers carry on without a dead peer, so only the dead one restarts;
+        # lockstep strategies restart the whole group from the last checkpoint.
+        policy = "worker" if args.strategy in ("dist_async", "dist_ssp") else "group"
         status = launch(worker_argv, LaunchConfig(num_workers=args.workers, num_servers=args.servers,
-                                                  max_restarts=args.max_restarts, bind=args.bind))
+                                                  max_restarts=args.max_restarts, restart_policy=policy,
+                                                  bind=args.bind))
         if status == 0 and args.json and summary_file.exists():
             print(summary_file.read_text(), flush=True)   # unprefixed, and the last line
     return status
