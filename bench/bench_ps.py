@@ -171,8 +171,8 @@ def _train_worker(args) -> None:
     if args.digits:
         from paratrain.data.datasets import load_digits
         train, test = load_digits()
-        x_all, y_all = train.tensors
-        x_test, y_test = test.tensors
+        x_all, y_all = train.inputs, train.targets
+        x_test, y_test = test.inputs, test.targets
         x_all, x_test = x_all.reshape(len(x_all), -1), x_test.reshape(len(x_test), -1)
     else:
         gen = torch.Generator().manual_seed(env.rank)
@@ -252,8 +252,9 @@ def bench_training(args) -> list[dict]:
 
 
 def bench_straggler(args) -> list[dict]:
-    extra = ["--digits", "--steps", str(args.steps), "--batch", "32", "--hidden", "256,256", "--inputs", "64",
-             "--lr", "0.05", "--momentum", "0.9", "--slow-rank", "3", "--staleness", "2"]
+    # Compute must weigh in a step for a 3x slower compute to matter: 1024-wide layers.
+    extra = ["--digits", "--steps", str(args.steps), "--batch", "32", "--hidden", "1024,1024", "--inputs", "64",
+             "--lr", "0.1", "--momentum", "0.9", "--slow-rank", "3", "--staleness", "2"]
     rows = []
     for strategy in ("dist_sync", "dist_async", "dist_ssp"):
         rates, times, accuracies = [], [], []
