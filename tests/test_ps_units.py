@@ -163,6 +163,14 @@ def test_sync_sums_in_rank_order_whatever_the_arrival():
     assert policy.blocking_workers(state, 0) == []
 
 
+def test_sync_round_with_different_scales_scales_each_push():
+    applied = []
+    state, policy = _state(2), SyncPolicy()
+    policy.on_push(state, 1, torch.full((3,), 4.0), 0.25, lambda s, g, k: applied.append(g * k))
+    policy.on_push(state, 0, torch.full((3,), 2.0), 0.5, lambda s, g, k: applied.append(g * k))
+    assert torch.equal(applied[0], torch.full((3,), 2.0))
+
+
 def test_async_never_blocks_and_ssp_blocks_beyond_staleness():
     state = _state(2)
     async_policy, ssp = AsyncPolicy(), StalenessPolicy(2)

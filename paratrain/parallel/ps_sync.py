@@ -56,8 +56,9 @@ class ParameterServerSync(GradientSync):
                               f"arrival and needs the optimizer on the servers")
         self.kv = kv
         self.updates_on_server = bool(update_on_kvstore)
-        if self.updates_on_server:
-            kv.set_optimizer(server_optimizer_spec(optimizer, optimizer_params))
+        self._spec = server_optimizer_spec(optimizer, optimizer_params) if self.updates_on_server else None
+        if self._spec is not None:
+            kv.set_optimizer(self._spec)
         self.params: list[torch.nn.Parameter] = []
         self.timeline = None
         self._pending: list[Handle] = []
@@ -101,6 +102,13 @@ class ParameterServerSync(GradientSync):
             handle.wait(None)
         if pending:
             self._record("pull weights", start)
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Send a new learning rate to the server optimizer (its state is kept).
+        Every worker calls it at the same step: it ends in a barrier."""
+        if self._spec is not None:
+            self._spec = dict(self._spec, lr=lr)
+            self.kv.set_optimizer(self._spec)
 
     def _record(self, name: str, start: float) -> None:
         if self.timeline is not None:  # start and end on time.perf_counter, as the timeline wants
