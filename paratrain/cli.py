@@ -108,7 +108,13 @@ def _resolve(args: argparse.Namespace, env: DistEnv) -> None:
         raise ConfigError("--resume and --checkpoint-every need --checkpoint-dir")
     if args.resume and not any(Path(args.checkpoint_dir).glob("*.pt")):
         raise ConfigError(f"--resume: no checkpoint in --checkpoint-dir {args.checkpoint_dir!r}")
-    _build_strategy(args, DistEnv(world_size=args.workers))   # validates strategy options, starts nothing
+    strategy = _build_plain_strategy(args, DistEnv(world_size=args.workers))   # validates options, starts nothing
+    if hasattr(strategy, "validate"):   # pipelines: micro-batches, stages vs layers, before launching
+        from paratrain.data import build_dataset
+        from paratrain.models import build_model
+        train, _ = build_dataset(args.dataset)
+        strategy.validate(args.batch_size, args.workers,
+                          model=build_model(args.model, train.sample_shape, train.num_classes, seed=args.seed))
     if args.step_delay < 0:
         raise ConfigError(f"--step-delay {args.step_delay}: must be >= 0 seconds")
     slow = parse_stragglers(args.straggler)

@@ -96,9 +96,7 @@ def _save(strategy: Strategy, state: FitState, directory: str, seed: int) -> Non
 def _restore(strategy: Strategy, state: FitState, directory: str | None, *, seed: int, batch_size: int) -> None:
     if not directory:
         raise ConfigError("resume needs a checkpoint directory (--checkpoint-dir)")
-    # Data-parallel replicas all load the one shard rank 0 wrote.
-    shard = strategy.checkpoint_shard() or "model"
-    saved = ckpt.load_checkpoint(ckpt.checkpoint_path(directory, shard))
+    saved = ckpt.load_checkpoint(ckpt.checkpoint_path(directory, strategy.resume_shard()))
     for name, current in (("seed", seed), ("global_batch", batch_size)):
         if saved[name] != current:
             raise ConfigError(f"cannot resume: checkpoint has {name}={saved[name]}, this run has {name}={current}")

@@ -275,7 +275,10 @@ class PipelineStrategy(Strategy):
         group = new_stage_groups(self.mesh) if self.env.distributed else None
         self.sync = StageReplicaSync(group, self.mesh.replicas)
         self.sync.attach(list(self.module.parameters()))
-        self.optimizer = build_optimizer(self.module.parameters(), optimizer, optimizer_params)
+        # A stage may hold only parameter-free layers (a ReLU of its own): it just relays.
+        params = list(self.module.parameters())
+        self.optimizer = build_optimizer(params, optimizer, optimizer_params) if params else None
+        self._lr = float(dict(optimizer_params).get("lr", 0.0))
         previous, following = self._open_links()
         self.runner = StageRunner(self.module, self.stage, self.mesh.stages, previous, following, loss_fn)
         self.runner.timeline = self.timeline   # fit sets it before setup
@@ -318,7 +321,8 @@ class PipelineStrategy(Strategy):
             raise ConfigError(f"global batch {global_batch} is larger than the validated batch size "
                               f"{self._batch_size}; validate the new size first")
         self.module.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
         micro_inputs, micro_targets = self._micro_batches(inputs, targets)
         loss_sum, correct = 0.0, 0
         if micro_targets:   # an epoch's tail may leave a replica nothing: it still joins the allreduce
@@ -326,8 +330,9 @@ class PipelineStrategy(Strategy):
             loss_sum, correct, self.last_timing = self.runner.run(actions, micro_inputs, micro_targets)
         with self.runner.span("allreduce", "comm"):
             self.sync.reduce(1.0 / global_batch)   # loss_fn sums: normalise by the global batch
-        with self.runner.span("optimizer", "compute"):
-            self.optimizer.step()
+        if self.optimizer is not None:
+            with self.runner.span("optimizer", "compute"):
+                self.optimizer.step()
         return self._share_totals(loss_sum, correct, len(targets))
 
     def _micro_batches(self, inputs, targets):
@@ -373,7 +378,8 @@ class PipelineStrategy(Strategy):
 
     def state_dict(self) -> dict:
         return {"stage": self.stage, "stages": self.mesh.stages, "counts": list(self.counts),
-                "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {}}
 
     def load_state_dict(self, state: dict) -> None:
         layout = (state.get("stage"), state.get("stages"), state.get("counts"))
@@ -382,7 +388,8 @@ class PipelineStrategy(Strategy):
                 f"checkpoint is stage {layout[0]} of {layout[1]} with layer counts {layout[2]}; this rank "
                 f"is stage {self.stage} of {self.mesh.stages} with {list(self.counts)}: resume in the same layout")
         self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
 
     def full_model_state(self) -> dict:
         """The whole model's state dict, assembled from every stage (collective: all
@@ -429,7 +436,7 @@ class PipelineStrategy(Strategy):
 
     @property
     def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else self._lr
 
     def close(self) -> None:
         for channel in self._channels:

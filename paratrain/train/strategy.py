@@ -79,6 +79,11 @@ class Strategy(abc.ABC):
         another rank saves the same state (data parallel: only rank 0 saves)."""
         return "model" if self.is_logging_rank else None
 
+    def resume_shard(self) -> str:
+        """File-name stem this process resumes from (data-parallel replicas all load
+        the one rank 0 wrote; pipeline replicas load their stage's)."""
+        return self.checkpoint_shard() or "model"
+
     def full_model_state(self) -> dict:
         """A single state dict a one-process model loads (pipelines assemble it)."""
         raise NotImplementedError
