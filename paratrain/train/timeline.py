@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 import threading
 import time
 from typing import Any, Iterator
@@ -57,13 +57,12 @@ def _write_json_atomically(path: str, payload: dict) -> None:
     reader (or a crash mid-write) never sees half a file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".timeline-", suffix=".tmp", dir=directory)
+    tmp_path = os.path.join(directory, f".timeline-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 lets the umask decide the mode, as for any ordinary file
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, separators=(",", ":"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a trace is an ordinary file
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(OSError):
