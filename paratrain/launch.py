@@ -147,6 +147,16 @@ class Launcher:
             env["PARATRAIN_BIND"] = self.config.bind
         return env
 
+    def _agree_on_secret(self) -> None:
+        """Every node's launcher must hand out the same job secret: node 0's, through
+        the store (unless the user set PARATRAIN_SECRET for all of them)."""
+        if self.config.nnodes == 1 or os.environ.get("PARATRAIN_SECRET"):
+            return
+        if self.config.node_rank == 0:
+            self.store.set("paratrain/launch_secret", self.secret)
+        else:
+            self.secret = self.store.get("paratrain/launch_secret").decode()
+
     def _host_store(self) -> int:
         import torch.distributed as dist
         port = self.config.master_port or free_port(self.config.master_addr)
@@ -158,6 +168,7 @@ class Launcher:
     def run(self) -> int:
         self._restarts_left = self.config.max_restarts
         port = self._host_store()
+        self._agree_on_secret()
         base = self._base_env(port)
         servers = [self._start_server(base, index) for index in range(self.config.num_servers)
                    if self.config.node_rank == 0]

@@ -55,6 +55,7 @@ class DataParallelStrategy(Strategy):
         self.data_rank, self.data_world = self.env.rank, self.env.world_size
         self.is_logging_rank = self.env.rank == 0
         self._lockstep = self.config.kvstore not in ASYNC_TYPES
+        self._local_samples = 0   # samples this worker trained on (async throughput)
         self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
 
     def setup(self, model, optimizer, optimizer_params, loss_fn) -> None:
@@ -87,18 +88,28 @@ class DataParallelStrategy(Strategy):
                 time.sleep(0.01)
                 arrived = store.add("start/arrived", 0)
 
-    def steps_per_worker(self, steps: int) -> list[int]:
+    def job_totals(self, steps: int, samples: int, seconds: float) -> tuple[list[int], float]:
+        """Async: workers ran at their own pace, so each posts its real step count,
+        sample count and training time to the store; the job's speed is all samples
+        over the longest time. A rank that never posts (dead) counts as -1 steps."""
         if self._lockstep or not self.env.distributed:
-            return super().steps_per_worker(steps)
-        store = connect_store(self.env)   # async: every rank posts its count; -1 if one never did
-        store.set(f"steps/rank{self.env.rank}", str(steps))
+            return super().job_totals(steps, samples, seconds)
+        store = connect_store(self.env)
+        store.set(f"end/rank{self.env.rank}", f"{steps} {self._local_samples} {seconds}")
         deadline = time.monotonic() + self.env.timeout_s
-        counts = []
+        counts, total_samples, longest = [], 0, seconds
         for rank in range(self.env.world_size):
-            while not store.check([f"steps/rank{rank}"]) and time.monotonic() < deadline:
+            key = f"end/rank{rank}"
+            while not store.check([key]) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            counts.append(int(store.get(f"steps/rank{rank}")) if store.check([f"steps/rank{rank}"]) else -1)
-        return counts
+            if not store.check([key]):
+                counts.append(-1)
+                continue
+            rank_steps, rank_samples, rank_seconds = store.get(key).decode().split()
+            counts.append(int(rank_steps))
+            total_samples += int(rank_samples)
+            longest = max(longest, float(rank_seconds))
+        return counts, total_samples / longest if longest else 0.0
     def make_sampler(self, dataset_len: int, global_batch: int, seed: int):
         if self._lockstep or not self.env.distributed:
             return super().make_sampler(dataset_len, global_batch, seed)
@@ -129,6 +140,7 @@ class DataParallelStrategy(Strategy):
             loss_sum += loss.item()
             correct += int((output.argmax(1) == y).sum())
         self.trainer.step(len(inputs), global_batch_size=global_batch)
+        self._local_samples += len(inputs)
         return self._totals(loss_sum, correct, len(inputs), reduce=self._lockstep)
 
     def _totals(self, loss_sum: float, correct: int, samples: int, reduce: bool) -> StepResult:

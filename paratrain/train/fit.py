@@ -6,6 +6,7 @@ reproducible and ``resume`` continues exactly where a checkpoint left off.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Sequence
 
@@ -47,7 +48,8 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
     for epoch in range(state.epoch, epochs):
         state.epoch, epoch_loss = epoch, StepResult(0.0, 0, 0)
         for global_len, indices in sampler.batches(epoch, state.batch_in_epoch):
-            inputs, targets = train_data.batch(indices)
+            with _span(timeline, "data", "data"):
+                inputs, targets = train_data.batch(indices)
             tic, bytes_before = time.perf_counter(), strategy.bytes_sent
             state.last = strategy.train_step(inputs, targets, global_len)
             state.step_seconds, state.step_bytes = time.perf_counter() - tic, strategy.bytes_sent - bytes_before
@@ -63,13 +65,14 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
         state.epoch = epoch
         state.heldout = strategy.evaluate(heldout.inputs, heldout.targets) if heldout is not None else None
         _notify(callbacks, "on_epoch_end", state)
+    steps_per_worker, samples_per_sec = strategy.job_totals(state.step, train_samples, train_seconds)
     state.summary = {
         "strategy": strategy.name,
         "final_loss": epoch_loss.loss if epoch_loss.samples else None,
         "accuracy": state.heldout.correct / state.heldout.samples if state.heldout else None,
-        "samples_per_sec": train_samples / train_seconds if train_seconds else 0.0,
+        "samples_per_sec": samples_per_sec,
         "steps": state.step,
-        "steps_per_worker": strategy.steps_per_worker(state.step),
+        "steps_per_worker": steps_per_worker,
         "wall_s": round(state.wall_s, 3),
         "param_checksum": strategy.param_checksum(),
     }
@@ -77,6 +80,10 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
     if timeline is not None:
         timeline.save()
     return state.summary
+
+
+def _span(timeline, name: str, category: str):
+    return timeline.span(name, category) if timeline is not None else contextlib.nullcontext()
 
 
 def _notify(callbacks: Sequence[Callback], hook: str, state: FitState) -> None:

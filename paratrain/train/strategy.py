@@ -69,10 +69,12 @@ class Strategy(abc.ABC):
         from paratrain.data.sampler import ShardedBatchSampler
         return ShardedBatchSampler(dataset_len, global_batch, self.data_rank, self.data_world, seed)
 
-    def steps_per_worker(self, steps: int) -> list[int]:
-        """Every worker's step count, in rank order (called once, at the end)."""
+    def job_totals(self, steps: int, samples: int, seconds: float) -> tuple[list[int], float]:
+        """Called once at the end with this worker's step count and the global samples
+        and seconds it trained: every worker's step count, in rank order, and the
+        job's samples/sec. In lockstep each step's totals are already global."""
         from paratrain.comm.process_group import all_gather_ints
-        return all_gather_ints(steps)
+        return all_gather_ints(steps), samples / seconds if seconds else 0.0
 
     def checkpoint_shard(self) -> str | None:
         """File-name stem this process saves its checkpoint under, or None when

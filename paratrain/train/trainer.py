@@ -132,8 +132,9 @@ class Trainer:
         if total <= 0:
             raise ConfigError(f"batch_size={batch_size} (global {total}) must be > 0")
         self.sync.timeline = self.timeline
-        self.sync.reduce(1.0 / total)
-        with self._span("optimizer"):
+        with self._span("gradient wait", "wait"):
+            self.sync.reduce(1.0 / total)
+        with self._span("optimizer", "compute"):
             if self.sync.updates_on_server:
                 pass   # the servers applied the optimizer; after_step pulls the new weights
             elif self.loss_scaler is not None:
@@ -153,8 +154,8 @@ class Trainer:
         # before every forward, unless the sync keeps workers apart on purpose.
         return bool(self._buffers) and getattr(self.sync, "buffers_follow_rank0", True)
 
-    def _span(self, name: str):
-        return self.timeline.span(name, "compute") if self.timeline is not None else contextlib.nullcontext()
+    def _span(self, name: str, category: str):
+        return self.timeline.span(name, category) if self.timeline is not None else contextlib.nullcontext()
 
     def param_checksum(self) -> str:
         return param_checksum(self._params)
