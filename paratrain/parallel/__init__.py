@@ -9,10 +9,10 @@ from paratrain.parallel.base import GradientSync
 
 def build_gradient_sync(kv: KVStore, *, optimizer: str, optimizer_params: dict, compression=None,
                         sync_every: int | None = None, update_on_kvstore: bool | None = None,
-                        timeout_s: float = 60.0) -> GradientSync:
+                        buffers=(), timeout_s: float = 60.0) -> GradientSync:
     """The one place a KVStore type (plus options) turns into a GradientSync.
 
-    ``sync_every`` selects local SGD (average the models every H steps);
+    ``sync_every`` selects local SGD (average the models, and ``buffers``, every H steps);
     ``compression`` (a spec for :func:`paratrain.comm.codecs.parse_compression`)
     compresses allreduce buckets.
     """
@@ -20,7 +20,7 @@ def build_gradient_sync(kv: KVStore, *, optimizer: str, optimizer_params: dict, 
         if kv.type != "allreduce":
             raise ConfigError(f"local SGD (sync_every={sync_every}) runs over kvstore 'allreduce', not {kv.type!r}")
         from paratrain.parallel.local_sgd import LocalSGDSync
-        return LocalSGDSync(sync_every=sync_every)
+        return LocalSGDSync(sync_every=sync_every, buffers=buffers)
     if kv.type == "local" or (kv.type == "allreduce" and kv.num_workers == 1 and compression is None):
         from paratrain.parallel.data_parallel import LocalSync
         return LocalSync()

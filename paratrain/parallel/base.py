@@ -29,6 +29,10 @@ class GradientSync(abc.ABC):
     #: True when the parameter servers run the optimizer; the Trainer then skips
     #: its local ``optimizer.step()`` and ``after_step`` pulls the new weights.
     updates_on_server: bool = False
+    #: True when the Trainer should copy rank 0's buffers (BatchNorm statistics) to
+    #: every worker after each step; False for syncs that keep workers apart on
+    #: purpose (local SGD averages buffers itself at its sync points).
+    buffers_follow_rank0: bool = True
 
     def __init__(self) -> None:
         self._sync_enabled = True
@@ -43,6 +47,9 @@ class GradientSync(abc.ABC):
 
     def after_step(self) -> None:
         """Hook run after the optimizer update (default: nothing)."""
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Hook for syncs whose optimizer runs elsewhere (the parameter servers)."""
 
     def zero_grad(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Clear gradients after the update (default: set them to None)."""

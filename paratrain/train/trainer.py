@@ -95,7 +95,7 @@ class Trainer:
         self.sync = build_gradient_sync(
             self.kvstore, optimizer=optimizer if isinstance(optimizer, str) else "sgd",
             optimizer_params=dict(optimizer_params or {}), compression=compression,
-            sync_every=sync_every, update_on_kvstore=update_on_kvstore)
+            sync_every=sync_every, update_on_kvstore=update_on_kvstore, buffers=self._buffers)
         self.optimizer = build_optimizer(self._params, optimizer, optimizer_params)
         self.loss_scaler = loss_scaler
         self.sync.attach(self._params)
@@ -112,8 +112,10 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def set_learning_rate(self, lr: float) -> None:
+        """Set the learning rate here and, with a server-side optimizer, on the servers."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.sync.set_learning_rate(lr)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -135,24 +137,24 @@ class Trainer:
         with self._span("gradient wait", "wait"):
             self.sync.reduce(1.0 / total)
         with self._span("optimizer", "compute"):
-            if self.sync.updates_on_server:
-                pass   # the servers applied the optimizer; after_step pulls the new weights
-            elif self.loss_scaler is not None:
-                self.loss_scaler.step(self.optimizer)
-                self.loss_scaler.update()
-            else:
-                self.optimizer.step()
+            # With a server-side optimizer the servers already updated; after_step
+            # pulls the new weights.
+            if not self.sync.updates_on_server:
+                self._local_update()
             self.sync.after_step()
-            if self._broadcast_buffers_enabled:
+            if self._buffers and self.sync.buffers_follow_rank0:
+                # BatchNorm statistics follow rank 0 after every step (DDP copies them
+                # before every forward), so replicas stay identical.
                 broadcast_buffers(self._buffers)
         self.sync.zero_grad(self._params)
         self.num_update += 1
 
-    @property
-    def _broadcast_buffers_enabled(self) -> bool:
-        # Buffers (BatchNorm statistics) follow rank 0 after every step, as DDP does
-        # before every forward, unless the sync keeps workers apart on purpose.
-        return bool(self._buffers) and getattr(self.sync, "buffers_follow_rank0", True)
+    def _local_update(self) -> None:
+        if self.loss_scaler is not None:   # fp16: unscale, skip the step on inf/nan, adapt the scale
+            self.loss_scaler.step(self.optimizer)
+            self.loss_scaler.update()
+        else:
+            self.optimizer.step()
 
     def _span(self, name: str, category: str):
         return self.timeline.span(name, category) if self.timeline is not None else contextlib.nullcontext()
