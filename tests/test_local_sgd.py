@@ -151,3 +151,18 @@ def test_single_worker_scales_by_its_own_batch_and_never_talks():
 def test_bad_sync_every_is_rejected_by_name(value):
     with pytest.raises(ConfigError, match="sync_every"):
         LocalSGDSync(sync_every=value)
+
+
+@pytest.mark.timeout(120)
+def test_fit_with_local_sgd_ends_with_one_agreed_model():
+    """23 steps per epoch with H=5: the epoch's end is no sync point, yet every worker
+    must evaluate and save the same (averaged) model."""
+    import subprocess
+    import sys
+    from conftest import SCRIPTS, clean_env
+    result = subprocess.run([sys.executable, "-m", "paratrain.cli", "launch", "-n", "2",
+                             str(SCRIPTS / "fit_replicas_worker.py"), "local_sgd", "5"],
+                            capture_output=True, text=True, timeout=100, env=clean_env())
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [l.split("CHECKSUMS ")[1].split() for l in result.stdout.splitlines() if "CHECKSUMS" in l]
+    assert len(lines) == 2 and len(set(lines[0])) == 1, lines

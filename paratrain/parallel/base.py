@@ -48,6 +48,10 @@ class GradientSync(abc.ABC):
     def after_step(self) -> None:
         """Hook run after the optimizer update (default: nothing)."""
 
+    def consolidate(self) -> None:
+        """Make every worker hold the agreed model now (collective; called on every
+        rank at the end of an epoch). Default: they already do."""
+
     def set_learning_rate(self, lr: float) -> None:
         """Hook for syncs whose optimizer runs elsewhere (the parameter servers)."""
 

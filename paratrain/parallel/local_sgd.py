@@ -71,6 +71,12 @@ class LocalSGDSync(GradientSync):
         if self.steps % self.sync_every == 0:
             self.average_now()
 
+    def consolidate(self) -> None:
+        """Average now unless the last step already did: evaluation and checkpoints
+        at an epoch's end then see the one agreed model."""
+        if self.steps % self.sync_every:
+            self.average_now()
+
     def average_now(self) -> None:
         """Average parameters (and buffers) across workers now, e.g. before evaluating
         or saving when the step count is not a multiple of ``sync_every``."""

@@ -152,6 +152,9 @@ class DataParallelStrategy(Strategy):
             return StepResult(loss_sum * self.data_world, correct * self.data_world, samples * self.data_world)
         return StepResult(loss_sum, correct, samples)
 
+    def end_epoch(self) -> None:
+        self.trainer.sync.consolidate()
+
     @torch.no_grad()
     def evaluate(self, inputs, targets) -> StepResult:
         """Every worker holds the whole model: evaluate locally, no communication."""

@@ -59,6 +59,7 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
             _notify(callbacks, "on_step_end", state)
             if checkpoint_dir and checkpoint_every and state.step % checkpoint_every == 0:
                 _save(strategy, state, checkpoint_dir, seed)
+        strategy.end_epoch()
         state.epoch, state.batch_in_epoch = epoch + 1, 0   # the checkpoint resumes at the next epoch
         if checkpoint_dir:
             _save(strategy, state, checkpoint_dir, seed)

@@ -63,6 +63,10 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
 
+    def end_epoch(self) -> None:
+        """Called on every rank after an epoch's last step, before its checkpoint and
+        evaluation (e.g. local SGD averages the models here)."""
+
     def make_sampler(self, dataset_len: int, global_batch: int, seed: int):
         """The batch sampler this process trains with (default: a fixed shard of every
         global batch; async strategies hand batches out dynamically)."""
