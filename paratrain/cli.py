@@ -73,6 +73,10 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"), default=None, help="steps")
     out.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     out.add_argument("--max-restarts", type=_positive("--max-restarts", zero_ok=True), default=0)
+    out.add_argument("--server-snapshot-dir", default=None,
+                     help="parameter servers snapshot here; with --max-restarts a dead server resumes from it")
+    out.add_argument("--server-snapshot-every", type=_positive("--server-snapshot-every"), default=None,
+                     help="snapshot after at most this many applied pushes (default 100)")
     out.add_argument("--log-dir", default=None, help="metrics.jsonl and TensorBoard events")
     out.add_argument("--timeline", default=None, help="Chrome trace file (rank r writes FILE.rank<r>)")
     out.add_argument("--log-interval", type=_positive("--log-interval"), default=50, help="Speedometer period")
@@ -115,6 +119,11 @@ def _resolve(args: argparse.Namespace, env: DistEnv) -> None:
         train, _ = build_dataset(args.dataset)
         strategy.validate(args.batch_size, args.workers,
                           model=build_model(args.model, train.sample_shape, train.num_classes, seed=args.seed))
+    if (args.server_snapshot_dir or args.server_snapshot_every) and not args.strategy.startswith("dist_"):
+        raise ConfigError(f"--server-snapshot-dir/--server-snapshot-every apply to dist_sync|dist_async|dist_ssp, "
+                          f"not --strategy {args.strategy}")
+    if args.server_snapshot_every and not args.server_snapshot_dir:
+        raise ConfigError(f"--server-snapshot-every {args.server_snapshot_every} needs --server-snapshot-dir")
     if args.step_delay < 0:
         raise ConfigError(f"--step-delay {args.step_delay}: must be >= 0 seconds")
     slow = parse_stragglers(args.straggler)
@@ -183,9 +192,12 @@ def _train(args: argparse.Namespace) -> int:
         # Async workers carry on without a dead peer, so only the dead one restarts;
         # lockstep strategies restart the whole group from the last checkpoint.
         policy = "worker" if args.strategy in ("dist_async", "dist_ssp") else "group"
+        server_args = () if not args.server_snapshot_dir else (
+            "--snapshot-dir", args.server_snapshot_dir, "--snapshot-every", str(args.server_snapshot_every or 100))
         status = launch(worker_argv, LaunchConfig(num_workers=args.workers, num_servers=args.servers,
                                                   max_restarts=args.max_restarts, restart_policy=policy,
-                                                  bind=args.bind))
+                                                  bind=args.bind, server_args=server_args,
+                                                  server_restarts=args.max_restarts if server_args else 0))
         if status == 0 and args.json and summary_file.exists():
             print(summary_file.read_text(), flush=True)   # unprefixed, and the last line
     return status

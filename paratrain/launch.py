@@ -65,6 +65,8 @@ class LaunchConfig:
     max_restarts: int = 0
     restart_policy: str = "group"   # group: restart every worker; worker: only the dead one
     bind: str | None = None         # address parameter servers bind to
+    server_args: tuple = ()         # extra arguments of every parameter server (snapshots)
+    server_restarts: int = 0        # a dead server is restarted (from its snapshot) this often
     extra_env: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -72,7 +74,7 @@ class LaunchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name.replace('num_', '')}={value!r} must be an integer >= 1")
-        for name in ("num_servers", "max_restarts", "master_port"):
+        for name in ("num_servers", "max_restarts", "master_port", "server_restarts"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 0")
@@ -170,8 +172,10 @@ class Launcher:
         port = self._host_store()
         self._agree_on_secret()
         base = self._base_env(port)
-        servers = [self._start_server(base, index) for index in range(self.config.num_servers)
-                   if self.config.node_rank == 0]
+        self._base = base
+        self._server_restarts_left = self.config.server_restarts
+        self.servers = [self._start_server(base, index) for index in range(self.config.num_servers)
+                        if self.config.node_rank == 0]
         try:
             for attempt in range(self.config.max_restarts + 1):
                 failed = self._run_workers(base, attempt)
@@ -186,11 +190,24 @@ class Launcher:
                 return 1
             return 1
         finally:
-            _stop_all(servers)
+            _stop_all(self.servers)
 
     def _start_server(self, base: dict, index: int) -> _Child:
         env = dict(base, PARATRAIN_ROLE="server", PARATRAIN_SERVER_RANK=str(index), RANK="0", LOCAL_RANK="0")
-        return _Child(f"server{index}", [sys.executable, "-m", "paratrain.ps.server"], env)
+        return _Child(f"server{index}", [sys.executable, "-m", "paratrain.ps.server", *self.config.server_args], env)
+
+    def _restart_dead_servers(self) -> None:
+        """A server that died (not one that finished) comes back from its snapshot;
+        workers notice its new epoch in the store and resend what it did not answer."""
+        for index, server in enumerate(self.servers):
+            code = server.proc.poll()
+            if code in (None, 0) or self._server_restarts_left <= 0:
+                continue
+            self._server_restarts_left -= 1
+            print(f"paratrain launch: server {index} {describe_exit(code)}; restarting it from its snapshot "
+                  f"({self._server_restarts_left} restarts left)", file=sys.stderr, flush=True)
+            server.reader.join(timeout=1.0)
+            self.servers[index] = self._start_server(self._base, index)
 
     def _start_worker(self, base: dict, local_rank: int, attempt: int, rejoin: bool = False) -> _Child:
         rank = self.config.node_rank * self.config.num_workers + local_rank
@@ -204,6 +221,7 @@ class Launcher:
         workers = [self._start_worker(base, local_rank, attempt) for local_rank in range(self.config.num_workers)]
         try:
             while True:
+                self._restart_dead_servers()
                 codes = [w.proc.poll() for w in workers]
                 for local_rank, (worker, code) in enumerate(zip(workers, codes)):
                     if code in (None, 0):

@@ -10,7 +10,9 @@ so errors of a push that nobody waited for still surface.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,12 @@ from paratrain.ps.sharding import DEFAULT_BIGARRAY_BOUND, KeySlice, key_name, pl
 #: Extra seconds a worker waits beyond the servers' timeout, so that the server's
 #: error (which names the missing workers) arrives before the worker gives up.
 REPLY_MARGIN_S = 10.0
+log = logging.getLogger("paratrain.kvstore.dist")
+
+#: A worker waiting this long for a reply asks the store whether a server restarted;
+#: it asks again after twice as long each time, up to PROBE_MAX_S (backoff).
+PROBE_FIRST_S = 1.0
+PROBE_MAX_S = 4.0
 #: Codecs whose payload the servers can decode one slice at a time.
 PS_CODECS = ("none", "fp16", "bf16", "2bit", "topk")
 # The worker's receive path trusts nothing more than the server's does.
@@ -74,7 +82,8 @@ class DistKVStore(KVStore):
     """
 
     def __init__(self, config: DistKVStoreConfig, *, rank: int, num_workers: int,
-                 addresses: Sequence[str], secret: str, timeout_s: float = 60.0):
+                 addresses: Sequence[str], secret: str, timeout_s: float = 60.0, rejoin: bool = False,
+                 store=None):
         if not addresses:
             raise ConfigError(f"kvstore {config.mode!r} needs parameter servers; start the job with "
                               f"--servers M (M >= 1)")
@@ -85,6 +94,19 @@ class DistKVStore(KVStore):
         self._rank, self._num_workers = rank, num_workers
         self._addresses = list(addresses)
         self._timeout_s = timeout_s
+        # A worker restarted alone into a running async job: the servers keep their
+        # trained values (its init does not overwrite them) and it meets nobody at a
+        # barrier, since the others passed theirs long ago.
+        self._rejoin = rejoin
+        # Surviving a server restart: the store tells when a server came back (its
+        # epoch), and every request not yet answered is kept to be sent again. The
+        # session names this worker process, so a server drops a resent push it has.
+        self._store = store
+        self._secret = secret
+        self._session = secrets.token_hex(8)
+        self._sent: dict[int, tuple[int, list]] = {}
+        self._handshaking = False
+        self.reconnects = 0
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._replies: dict[int, tuple[int, Message]] = {}
@@ -96,6 +118,7 @@ class DistKVStore(KVStore):
         self._closed = False
         self.push_scale = 1.0
         self.last_min_clock: dict[Key, int] = {}
+        self._epochs = self._server_epochs()
         self._channel: ClientChannel = get_transport(config.transport).connect(self._addresses)
         self._handshake(secret)
 
@@ -183,6 +206,9 @@ class DistKVStore(KVStore):
         """Run ``optimizer`` (a spec dict, a name, or a ServerOptimizer) on the
         servers. Every worker calls it; rank 0's is sent, then all meet at a barrier."""
         built = build_optimizer(optimizer)
+        if self._rejoin:   # the servers already run the job's optimizer, with its state
+            self._optimizer = built
+            return
         if self._rank == 0:
             payload = protocol.encode_json(built.to_spec())
             self._broadcast_control(Op.SET_OPTIMIZER, payload, "set_optimizer")
@@ -194,10 +220,11 @@ class DistKVStore(KVStore):
         its own error-feedback residual per key slice. Rank 0 tells the servers."""
         config = codecs.parse_compression(compression)
         check_choice("compression type for a parameter server", config.type, PS_CODECS)
-        if self._rank == 0:
+        if self._rank == 0 and not self._rejoin:
             payload = protocol.encode_json(config.to_dict())
             self._broadcast_control(Op.SET_COMPRESSION, payload, "set_gradient_compression")
-        self.barrier()
+        if not self._rejoin:
+            self.barrier()
         self._compression = config
         for info in self._keys.values():
             info.codec_states.clear()
@@ -232,9 +259,12 @@ class DistKVStore(KVStore):
         return self._keys[key]
 
     def _send_raw(self, server: int, frames: list) -> tuple[int, int]:
+        request_id = protocol.HEADER.unpack(frames[0])[5]
         with self._lock:
             self._channel.send(server, frames)
-        return server, protocol.HEADER.unpack(frames[0])[5]
+            if self._store is not None and not self._handshaking:
+                self._sent[request_id] = (server, frames)
+        return server, request_id
 
     def _send(self, server: int, op: Op, key: Key, info: _KeyInfo, part: KeySlice,
               values: torch.Tensor | None = None, *, scale: float = 1.0, status: int = 0) -> tuple[int, int]:
@@ -268,10 +298,13 @@ class DistKVStore(KVStore):
         deadline = time.monotonic() + timeout_s
         wanted = {request_id: server for server, request_id in requests}
         found: dict[int, Message] = {}
+        probe_after = PROBE_FIRST_S
+        next_probe = time.monotonic() + probe_after
         with self._lock:
             while True:
                 for request_id in [r for r in wanted if r in self._replies]:
                     server, message = self._replies.pop(request_id)
+                    self._sent.pop(request_id, None)
                     found[request_id] = message
                     del wanted[request_id]
                     if message.op == Op.ERROR:
@@ -279,11 +312,46 @@ class DistKVStore(KVStore):
                         raise PeerError(f"worker {self._rank}: {what} failed on server {server}: {error}")
                 if not wanted:
                     return found
+                now = time.monotonic()
+                if now >= next_probe and self._store is not None and not self._handshaking:
+                    if self._reconnect_if_restarted():
+                        deadline = time.monotonic() + timeout_s   # a fresh wait on the new server
+                    probe_after = min(2 * probe_after, PROBE_MAX_S)
+                    next_probe = time.monotonic() + probe_after
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise CommTimeout(f"worker {self._rank}: {what} got no reply from server(s) "
                                       f"{sorted(set(wanted.values()))} within {timeout_s:.1f}s")
-                self._receive_one(remaining)
+                probing = self._store is not None and not self._handshaking
+                self._receive_one(min(remaining, max(0.01, next_probe - time.monotonic())) if probing else remaining)
+
+    def _server_epochs(self) -> list[int] | None:
+        """How often each server has started (it counts itself up in the store)."""
+        if self._store is None:
+            return None
+        return [self._store.add(f"ps/server/{s}/epoch", 0) for s in range(self.num_servers)]
+
+    def _reconnect_if_restarted(self) -> bool:
+        """If a server restarted (from its snapshot), connect to its new address,
+        authenticate again, and resend every request still unanswered: a push the
+        restarted server already holds is acknowledged without being applied again."""
+        epochs = self._server_epochs()
+        if epochs == self._epochs:
+            return False
+        restarted = [s for s, (old, new) in enumerate(zip(self._epochs, epochs)) if old != new]
+        self._epochs = epochs
+        self._addresses = [self._store.get(f"ps/server/{s}").decode("utf-8") for s in range(self.num_servers)]
+        self._channel.close()
+        self._channel = get_transport(self.config.transport).connect(self._addresses)
+        self._handshake(self._secret)
+        for request_id in sorted(self._sent):
+            if request_id not in self._replies:
+                server, frames = self._sent[request_id]
+                self._channel.send(server, frames)
+        self.reconnects += 1
+        log.warning("worker %d: server(s) %s restarted; reconnected and resent %d unanswered request(s)",
+                    self._rank, restarted, len(self._sent))
+        return True
 
     def _receive_one(self, timeout_s: float) -> None:
         item = self._channel.recv(min(timeout_s, 1.0))
@@ -326,7 +394,15 @@ class DistKVStore(KVStore):
 
     def _handshake(self, secret: str) -> None:
         hello = protocol.encode_json({"rank": self._rank, "num_workers": self._num_workers,
-                                      "mode": self.type, "staleness": self.config.staleness})
+                                      "mode": self.type, "staleness": self.config.staleness,
+                                      "rejoin": self._rejoin, "session": self._session})
+        self._handshaking = True
+        try:
+            self._authenticate(secret, hello)
+        finally:
+            self._handshaking = False
+
+    def _authenticate(self, secret: str, hello: bytes) -> None:
         requests = [self._send_raw(s, protocol.encode(Op.HELLO, request_id=next(self._ids)))
                     for s in range(self.num_servers)]
         challenges = self._collect(requests, "hello", timeout_s=self._timeout_s)
@@ -372,5 +448,6 @@ def create_dist_kvstore(type_name: str, *, staleness: int = 2, env: DistEnv | No
                           f"{', '.join(allowed)}")
     config = DistKVStoreConfig(mode=type_name, staleness=staleness, **options)
     env = env or read_env()
+    from paratrain.comm.process_group import connect_store
     return DistKVStore(config, rank=env.rank, num_workers=env.world_size, addresses=server_addresses(env),
-                       secret=env.secret, timeout_s=env.timeout_s)
+                       secret=env.secret, timeout_s=env.timeout_s, rejoin=env.rejoin, store=connect_store(env))

@@ -32,6 +32,7 @@ from paratrain.ps import protocol
 from paratrain.ps.optimizer import ServerOptimizer, build_optimizer
 from paratrain.ps.policies import SliceState, UpdatePolicy, build_policy
 from paratrain.ps.protocol import Message, Op, ProtocolError
+from paratrain.ps.snapshot import SnapshotConfig, load_snapshot, restore_state, save_snapshot, snapshot_state
 
 log = logging.getLogger("paratrain.ps.server")
 
@@ -105,8 +106,9 @@ def decode_push(config: codecs.CompressionConfig | None, message: Message, numel
 class ParameterServer:
     """The request handlers and state of one server; :meth:`serve` is its loop."""
 
-    def __init__(self, config: ServerConfig, channel: ServerChannel):
+    def __init__(self, config: ServerConfig, channel: ServerChannel, snapshots: SnapshotConfig | None = None):
         self.config = config
+        self.snapshots = snapshots
         self.channel = channel
         self.keys: dict[str, SliceState] = {}
         self.dtypes: dict[str, torch.dtype] = {}
@@ -121,6 +123,13 @@ class ParameterServer:
         self.init_waiting: dict[str, list[_Waiter]] = defaultdict(list)
         self.barriers: dict[int, dict[int, _Waiter]] = defaultdict(dict)
         self.goodbyes: set[int] = set()
+        self.rejoined: set[bytes] = set()            # peers restarted into a running job
+        self.sessions: dict[bytes, str] = {}         # peer -> the worker incarnation it speaks for
+        self.last_push: dict[str, int] = {}          # session -> request id of its last applied push
+        # With snapshots, acknowledgements wait for the snapshot that makes their
+        # push durable (group commit): a reply that went out is never lost by a crash.
+        self.held: list[Callable[[], None]] = []
+        self.fresh_held = 0                          # held acks of pushes applied (not resent duplicates)
         self.stats = defaultdict(int)
 
     # -- loop ---------------------------------------------------------------------------
@@ -135,9 +144,11 @@ class ParameterServer:
         False (checked every ``liveness_every_s`` seconds)."""
         next_check = time.monotonic()
         while not self.finished:
-            item = self.channel.recv(poll_s)
+            item = self.channel.recv(0 if self.held else poll_s)
             if item is not None:
                 self.handle(*item)
+            if self.held and (item is None or self.fresh_held >= self.snapshots.every):
+                self.flush()   # nothing queued, or enough updates: make them durable, then ack
             now = time.monotonic()
             if now >= next_check:
                 self.expire(now)
@@ -242,6 +253,12 @@ class ParameterServer:
             self._error(peer, message.request_id, str(exc))
             return
         self.ranks[peer] = rank
+        session = protocol.decode_json(hello).get("session")
+        if isinstance(session, str) and session:
+            self.sessions[peer] = session[:64]
+        if protocol.decode_json(hello).get("rejoin") is True:
+            self.rejoined.add(peer)
+            self.stats["rejoins"] += 1
         self._ok(peer, message.request_id)
 
     def _admit(self, hello: dict) -> int:
@@ -294,7 +311,7 @@ class ParameterServer:
             raise RequestRejected(f"key {message.key!r}: dtype {message.dtype} is not a float type")
         if message.key in self.keys:
             self._state_for(message)  # same shape, dtype and slice, or an error
-            if rank == 0:
+            if rank == 0 and peer not in self.rejoined:   # a rejoining rank 0 keeps the trained value
                 raise RequestRejected(f"key {message.key!r} is already initialized")
             self._ok(peer, message.request_id)
             return
@@ -325,14 +342,45 @@ class ParameterServer:
         else:
             grad = message.tensor()
             grad = grad.float() if message.dtype != torch.float32 else grad
-        self.policy.on_push(state, rank, grad, message.scale, self._apply)
-        self.stats["pushes"] += 1
-        self._retry_pulls(message.key)
+        session = self.sessions.get(peer)
+        # A push resent after this server restarted may already be in its snapshot.
+        fresh = session is None or message.request_id > self.last_push.get(session, 0)
+        if fresh:
+            self.policy.on_push(state, rank, grad, message.scale, self._apply)
+            self.stats["pushes"] += 1
+            if session is not None:
+                self.last_push[session] = message.request_id
+            self._retry_pulls(message.key)
+        else:
+            self.stats["duplicate_pushes"] += 1
+        message.payload = None  # do not keep the frame alive while parked or held
+        self._acknowledge(lambda: self._answer_push(peer, rank, message), fresh)
+
+    def _answer_push(self, peer: bytes, rank: int, message: Message) -> None:
         if message.status & protocol.STATUS_PULL_AFTER:  # pushpull: answered as a pull
-            message.payload = None  # do not keep the frame alive while parked
             self._on_pull(peer, rank, message)
         else:
-            self._ok(peer, message.request_id, clock=state.pushes[rank])
+            self._ok(peer, message.request_id, clock=self.keys[message.key].pushes[rank])
+
+    def _acknowledge(self, reply: Callable[[], None], fresh: bool) -> None:
+        """Send ``reply`` now, or (with snapshots) after the next snapshot."""
+        if self.snapshots is None:
+            self.stats["acknowledged_pushes"] += fresh
+            reply()
+            return
+        self.held.append(reply)
+        self.fresh_held += fresh
+
+    def flush(self) -> None:
+        """Snapshot (when configured), then send the acknowledgements it made durable."""
+        if self.snapshots is None:
+            return
+        self.stats["acknowledged_pushes"] += self.fresh_held
+        self.stats["snapshots"] += 1
+        save_snapshot(snapshot_state(self), self.snapshots.directory, self.config.server_rank)
+        held, self.held, self.fresh_held = self.held, [], 0
+        for reply in held:
+            reply()
 
     def _apply(self, state: SliceState, grad: torch.Tensor, scale: float) -> None:
         if self.optimizer is None:
@@ -392,8 +440,9 @@ class ParameterServer:
 
     def _on_goodbye(self, peer: bytes, rank: int, message: Message) -> None:
         self.goodbyes.add(rank)
-        self._ok(peer, message.request_id)
+        self._acknowledge(lambda: self._ok(peer, message.request_id), fresh=False)
         del self.ranks[peer]
+        self.rejoined.discard(peer)
 
     _HANDLERS = {Op.INIT: _on_init, Op.PUSH: _on_push, Op.PULL: _on_pull,
                  Op.SET_OPTIMIZER: _on_set_optimizer, Op.SET_COMPRESSION: _on_set_compression, Op.BARRIER: _on_barrier, Op.GOODBYE: _on_goodbye}
@@ -417,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m paratrain.ps.server", description=__doc__.split("\n")[0])
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_BYTES >> 20,
                         help="largest message accepted; bigger ones drop the connection")
+    parser.add_argument("--snapshot-dir", default=None,
+                        help="snapshot the state here; a restarted server resumes from it")
+    parser.add_argument("--snapshot-every", type=int, default=100,
+                        help="snapshot after at most this many applied pushes (sooner when idle)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[ps-server %(process)d] %(message)s")
     torch.set_num_threads(1)
@@ -426,13 +479,21 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(server_rank=env.server_rank, num_servers=max(env.num_servers, 1),
                           secret=env.secret, timeout_s=env.timeout_s,
                           max_message_bytes=args.max_message_mb << 20)
+    snapshots = SnapshotConfig(args.snapshot_dir, args.snapshot_every) if args.snapshot_dir else None
     channel = get_transport("zmq").listen(env.bind_addr, max_message_bytes=config.max_message_bytes)
+    server = ParameterServer(config, channel, snapshots)
+    saved = load_snapshot(snapshots.directory, env.server_rank) if snapshots else None
+    if saved is not None:
+        restore_state(server, saved)
+        log.info("server %d resumed from its snapshot: %d pushes applied", env.server_rank, saved["applied_pushes"])
     store = connect_store(env, is_master=False)
     store.set(f"ps/server/{env.server_rank}", channel.address)
+    # Workers watch this counter: a change means "reconnect, authenticate, resend".
+    store.add(f"ps/server/{env.server_rank}/epoch", 1)
     log.info("server %d of %d listening at %s", env.server_rank, config.num_servers, channel.address)
-    server = ParameterServer(config, channel)
     try:
         server.serve(keep_running=_store_alive(store))
+        server.flush()   # the final snapshot, and the last goodbyes
     finally:
         channel.close()
     log.info("server %d done: %s", env.server_rank, dict(server.stats))
