@@ -276,7 +276,7 @@ def test_plan_segments_compresses_matrices_only():
 
 # Shared by every codec: no momentum, because 2bit's +-threshold steps ride a
 # momentum buffer badly (error feedback keeps the sum right, not the timing).
-CLI_TRAINING = ["--model", "cnn", "--epochs", "8", "--batch-size", "64", "--lr", "0.4",
+CLI_TRAINING = ["--model", "cnn", "--epochs", "12", "--batch-size", "64", "--lr", "0.4",
                 "--momentum", "0", "--seed", "0", "--no-progress", "--json"]
 
 
@@ -298,17 +298,28 @@ def run_cli(args: list, timeout: float) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+def heldout_accuracy(args: list, log_dir) -> float:
+    """Mean held-out accuracy of the last 3 epochs (rank 0's metrics.jsonl): one final
+    evaluation of 360 images moves by a point (3.6 images) from seed to seed."""
+    import json
+    run_cli([*args, "--log-dir", str(log_dir)], timeout=280)
+    lines = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [line["accuracy"] for line in lines if line["kind"] == "eval"]
+    assert len(evals) == 12, evals
+    return sum(evals[-3:]) / 3
+
+
 @pytest.fixture(scope="module")
-def uncompressed_cnn_accuracy():
-    return run_cli(["--workers", "4", *CLI_TRAINING], timeout=280)["accuracy"]
+def uncompressed_cnn_accuracy(tmp_path_factory):
+    return heldout_accuracy(["--workers", "4", *CLI_TRAINING], tmp_path_factory.mktemp("none"))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("spec", ["fp16", "bf16", "2bit:0.5", "topk:0.01", "powersgd:2"])
-def test_each_codec_trains_the_digits_cnn_within_one_point(spec, uncompressed_cnn_accuracy):
-    summary = run_cli(["--workers", "4", "--compression", spec, *CLI_TRAINING], timeout=280)
-    assert summary["accuracy"] >= uncompressed_cnn_accuracy - 0.01, (spec, summary, uncompressed_cnn_accuracy)
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "2bit:0.5", "topk:0.01", "powersgd:4"])
+def test_each_codec_trains_the_digits_cnn_within_one_point(spec, uncompressed_cnn_accuracy, tmp_path):
+    accuracy = heldout_accuracy(["--workers", "4", "--compression", spec, *CLI_TRAINING], tmp_path)
+    assert accuracy >= uncompressed_cnn_accuracy - 0.01, (spec, accuracy, uncompressed_cnn_accuracy)
 
 
 @pytest.mark.slow
