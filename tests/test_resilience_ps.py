@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from conftest import clean_env, run_paratrain, summary_of
+from ps_harness import PSJob, worker_env_kvstore
+from paratrain.ps.heartbeat import DEAD_AFTER_S, LivenessTracker
 
 
 
@@ -108,3 +110,44 @@ def test_sigkilled_server_resumes_from_snapshot_and_keeps_every_acknowledged_pus
     # applied each of them exactly once: none lost in the crash, none applied twice.
     assert final["applied_pushes"] == sum(summary["steps_per_worker"]) * num_keys(), (final["stats"], summary)
     assert summary["accuracy"] >= 0.85, summary
+
+
+def worker_sync_peer_dies() -> dict:
+    """Rank 1 dies (no goodbye) after one round; rank 0 pushes round 2 and pulls."""
+    kv = worker_env_kvstore("dist_sync")
+    kv.init("k", torch.zeros(4))
+    kv.push("k", torch.ones(4))
+    kv.pull("k", out=torch.empty(4))
+    if kv.rank == 1:
+        os._exit(0)
+    kv.push("k", torch.ones(4))
+    start = time.monotonic()
+    try:
+        kv.pull("k", out=torch.empty(4))
+        return {"error": None}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "waited_s": time.monotonic() - start}
+    finally:
+        kv.close()
+
+
+@pytest.mark.timeout(120)
+def test_dist_sync_dead_worker_is_found_by_heartbeat_long_before_the_timeout():
+    # The network timeout is 60 s; the heartbeat names the dead worker within seconds.
+    with PSJob(num_workers=2, num_servers=1, timeout_s=60) as job:
+        job.start_servers()
+        results = job.run_workers("test_resilience_ps:worker_sync_peer_dies", timeout_s=90)
+    assert "worker(s) [1] died (no heartbeat" in results[0]["error"], results[0]
+    assert results[0]["waited_s"] < DEAD_AFTER_S + 8, results[0]
+
+
+def test_liveness_tracker_judges_only_workers_that_stopped_beating():
+    now, counts = [0.0], {0: 1, 1: 1, 2: 0}
+    tracker = LivenessTracker(counts.__getitem__, dead_after_s=5.0, clock=lambda: now[0])
+    assert tracker.dead([0, 1, 2]) == []
+    now[0], counts[0] = 4.0, 5           # rank 0 keeps beating, rank 1 stopped
+    assert tracker.dead([0, 1, 2]) == []
+    now[0], counts[0] = 5.5, 6
+    assert tracker.dead([0, 1, 2]) == [1]   # rank 2 never beat: left to the timeout
+    with pytest.raises(ValueError, match="dead_after_s=0"):
+        LivenessTracker(counts.__getitem__, dead_after_s=0)

@@ -26,6 +26,7 @@ from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, PeerError, check_choice
 from paratrain.kvstore.base import Handle, Key, KVStore, TensorOrList, check_key, copy_out, sum_values
 from paratrain.ps import protocol
+from paratrain.ps.heartbeat import HeartbeatSender
 from paratrain.ps.optimizer import ServerOptimizer, build_optimizer
 from paratrain.ps.policies import POLICY_NAMES
 from paratrain.ps.protocol import Message, Op
@@ -119,6 +120,8 @@ class DistKVStore(KVStore):
         self.push_scale = 1.0
         self.last_min_clock: dict[Key, int] = {}
         self._epochs = self._server_epochs()
+        # Servers tell a dead worker from a slow one by its heartbeat in the store.
+        self._heartbeat = HeartbeatSender(store, rank).start() if store is not None else None
         self._channel: ClientChannel = get_transport(config.transport).connect(self._addresses)
         self._handshake(secret)
 
@@ -241,6 +244,8 @@ class DistKVStore(KVStore):
         if self._closed:
             return
         self._closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         try:
             requests = [self._send_raw(s, protocol.encode(Op.GOODBYE, request_id=next(self._ids)))
                         for s in range(self.num_servers)]

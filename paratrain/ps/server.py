@@ -29,6 +29,7 @@ from paratrain.comm import codecs
 from paratrain.comm.transport import ServerChannel, get_transport
 from paratrain.errors import ConfigError
 from paratrain.ps import protocol
+from paratrain.ps.heartbeat import LivenessTracker, heartbeat_key
 from paratrain.ps.optimizer import ServerOptimizer, build_optimizer
 from paratrain.ps.policies import SliceState, UpdatePolicy, build_policy
 from paratrain.ps.protocol import Message, Op, ProtocolError
@@ -109,6 +110,7 @@ class ParameterServer:
     def __init__(self, config: ServerConfig, channel: ServerChannel, snapshots: SnapshotConfig | None = None):
         self.config = config
         self.snapshots = snapshots
+        self.liveness: LivenessTracker | None = None   # set when workers send heartbeats
         self.channel = channel
         self.keys: dict[str, SliceState] = {}
         self.dtypes: dict[str, torch.dtype] = {}
@@ -189,6 +191,8 @@ class ParameterServer:
                     self._error(waiter.peer, waiter.message.request_id, self._waiting_text(what, key, waiter))
                 if not waiters:
                     del table[key]
+        if self.liveness is not None:
+            self._fail_pulls_waiting_for_the_dead()
         for generation, arrived in list(self.barriers.items()):
             if any(w.deadline <= now for w in arrived.values()):
                 missing = sorted(set(range(self.num_workers or 0)) - set(arrived))
@@ -197,6 +201,23 @@ class ParameterServer:
                                 f"barrier {generation} timed out after {self.config.timeout_s}s on server "
                                 f"{self.config.server_rank}: missing worker(s) {missing}")
                 del self.barriers[generation]
+
+    def _fail_pulls_waiting_for_the_dead(self) -> None:
+        """A pull parked for a worker that stopped beating would only time out: fail it
+        now, naming the dead worker (the dist_sync policy: the round fails, the job
+        stops or restarts; it never hangs)."""
+        for key, waiters in list(self.waiting.items()):
+            state = self.keys[key]
+            blocking = sorted({r for w in waiters for r in self.policy.blocking_workers(state, w.rank)})
+            dead = self.liveness.dead(blocking)
+            if not dead:
+                continue
+            for waiter in waiters:
+                self._error(waiter.peer, waiter.message.request_id,
+                            f"pull by worker {waiter.rank} (server {self.config.server_rank}, key {key!r}) cannot "
+                            f"complete: worker(s) {dead} died (no heartbeat for "
+                            f"{self.liveness.dead_after_s:.0f}s); missing worker(s) {dead}")
+            del self.waiting[key]
 
     def _waiting_text(self, what: str, key: str, waiter: _Waiter) -> str:
         where = f"server {self.config.server_rank}, key {key!r}"
@@ -491,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     # Workers watch this counter: a change means "reconnect, authenticate, resend".
     store.add(f"ps/server/{env.server_rank}/epoch", 1)
     log.info("server %d of %d listening at %s", env.server_rank, config.num_servers, channel.address)
+    server.liveness = LivenessTracker(lambda rank: store.add(heartbeat_key(rank), 0))
     try:
         server.serve(keep_running=_store_alive(store))
         server.flush()   # the final snapshot, and the last goodbyes
