@@ -151,3 +151,53 @@ def test_liveness_tracker_judges_only_workers_that_stopped_beating():
     assert tracker.dead([0, 1, 2]) == [1]   # rank 2 never beat: left to the timeout
     with pytest.raises(ValueError, match="dead_after_s=0"):
         LivenessTracker(counts.__getitem__, dead_after_s=0)
+
+
+def worker_backup_round(backup_workers: int, late_s: float) -> dict:
+    """Rank r pushes r + 1 every round; the last rank is late by ``late_s``."""
+    kv = worker_env_kvstore("dist_sync", backup_workers=backup_workers)
+    kv.init("k", torch.zeros(4))
+    values, waits = [], []
+    for _ in range(2):
+        if kv.rank == kv.num_workers - 1:
+            time.sleep(late_s)
+        start = time.monotonic()
+        kv.push("k", torch.full((4,), float(kv.rank + 1)))
+        out = torch.empty(4)
+        kv.pull("k", out=out)
+        values.append(out.tolist())
+        waits.append(time.monotonic() - start)
+    kv.close()
+    return {"values": values, "waits": waits}
+
+
+@pytest.mark.timeout(120)
+def test_backup_worker_round_goes_ahead_without_the_late_one_and_drops_its_push():
+    with PSJob(num_workers=3, num_servers=1, timeout_s=30) as job:
+        job.start_servers()
+        results = job.run_workers("test_resilience_ps:worker_backup_round",
+                                  {"backup_workers": 1, "late_s": 3.0}, timeout_s=90)
+    assert all("error" not in r for r in results), results
+    # Round 1 is ranks 0 and 1 (1 + 2), scaled by 3 / 2 to stay a mean over the job.
+    assert results[0]["values"][0] == [4.5] * 4
+    # The prompt workers never waited for the late one.
+    assert max(results[0]["waits"] + results[1]["waits"]) < 2.0, results
+    # The late worker's first push was dropped: it pulls a round without it. Its second
+    # came after the others left, so it was applied alone (3 scaled by 3 / 1).
+    assert results[2]["values"] == [[4.5] * 4, [9.0] * 4], results[2]
+
+
+def test_sync_policy_with_backups_counts_late_pushes_and_moves_the_late_worker_on():
+    from paratrain.ps.policies import SliceState, SyncPolicy
+    policy, applied = SyncPolicy(backup_workers=1), []
+    state = SliceState(value=torch.zeros(2), full_shape=(2,), offset=0, num_workers=3)
+    apply = lambda st, grad, scale: applied.append((grad * scale).tolist())
+    policy.on_push(state, 0, torch.ones(2), 1.0, apply)
+    assert not applied and policy.blocking_workers(state, 0) == [1, 2]
+    policy.on_push(state, 1, torch.ones(2), 1.0, apply)
+    assert applied == [[3.0, 3.0]]                # 2 of 3 pushed: sum * 3 / 2
+    policy.on_push(state, 2, torch.ones(2), 1.0, apply)   # late for round 1
+    assert state.late_dropped == 1 and len(applied) == 1
+    assert policy.blocking_workers(state, 2) == []       # its pull gets the current value
+    with pytest.raises(Exception, match="backup_workers=-1"):
+        SyncPolicy(backup_workers=-1)

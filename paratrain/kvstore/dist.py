@@ -55,9 +55,15 @@ class DistKVStoreConfig:
     staleness: int = 2
     bigarray_bound: int = DEFAULT_BIGARRAY_BOUND
     transport: str = "zmq"
+    backup_workers: int = 0     # dist_sync: apply a round once N - b workers pushed it
 
     def __post_init__(self) -> None:
         check_choice("kvstore", self.mode, POLICY_NAMES)
+        if isinstance(self.backup_workers, bool) or not isinstance(self.backup_workers, int) \
+                or self.backup_workers < 0:
+            raise ConfigError(f"backup_workers={self.backup_workers!r} must be an int >= 0")
+        if self.backup_workers and self.mode != "dist_sync":
+            raise ConfigError(f"backup_workers={self.backup_workers} applies to dist_sync only, not {self.mode!r}")
         if isinstance(self.staleness, bool) or not isinstance(self.staleness, int) or self.staleness < 0:
             raise ConfigError(f"staleness={self.staleness!r} must be an int >= 0")
         if isinstance(self.bigarray_bound, bool) or not isinstance(self.bigarray_bound, int) \
@@ -90,6 +96,8 @@ class DistKVStore(KVStore):
                               f"--servers M (M >= 1)")
         if not 0 <= rank < num_workers:
             raise ConfigError(f"rank={rank} must be in [0, num_workers={num_workers})")
+        if config.backup_workers >= num_workers:
+            raise ConfigError(f"backup_workers={config.backup_workers} must be < num_workers={num_workers}")
         self.config = config
         self.type = config.mode
         self._rank, self._num_workers = rank, num_workers
@@ -400,7 +408,8 @@ class DistKVStore(KVStore):
     def _handshake(self, secret: str) -> None:
         hello = protocol.encode_json({"rank": self._rank, "num_workers": self._num_workers,
                                       "mode": self.type, "staleness": self.config.staleness,
-                                      "rejoin": self._rejoin, "session": self._session})
+                                      "rejoin": self._rejoin, "session": self._session,
+                                      "backup_workers": self.config.backup_workers})
         self._handshaking = True
         try:
             self._authenticate(secret, hello)
@@ -445,8 +454,8 @@ def server_addresses(env: DistEnv) -> list[str]:
 def create_dist_kvstore(type_name: str, *, staleness: int = 2, env: DistEnv | None = None,
                         **options) -> KVStore:
     """Connect to the job's parameter servers as a ``dist_sync``/``dist_async``/
-    ``dist_ssp`` KVStore. ``options``: ``bigarray_bound``, ``transport``."""
-    allowed = ("bigarray_bound", "transport")
+    ``dist_ssp`` KVStore. ``options``: ``bigarray_bound``, ``transport``, ``backup_workers``."""
+    allowed = ("bigarray_bound", "transport", "backup_workers")
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ConfigError(f"kvstore {type_name!r} got unknown option(s) {unknown}; allowed: staleness, "

@@ -30,6 +30,7 @@ class SliceState:
     optimizer_state: dict = field(default_factory=dict)
     pushes: list[int] = field(default_factory=list)       # per worker: pushes received
     applied_rounds: int = 0
+    late_dropped: int = 0               # sync with backup workers: pushes that came too late
     pending: list[deque] = field(default_factory=list)    # sync: queued pushes per worker
     lent: object = None                 # tracker of a zero-copy reply still reading value
 
@@ -69,16 +70,43 @@ class UpdatePolicy(abc.ABC):
 
 class SyncPolicy(UpdatePolicy):
     """MXNet ``dist_sync``: round ``i`` is applied once every worker pushed its i-th
-    value, summed in rank order so the result does not depend on arrival order."""
+    value, summed in rank order so the result does not depend on arrival order.
+
+    With ``backup_workers=b`` a round is applied once ``N - b`` workers pushed it (the
+    sum scaled by ``N / contributors``, so it is still a mean over the job's batch); a
+    push for a round already applied is dropped (counted in ``late_dropped``) and its
+    worker moves on to the current round, as in Chen et al.'s backup workers."""
 
     name = "dist_sync"
     needs_optimizer = False
 
+    def __init__(self, backup_workers: int = 0):
+        if isinstance(backup_workers, bool) or not isinstance(backup_workers, int) or backup_workers < 0:
+            raise ConfigError(f"backup_workers={backup_workers!r} must be an int >= 0")
+        self.backup_workers = backup_workers
+        self.departed: set[int] = set()   # workers that said goodbye (backups: no longer awaited)
+
     def on_push(self, state: SliceState, worker: int, grad: torch.Tensor, scale: float, apply: ApplyFn) -> None:
         state.pushes[worker] += 1
+        if state.pushes[worker] <= state.applied_rounds:   # its round went ahead without it
+            state.pushes[worker] = state.applied_rounds
+            state.late_dropped += 1
+            return
         state.pending[worker].append((grad, scale))
-        while all(state.pending):
-            pushes = [state.pending[rank].popleft() for rank in range(state.num_workers)]
+        self.apply_ready(state, apply)
+
+    def depart(self, worker: int) -> None:
+        """With backup workers, a worker that finished is no longer waited for: a slow
+        worker's last rounds, pushed after the others left, are applied with fewer."""
+        if self.backup_workers:
+            self.departed.add(worker)
+
+    def apply_ready(self, state: SliceState, apply: ApplyFn) -> None:
+        """Apply every round that has enough pushes."""
+        needed = max(1, state.num_workers - max(self.backup_workers, len(self.departed)))
+        while sum(1 for queue in state.pending if queue) >= needed:
+            contributors = [rank for rank in range(state.num_workers) if state.pending[rank]]
+            pushes = [state.pending[rank].popleft() for rank in contributors]
             scales = {s for _, s in pushes}
             if len(scales) == 1:  # the usual case: sum, and let the update scale once
                 total, round_scale = pushes[0][0].clone(), scales.pop()
@@ -88,6 +116,8 @@ class SyncPolicy(UpdatePolicy):
                 total, round_scale = pushes[0][0] * pushes[0][1], 1.0
                 for g, s in pushes[1:]:
                     total.add_(g, alpha=s)
+            if len(contributors) < state.num_workers:
+                round_scale *= state.num_workers / len(contributors)
             apply(state, total, round_scale)
             state.applied_rounds += 1
 
@@ -134,10 +164,12 @@ class StalenessPolicy(AsyncPolicy):
 POLICY_NAMES = ("dist_sync", "dist_async", "dist_ssp")
 
 
-def build_policy(name: str, staleness: int = 0) -> UpdatePolicy:
+def build_policy(name: str, staleness: int = 0, backup_workers: int = 0) -> UpdatePolicy:
     """The policy for a kvstore type name."""
+    if backup_workers and name != "dist_sync":
+        raise ConfigError(f"backup_workers={backup_workers} applies to dist_sync only, not {name!r}")
     if name == "dist_sync":
-        return SyncPolicy()
+        return SyncPolicy(backup_workers)
     if name == "dist_async":
         return AsyncPolicy()
     if name == "dist_ssp":

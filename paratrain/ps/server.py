@@ -118,6 +118,7 @@ class ParameterServer:
         self.nonces: OrderedDict[bytes, bytes] = OrderedDict()
         self.num_workers: int | None = None
         self.mode: tuple[str, int] | None = None
+        self.backup_workers = 0
         self.policy: UpdatePolicy | None = None
         self.optimizer: ServerOptimizer | None = None
         self.compression: codecs.CompressionConfig | None = None
@@ -293,11 +294,17 @@ class ParameterServer:
             raise RequestRejected(f"num_workers={num_workers} differs from the job's {self.num_workers}")
         if self.mode is not None and (mode, staleness) != self.mode:
             raise RequestRejected(f"mode={mode!r}/staleness={staleness} differs from the job's {self.mode}")
+        backup = hello.get("backup_workers", 0)
+        if isinstance(backup, bool) or not isinstance(backup, int) or not 0 <= backup < num_workers:
+            raise RequestRejected(f"backup_workers={backup!r} must be an int in [0, num_workers={num_workers})")
+        if self.mode is not None and backup != self.backup_workers:
+            raise RequestRejected(f"backup_workers={backup} differs from the job's {self.backup_workers}")
         try:
-            policy = self.policy or build_policy(mode, staleness)
+            policy = self.policy or build_policy(mode, staleness, backup)
         except ConfigError as exc:
             raise RequestRejected(str(exc)) from None
         self.num_workers, self.mode, self.policy = num_workers, (mode, staleness), policy
+        self.backup_workers = backup
         return rank
 
     # -- requests -----------------------------------------------------------------------
@@ -461,6 +468,11 @@ class ParameterServer:
 
     def _on_goodbye(self, peer: bytes, rank: int, message: Message) -> None:
         self.goodbyes.add(rank)
+        if hasattr(self.policy, "depart"):   # backup workers: stop waiting for this one
+            self.policy.depart(rank)
+            for key, state in self.keys.items():
+                self.policy.apply_ready(state, self._apply)
+                self._retry_pulls(key)
         self._acknowledge(lambda: self._ok(peer, message.request_id), fresh=False)
         del self.ranks[peer]
         self.rejoined.discard(peer)

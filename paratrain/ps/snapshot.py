@@ -46,6 +46,7 @@ def slice_to_dict(state: SliceState) -> dict:
     return {"value": state.value, "full_shape": list(state.full_shape), "offset": state.offset,
             "num_workers": state.num_workers, "optimizer_state": dict(state.optimizer_state),
             "pushes": list(state.pushes), "applied_rounds": state.applied_rounds,
+            "late_dropped": state.late_dropped,
             "pending": [[(grad, scale) for grad, scale in queue] for queue in state.pending]}
 
 
@@ -54,6 +55,7 @@ def slice_from_dict(saved: dict) -> SliceState:
                        num_workers=saved["num_workers"], optimizer_state=dict(saved["optimizer_state"]))
     state.pushes = list(saved["pushes"])
     state.applied_rounds = saved["applied_rounds"]
+    state.late_dropped = saved.get("late_dropped", 0)
     state.pending = [deque((grad, float(scale)) for grad, scale in queue) for queue in saved["pending"]]
     return state
 
@@ -84,6 +86,7 @@ def snapshot_state(server) -> dict:
         "dtypes": {key: str(dtype).removeprefix("torch.") for key, dtype in server.dtypes.items()},
         "num_workers": server.num_workers,
         "mode": list(server.mode) if server.mode else None,
+        "backup_workers": server.backup_workers,
         "optimizer": server.optimizer.to_spec() if server.optimizer is not None else None,
         "compression": server.compression.to_dict() if server.compression is not None else None,
         "goodbyes": sorted(server.goodbyes),
@@ -93,6 +96,7 @@ def snapshot_state(server) -> dict:
         "applied_pushes": int(server.stats["pushes"]),
         "acknowledged_pushes": int(server.stats["acknowledged_pushes"]),
         "rejoins": int(server.stats["rejoins"]),
+        "late_dropped": sum(state.late_dropped for state in server.keys.values()),
     }
 
 
@@ -107,10 +111,14 @@ def restore_state(server, saved: dict) -> None:
     server.num_workers = saved["num_workers"]
     if saved["mode"] is not None:
         server.mode = (saved["mode"][0], int(saved["mode"][1]))
-        server.policy = build_policy(*server.mode)
+        server.backup_workers = saved["backup_workers"]
+        server.policy = build_policy(*server.mode, backup_workers=server.backup_workers)
     server.optimizer = build_optimizer(saved["optimizer"]) if saved["optimizer"] is not None else None
     server.compression = parse_compression(saved["compression"]) if saved["compression"] is not None else None
     server.goodbyes = set(saved["goodbyes"])
+    for rank in server.goodbyes:
+        if hasattr(server.policy, "depart"):
+            server.policy.depart(rank)
     server.last_push = dict(saved["last_push"])
     for name, value in saved["stats"].items():
         server.stats[name] = value
