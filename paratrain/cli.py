@@ -64,6 +64,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     comm.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     comm.add_argument("--sync-every", type=_positive("--sync-every"), default=None, help="local SGD period H")
     comm.add_argument("--staleness", type=_positive("--staleness", zero_ok=True), default=None, help="dist_ssp bound")
+    comm.add_argument("--backup-workers", type=_positive("--backup-workers", zero_ok=True), default=0,
+                      help="dist_sync: apply a round once N-b workers pushed; late gradients are dropped")
     comm.add_argument("--stages", type=_positive("--stages"), default=None)
     comm.add_argument("--micro-batches", type=_positive("--micro-batches"), default=None)
     comm.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b")
@@ -124,6 +126,9 @@ def _resolve(args: argparse.Namespace, env: DistEnv) -> None:
                           f"not --strategy {args.strategy}")
     if args.server_snapshot_every and not args.server_snapshot_dir:
         raise ConfigError(f"--server-snapshot-every {args.server_snapshot_every} needs --server-snapshot-dir")
+    if args.backup_workers and (args.strategy != "dist_sync" or args.backup_workers >= args.workers):
+        raise ConfigError(f"--backup-workers {args.backup_workers} needs --strategy dist_sync and fewer than "
+                          f"--workers {args.workers}; got --strategy {args.strategy}")
     if args.step_delay < 0:
         raise ConfigError(f"--step-delay {args.step_delay}: must be >= 0 seconds")
     slow = parse_stragglers(args.straggler)
@@ -138,6 +143,14 @@ def _build_strategy(args: argparse.Namespace, env: DistEnv):
 
 
 def _build_plain_strategy(args: argparse.Namespace, env: DistEnv):
+    strategy = _build_named_strategy(args, env)
+    if getattr(args, "backup_workers", 0):   # validated in _resolve: dist_sync only
+        strategy.config.kvstore_options = dict(strategy.config.kvstore_options or {},
+                                               backup_workers=args.backup_workers)
+    return strategy
+
+
+def _build_named_strategy(args: argparse.Namespace, env: DistEnv):
     from paratrain.train import build_strategy
     return build_strategy(args.strategy, compression=args.compression, accumulate=args.accumulate, amp=args.amp,
                           sync_every=args.sync_every, staleness=args.staleness, stages=args.stages,

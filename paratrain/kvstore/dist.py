@@ -274,9 +274,9 @@ class DistKVStore(KVStore):
     def _send_raw(self, server: int, frames: list) -> tuple[int, int]:
         request_id = protocol.HEADER.unpack(frames[0])[5]
         with self._lock:
-            self._channel.send(server, frames)
             if self._store is not None and not self._handshaking:
                 self._sent[request_id] = (server, frames)
+            self._channel.send(server, frames)
         return server, request_id
 
     def _send(self, server: int, op: Op, key: Key, info: _KeyInfo, part: KeySlice,

@@ -9,6 +9,7 @@ timestamps, so clocks of different hosts never need to agree.
 """
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from typing import Callable
@@ -31,6 +32,9 @@ class HeartbeatSender:
 
     def start(self) -> "HeartbeatSender":
         self._thread.start()
+        # A thread still inside a store call while the interpreter shuts down aborts
+        # the process: stop it first, even when nobody closed the kvstore.
+        atexit.register(self.stop)
         return self
 
     def _run(self) -> None:
@@ -43,7 +47,9 @@ class HeartbeatSender:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2 * self._every_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * self._every_s)
+        atexit.unregister(self.stop)
 
 
 class LivenessTracker:

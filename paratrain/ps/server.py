@@ -192,7 +192,9 @@ class ParameterServer:
                     self._error(waiter.peer, waiter.message.request_id, self._waiting_text(what, key, waiter))
                 if not waiters:
                     del table[key]
-        if self.liveness is not None:
+        # dist_sync only: under dist_ssp a dead worker is restarted alone and rejoins,
+        # so the others wait for it (up to the timeout) rather than fail.
+        if self.liveness is not None and self.policy is not None and self.policy.name == "dist_sync":
             self._fail_pulls_waiting_for_the_dead()
         for generation, arrived in list(self.barriers.items()):
             if any(w.deadline <= now for w in arrived.values()):
