@@ -27,7 +27,8 @@ class PendingReduce(Protocol):
 
 
 class BucketReducer(Protocol):
-    """Sums one flat gradient bucket across workers (plain or compressed)."""
+    """Sums one flat gradient bucket across workers (plain or compressed). A reducer
+    may also define ``describe_bucket(index, shapes)`` to learn each bucket's layout."""
 
     bytes_sent: int
 
@@ -136,6 +137,9 @@ class BucketedAllreduceSync(GradientSync):
             total += param.numel()
         flat = torch.zeros(total, dtype=bucket_params[0].dtype, device=bucket_params[0].device)
         index = len(self._buckets)
+        describe = getattr(self.reducer, "describe_bucket", None)
+        if describe is not None:   # PowerSGD compresses each matrix of the bucket on its own
+            describe(index, [p.shape for p in bucket_params])
         for slot, param in enumerate(bucket_params):
             self._where[id(param)] = (index, slot)
         self._buckets.append(_Bucket(bucket_params, offsets, flat))
