@@ -97,8 +97,9 @@ def worker_ssp(mode: str, staleness: int, steps: int, slow_rank: int, slow_s: fl
         if rank == slow_rank:
             time.sleep(slow_s)
         grad = 2 * data.T @ (data @ w - targets) / len(data)
-        kv.push("w", grad)
+        # Stamped before sending: no server can have the push earlier than this.
         pushed_at.append(time.monotonic())
+        kv.push("w", grad)
         kv.pull("w", out=w)
         pulled_at.append(time.monotonic())
         min_clocks.append(kv.last_min_clock["w"])
