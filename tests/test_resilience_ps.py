@@ -201,3 +201,13 @@ def test_sync_policy_with_backups_counts_late_pushes_and_moves_the_late_worker_o
     assert policy.blocking_workers(state, 2) == []       # its pull gets the current value
     with pytest.raises(Exception, match="backup_workers=-1"):
         SyncPolicy(backup_workers=-1)
+
+
+def test_ssp_stops_waiting_for_a_worker_that_said_goodbye():
+    from paratrain.ps.policies import SliceState, StalenessPolicy
+    policy = StalenessPolicy(staleness=1)
+    state = SliceState(value=torch.zeros(2), full_shape=(2,), offset=0, num_workers=2)
+    state.pushes = [5, 2]
+    assert policy.blocking_workers(state, 0) == [1]
+    policy.depart(1)
+    assert policy.blocking_workers(state, 0) == []

@@ -67,6 +67,9 @@ class UpdatePolicy(abc.ABC):
     def min_clock(self, state: SliceState) -> int:
         return min(state.pushes)
 
+    def depart(self, worker: int) -> None:
+        """``worker`` said goodbye: policies that wait for workers may stop waiting for it."""
+
 
 class SyncPolicy(UpdatePolicy):
     """MXNet ``dist_sync``: round ``i`` is applied once every worker pushed its i-th
@@ -155,10 +158,17 @@ class StalenessPolicy(AsyncPolicy):
         if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
             raise ConfigError(f"staleness={staleness!r} must be an int >= 0")
         self.staleness = staleness
+        self.departed: set[int] = set()
+
+    def depart(self, worker: int) -> None:
+        # A worker that finished (dynamic dispatch gave it no more batches) pushes no
+        # more: the others must not wait for it until the timeout.
+        self.departed.add(worker)
 
     def blocking_workers(self, state: SliceState, worker: int) -> list[int]:
         floor = state.pushes[worker] - self.staleness
-        return [rank for rank in range(state.num_workers) if state.pushes[rank] < floor]
+        return [rank for rank in range(state.num_workers)
+                if state.pushes[rank] < floor and rank not in self.departed]
 
 
 POLICY_NAMES = ("dist_sync", "dist_async", "dist_ssp")

@@ -470,11 +470,11 @@ class ParameterServer:
 
     def _on_goodbye(self, peer: bytes, rank: int, message: Message) -> None:
         self.goodbyes.add(rank)
-        if hasattr(self.policy, "depart"):   # backup workers: stop waiting for this one
-            self.policy.depart(rank)
-            for key, state in self.keys.items():
+        self.policy.depart(rank)   # backup workers, ssp: stop waiting for this one
+        for key, state in self.keys.items():
+            if hasattr(self.policy, "apply_ready"):
                 self.policy.apply_ready(state, self._apply)
-                self._retry_pulls(key)
+            self._retry_pulls(key)
         self._acknowledge(lambda: self._ok(peer, message.request_id), fresh=False)
         del self.ranks[peer]
         self.rejoined.discard(peer)

@@ -117,7 +117,7 @@ def restore_state(server, saved: dict) -> None:
     server.compression = parse_compression(saved["compression"]) if saved["compression"] is not None else None
     server.goodbyes = set(saved["goodbyes"])
     for rank in server.goodbyes:
-        if hasattr(server.policy, "depart"):
+        if server.policy is not None:
             server.policy.depart(rank)
     server.last_push = dict(saved["last_push"])
     for name, value in saved["stats"].items():
