@@ -41,8 +41,8 @@ class HeartbeatSender:
         while not self._stop.is_set():
             try:
                 self._store.add(self._key, 1)
-            except Exception:   # the store is gone: the job is ending, nobody to tell
-                return
+            except Exception:   # store unreachable (partition) or gone: try again later
+                pass
             self._stop.wait(self._every_s)
 
     def stop(self) -> None:

@@ -218,7 +218,7 @@ class ParameterServer:
             for waiter in waiters:
                 self._error(waiter.peer, waiter.message.request_id,
                             f"pull by worker {waiter.rank} (server {self.config.server_rank}, key {key!r}) cannot "
-                            f"complete: worker(s) {dead} died (no heartbeat for "
+                            f"complete: worker(s) {dead} died or are unreachable (no heartbeat for "
                             f"{self.liveness.dead_after_s:.0f}s); missing worker(s) {dead}")
             del self.waiting[key]
 
