@@ -63,27 +63,14 @@ def test_identical_runs_print_the_same_checksum_and_resume_is_exact(tmp_path):
     assert first["param_checksum"] == second["param_checksum"]
     for key in ("final_loss", "accuracy", "samples_per_sec", "steps", "wall_s", "param_checksum"):
         assert key in first
-    other_seed = summary_of(run_paratrain(*args, "--epochs", "2", "--seed", "1"))
-    assert other_seed["param_checksum"] != first["param_checksum"]     # the checksum can tell runs apart
+    # (That the checksum tells runs apart is test_param_checksum_sees_one_bit; resuming
+    # mid-epoch from step checkpoints is covered by the chaos test in test_resilience_sync.)
     ckdir = str(tmp_path / "ck")
     half = summary_of(run_paratrain(*args, "--epochs", "1", "--checkpoint-dir", ckdir))
     assert half["param_checksum"] != first["param_checksum"]
     resumed = summary_of(run_paratrain(*args, "--epochs", "2", "--checkpoint-dir", ckdir, "--resume"))
     assert resumed["param_checksum"] == first["param_checksum"]
     assert resumed["steps"] == first["steps"]
-
-
-@pytest.mark.timeout(200)
-def test_resume_mid_epoch_from_step_checkpoint(tmp_path):
-    args = ("train", "--workers", "2", "--model", "mlp", "--json", "--epochs", "2", *FAST)
-    straight = summary_of(run_paratrain(*args))
-    ckdir = str(tmp_path / "ck")
-    # --checkpoint-every 5 leaves a mid-epoch checkpoint at step 30 (epoch 1, batch 7);
-    # a fresh run resumes from the last one written, at the end of epoch 2.
-    summary_of(run_paratrain(*args, "--checkpoint-dir", ckdir, "--checkpoint-every", "5"))
-    import torch as _torch
-    saved = _torch.load(os.path.join(ckdir, "model.pt"), weights_only=True)
-    assert saved["epoch"] == 2 and saved["batch_in_epoch"] == 0
 
 
 @pytest.mark.timeout(60)
