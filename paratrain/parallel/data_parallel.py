@@ -205,7 +205,8 @@ class BucketedAllreduceSync(GradientSync):
                                        tid="comm", bytes=bucket.flat.numel() * bucket.flat.element_size())
             if summed is not bucket.flat:   # a compressed reducer returns a new tensor
                 bucket.flat.copy_(summed)
-            bucket.flat.mul_(scale)       # every param.grad is a view of it
+            if scale != 1.0:
+                bucket.flat.mul_(scale)   # every param.grad is a view of it
             bucket.ready.clear()
             bucket.pending = None
         self._next_launch = 0
@@ -228,9 +229,8 @@ class LocalSync(GradientSync):
 
     def reduce(self, scale: float) -> None:
         if scale != 1.0:
-            for param in self._params:
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+            grads = [param.grad for param in self._params if param.grad is not None]
+            torch._foreach_mul_(grads, scale)   # one fused pass, as torch.optim does
 
 
 def broadcast_buffers(buffers: Sequence[torch.Tensor], src: int = 0) -> None:

@@ -135,11 +135,14 @@ class DataParallelStrategy(Strategy):
                     output = self.model(x)
                     loss = self.loss_fn(output.float(), y)
                 with self._span("backward"):
-                    scaled = self.trainer.loss_scaler.scale(loss) if self.trainer.loss_scaler else loss
-                    scaled.backward()
+                    # Normalise the summed loss by the global batch here, on one scalar,
+                    # instead of on every gradient after backward.
+                    normalized = loss / global_batch
+                    scaler = self.trainer.loss_scaler
+                    (scaler.scale(normalized) if scaler else normalized).backward()
             loss_sum += loss.item()
             correct += int((output.argmax(1) == y).sum())
-        self.trainer.step(len(inputs), global_batch_size=global_batch)
+        self.trainer.step(len(inputs), global_batch_size=global_batch, normalized=True)
         self._local_samples += len(inputs)
         return self._totals(loss_sum, correct, len(inputs), reduce=self._lockstep)
 
