@@ -143,18 +143,11 @@ def _build_strategy(args: argparse.Namespace, env: DistEnv):
 
 
 def _build_plain_strategy(args: argparse.Namespace, env: DistEnv):
-    strategy = _build_named_strategy(args, env)
-    if getattr(args, "backup_workers", 0):   # validated in _resolve: dist_sync only
-        strategy.config.kvstore_options = dict(strategy.config.kvstore_options or {},
-                                               backup_workers=args.backup_workers)
-    return strategy
-
-
-def _build_named_strategy(args: argparse.Namespace, env: DistEnv):
     from paratrain.train import build_strategy
     return build_strategy(args.strategy, compression=args.compression, accumulate=args.accumulate, amp=args.amp,
                           sync_every=args.sync_every, staleness=args.staleness, stages=args.stages,
-                          micro_batches=args.micro_batches, schedule=args.schedule, replicas=args.replicas, env=env)
+                          micro_batches=args.micro_batches, schedule=args.schedule, replicas=args.replicas,
+                          backup_workers=args.backup_workers, env=env)
 
 
 def run_worker(args: argparse.Namespace, env: DistEnv) -> dict:

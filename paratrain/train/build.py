@@ -10,13 +10,14 @@ STRATEGIES = ("local", "allreduce", "dist_sync", "dist_async", "dist_ssp", "loca
 def build_strategy(name: str, *, compression=None, accumulate: int = 1, amp: str = "none",
                    sync_every: int | None = None, staleness: int | None = None,
                    stages: int | None = None, micro_batches: int | None = None,
-                   schedule: str = "1f1b", replicas: int = 1, env=None) -> Strategy:
+                   schedule: str = "1f1b", replicas: int = 1, backup_workers: int = 0, env=None) -> Strategy:
     """Build a strategy by name with its options; options that do not apply to the
     chosen strategy are rejected, naming the option."""
     check_choice("strategy", name, STRATEGIES)
     if name in ("pipeline", "hybrid"):
         for option, value, default in (("compression", compression, None), ("accumulate", accumulate, 1),
-                                       ("sync_every", sync_every, None), ("staleness", staleness, None)):
+                                       ("sync_every", sync_every, None), ("staleness", staleness, None),
+                                       ("backup_workers", backup_workers, 0)):
             if value != default:
                 raise ConfigError(f"{option}={value!r} does not apply to strategy {name!r}")
         from paratrain.train.pipeline_strategy import PipelineStrategy
@@ -31,8 +32,14 @@ def build_strategy(name: str, *, compression=None, accumulate: int = 1, amp: str
         raise ConfigError(f"sync_every={sync_every} applies to strategy 'local_sgd' only, not {name!r}")
     if staleness is not None and name != "dist_ssp":
         raise ConfigError(f"staleness={staleness} applies to strategy 'dist_ssp' only, not {name!r}")
+    if backup_workers and name != "dist_sync":
+        raise ConfigError(f"backup_workers={backup_workers} applies to strategy 'dist_sync' only, not {name!r}")
     from paratrain.train.data_parallel_strategy import DataParallelStrategy
     kvstore = "allreduce" if name == "local_sgd" else name
-    options = {"staleness": staleness} if staleness is not None else None
+    options = {}
+    if staleness is not None:          # 0 is a real bound (lockstep), keep it
+        options["staleness"] = staleness
+    if backup_workers:
+        options["backup_workers"] = backup_workers
     return DataParallelStrategy(kvstore=kvstore, accumulate=accumulate, amp=amp, compression=compression,
-                                sync_every=sync_every, kvstore_options=options, env=env)
+                                sync_every=sync_every, kvstore_options=options or None, env=env)

@@ -155,6 +155,12 @@ class DataParallelStrategy(Strategy):
             return StepResult(loss_sum * self.data_world, correct * self.data_world, samples * self.data_world)
         return StepResult(loss_sum, correct, samples)
 
+    def finish(self) -> None:
+        # A worker whose batch queue ran dry must tell the servers, or dist_ssp/sync
+        # rounds would wait for it until they time out.
+        if self.config.kvstore.startswith("dist_"):
+            self.trainer.kvstore.close()
+
     def end_epoch(self) -> None:
         self.trainer.sync.consolidate()
 

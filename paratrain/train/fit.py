@@ -66,6 +66,7 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
         state.epoch = epoch
         state.heldout = strategy.evaluate(heldout.inputs, heldout.targets) if heldout is not None else None
         _notify(callbacks, "on_epoch_end", state)
+    strategy.finish()
     steps_per_worker, samples_per_sec = strategy.job_totals(state.step, train_samples, train_seconds)
     state.summary = {
         "strategy": strategy.name,

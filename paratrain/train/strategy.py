@@ -67,6 +67,10 @@ class Strategy(abc.ABC):
         """Called on every rank after an epoch's last step, before its checkpoint and
         evaluation (e.g. local SGD averages the models here)."""
 
+    def finish(self) -> None:
+        """Called on every rank after its last step, before the summary: release what
+        others may be waiting on (parameter-server workers say goodbye)."""
+
     def make_sampler(self, dataset_len: int, global_batch: int, seed: int):
         """The batch sampler this process trains with (default: a fixed shard of every
         global batch; async strategies hand batches out dynamically)."""
