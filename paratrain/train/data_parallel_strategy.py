@@ -135,14 +135,14 @@ class DataParallelStrategy(Strategy):
                     output = self.model(x)
                     loss = self.loss_fn(output.float(), y)
                 with self._span("backward"):
-                    # Normalise the summed loss by the global batch here, on one scalar,
-                    # instead of on every gradient after backward.
-                    normalized = loss / global_batch
+                    # The summed loss is back-propagated as is (Gluon): codecs such as
+                    # MXNet's 2bit define their threshold on summed gradients, so the
+                    # 1/global-batch rescale comes after communication, in trainer.step.
                     scaler = self.trainer.loss_scaler
-                    (scaler.scale(normalized) if scaler else normalized).backward()
+                    (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.item()
             correct += int((output.argmax(1) == y).sum())
-        self.trainer.step(len(inputs), global_batch_size=global_batch, normalized=True)
+        self.trainer.step(len(inputs), global_batch_size=global_batch)
         self._local_samples += len(inputs)
         return self._totals(loss_sum, correct, len(inputs), reduce=self._lockstep)
 

@@ -123,21 +123,19 @@ class Trainer:
         with self.sync.no_sync():
             yield
 
-    def step(self, batch_size: int, *, global_batch_size: int | None = None, normalized: bool = False) -> None:
+    def step(self, batch_size: int, *, global_batch_size: int | None = None) -> None:
         """Aggregate gradients, normalise by the global batch and update.
 
         ``batch_size`` is the number of samples this worker's gradients sum over; the
         global batch is ``batch_size * num_workers`` unless ``global_batch_size`` says
-        otherwise (an uneven last batch). ``normalized=True`` says the loss was already
-        divided by the global batch before backward (dividing one scalar is cheaper
-        than a pass over every gradient). Gradients are zeroed afterwards.
+        otherwise (an uneven last batch). Gradients are zeroed afterwards.
         """
         total = global_batch_size if global_batch_size is not None else batch_size * self.num_workers
         if total <= 0:
             raise ConfigError(f"batch_size={batch_size} (global {total}) must be > 0")
         self.sync.timeline = self.timeline
         with self._span("gradient wait", "wait"):
-            self.sync.reduce(1.0 if normalized else 1.0 / total)
+            self.sync.reduce(1.0 / total)
         with self._span("optimizer", "compute"):
             # With a server-side optimizer the servers already updated; after_step
             # pulls the new weights.
