@@ -3,9 +3,13 @@ hard timeout, and parse the --json summary line."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,3 +43,35 @@ def summary_of(result: subprocess.CompletedProcess) -> dict:
 @pytest.fixture
 def paratrain_cli():
     return run_paratrain
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_workers(target, world: int, timeout: float, *args) -> list:
+    """Start ``world`` spawned processes running ``target(rank, world, port, queue, *args)``;
+    return their results in rank order. Kills (by PID) whatever is left at the end."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(rank, world, port, queue, *args), daemon=True)
+             for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    results = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while len(results) < world:
+            rank, value = queue.get(timeout=max(deadline - time.monotonic(), 0.1))
+            results[rank] = value
+        for proc in procs:
+            proc.join(timeout=max(deadline - time.monotonic(), 1.0))
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join(5)
+    return [results[rank] for rank in range(world)]

@@ -3,16 +3,15 @@
 Every worker also simulates every other worker with the pure codecs, so it can check
 that the reducer returned exactly the sum of each worker's decoded gradient.
 """
-import multiprocessing
 import os
 import signal
-import socket
 import time
 import traceback
 
 import pytest
 import torch
 
+from conftest import run_workers
 from paratrain.comm import codecs
 from paratrain.comm.codecs import parse_compression
 from paratrain.errors import CommTimeout
@@ -22,38 +21,6 @@ from paratrain.parallel.compressed import (BucketReducer, CastReducer, GatherRed
 BUCKET_SIZES = (37, 301)          # odd sizes: padding, chunks that do not divide evenly
 SHAPES_OF_BUCKET_1 = [(10, 20), (20,), (9, 9)]   # 200 + 20 + 81 = 301
 STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_workers(target, world: int, timeout: float, *args) -> list:
-    """Start ``world`` spawned processes running ``target(rank, world, port, queue, *args)``;
-    return their results in rank order. Kills (by PID) whatever is left at the end."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=target, args=(rank, world, port, queue, *args), daemon=True)
-             for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    results = {}
-    try:
-        deadline = time.monotonic() + timeout
-        while len(results) < world:
-            rank, value = queue.get(timeout=max(deadline - time.monotonic(), 0.1))
-            results[rank] = value
-        for proc in procs:
-            proc.join(timeout=max(deadline - time.monotonic(), 1.0))
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.join(5)
-    return [results[rank] for rank in range(world)]
 
 
 def init_worker(rank: int, world: int, port: int) -> None:

@@ -1,48 +1,14 @@
 """Local SGD over real gloo processes: workers step alone, models are averaged every H."""
-import multiprocessing
-import os
-import signal
-import socket
-import time
 import traceback
 
 import pytest
 import torch
 
+from conftest import run_workers
 from paratrain.errors import ConfigError
 from paratrain.parallel.local_sgd import LocalSGDSync
 
 WORLD, SYNC_EVERY, STEPS, BATCH, LR = 3, 3, 7, 8, 0.1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_workers(target, world: int, timeout: float) -> list:
-    """Spawn ``world`` processes running ``target(rank, world, port, queue)``; results in
-    rank order; whatever is still alive at the end is killed by PID."""
-    ctx = multiprocessing.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=target, args=(rank, world, port, queue), daemon=True) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    results = {}
-    try:
-        deadline = time.monotonic() + timeout
-        while len(results) < world:
-            rank, value = queue.get(timeout=max(deadline - time.monotonic(), 0.1))
-            results[rank] = value
-        for proc in procs:
-            proc.join(timeout=max(deadline - time.monotonic(), 1.0))
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.join(5)
-    return [results[rank] for rank in range(world)]
 
 
 def make_model(rank: int) -> torch.nn.Module:
