@@ -1,6 +1,5 @@
 """Pure pieces of the foundation, no network: env, sampler, buckets, KVStore local,
 checkpoints, optimizer building."""
-import os
 import signal
 import subprocess
 import sys

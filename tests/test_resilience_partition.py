@@ -4,7 +4,6 @@ could not reach; it never hangs. Skips when network namespaces are unavailable."
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import secrets
 import subprocess
