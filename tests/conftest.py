@@ -75,3 +75,17 @@ def run_workers(target, world: int, timeout: float, *args) -> list:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.join(5)
     return [results[rank] for rank in range(world)]
+
+
+def children_running(launcher_pid: int, marker: bytes = b"paratrain.cli") -> list[int]:
+    """Children of a launcher we started whose command line contains ``marker``
+    (default: paratrain workers), so tests kill only their own processes by PID."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    pids = []
+    for pid in map(int, children):
+        try:
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except FileNotFoundError:
+            pass
+    return pids

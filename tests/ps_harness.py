@@ -114,6 +114,19 @@ class PSJob:
         self.close()
 
 
+def pull_error_and_wait(kv, key, out) -> dict:
+    """Pull once and report how it ended: ``{"error": None}`` or the error text and
+    how long the pull waited before failing. Closes ``kv``."""
+    start = time.monotonic()
+    try:
+        kv.pull(key, out=out)
+        return {"error": None}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "waited_s": time.monotonic() - start}
+    finally:
+        kv.close()
+
+
 def worker_env_kvstore(mode: str, **options):
     """In a worker: the KVStore the launcher's environment describes."""
     from paratrain.kvstore.dist import create_dist_kvstore

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from ps_harness import PSJob, worker_env_kvstore
+from ps_harness import PSJob, pull_error_and_wait, worker_env_kvstore
 
 LR = 2.0
 ROUNDS = 3
@@ -72,14 +72,7 @@ def worker_dies_early() -> dict:
     if kv.rank == kv.num_workers - 1:
         os._exit(0)   # dies without a goodbye
     kv.push("k", torch.ones(4))
-    start = time.monotonic()
-    try:
-        kv.pull("k", out=torch.empty(4))
-        return {"error": None}
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {exc}", "waited_s": time.monotonic() - start}
-    finally:
-        kv.close()
+    return pull_error_and_wait(kv, "k", torch.empty(4))
 
 
 def worker_ssp(mode: str, staleness: int, steps: int, slow_rank: int, slow_s: float) -> dict:

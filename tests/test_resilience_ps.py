@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import clean_env, run_paratrain, summary_of
-from ps_harness import PSJob, worker_env_kvstore
+from conftest import children_running, clean_env, run_paratrain, summary_of
+from ps_harness import PSJob, pull_error_and_wait, worker_env_kvstore
 from paratrain.ps.heartbeat import DEAD_AFTER_S, LivenessTracker
 
 
@@ -28,19 +27,6 @@ def num_keys(model: str = "mlp") -> int:
 
 ASYNC_ARGS = ("train", "--strategy", "dist_async", "--workers", "4", "--servers", "1", "--model", "mlp",
               "--epochs", "15", "--step-delay", "0.05", "--json", "--no-progress")
-
-
-def children_running(launcher_pid: int, marker: bytes) -> list[int]:
-    """Children of our launcher whose command line contains ``marker``."""
-    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
-    pids = []
-    for pid in map(int, children):
-        try:
-            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(pid)
-        except FileNotFoundError:
-            pass
-    return pids
 
 
 def run_with_kills(cmd: list[str], marker: bytes, kills_at: list[int], expected: int, rng: random.Random):
@@ -121,14 +107,7 @@ def worker_sync_peer_dies() -> dict:
     if kv.rank == 1:
         os._exit(0)
     kv.push("k", torch.ones(4))
-    start = time.monotonic()
-    try:
-        kv.pull("k", out=torch.empty(4))
-        return {"error": None}
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {exc}", "waited_s": time.monotonic() - start}
-    finally:
-        kv.close()
+    return pull_error_and_wait(kv, "k", torch.empty(4))
 
 
 @pytest.mark.timeout(120)

@@ -7,27 +7,13 @@ import random
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import SCRIPTS, clean_env, run_paratrain, summary_of
+from conftest import SCRIPTS, children_running, clean_env, run_paratrain, summary_of
 
 STEPS_PER_EPOCH = 23        # 1437 digits / global batch 64, rounded up
 ARGS = ("train", "--workers", "2", "--model", "mlp", "--epochs", "6", "--json", "--no-progress")
-
-
-def worker_pids(launcher_pid: int) -> list[int]:
-    """Children of our launcher that run a paratrain worker."""
-    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
-    pids = []
-    for pid in map(int, children):
-        try:
-            if b"paratrain.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(pid)
-        except FileNotFoundError:
-            pass
-    return pids
 
 
 def _step_of(line: str) -> int | None:
@@ -55,7 +41,7 @@ def test_chaos_three_sigkills_allreduce_recovers_exactly(tmp_path):
             lines.append(line)
             step = _step_of(line)
             if step is not None and kill_steps and step >= kill_steps[0]:
-                victims = worker_pids(proc.pid)
+                victims = children_running(proc.pid)
                 if len(victims) == 2:
                     victim = rng.choice(victims)
                     os.kill(victim, signal.SIGKILL)
