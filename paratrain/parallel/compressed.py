@@ -33,38 +33,15 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from datetime import timedelta
 
 from paratrain.comm import codecs
 from paratrain.comm.codecs import CompressionConfig
-from paratrain.errors import CommTimeout, ConfigError
+from paratrain.comm.process_group import group_size, wait_work
+from paratrain.errors import ConfigError
 from paratrain.kvstore.allreduce import ring_allreduce_bytes
 
 
 # --------------------------------------------------------------------------- plumbing
-
-def group_size(group=None) -> int:
-    """Workers in ``group`` (1 when torch.distributed is not initialised)."""
-    return dist.get_world_size(group) if dist.is_initialized() else 1
-
-
-def group_rank(group=None) -> int:
-    return dist.get_rank(group) if dist.is_initialized() else 0
-
-
-def wait_work(work, timeout: float, what: str) -> None:
-    """Wait for an async collective (None: nothing to wait for), raising
-    :class:`CommTimeout` that names what was waited for."""
-    if work is None:
-        return
-    try:
-        work.wait(timeout=timedelta(seconds=max(timeout, 0.001)))
-    except RuntimeError as exc:
-        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
-            raise CommTimeout(f"rank {group_rank()}: timed out after {timeout:.1f}s waiting for {what} "
-                              f"from the other workers") from exc
-        raise
-
 
 def all_gather_bytes(nbytes: int, world: int) -> int:
     """Bytes each worker sends in a ring all_gather of ``nbytes`` each: N-1 times it."""

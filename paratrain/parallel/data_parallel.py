@@ -14,7 +14,8 @@ from typing import Protocol, Sequence
 import torch
 import torch.distributed as dist
 
-from paratrain.errors import CommTimeout, ConfigError
+from paratrain.comm.process_group import wait_work
+from paratrain.errors import ConfigError
 from paratrain.kvstore.allreduce import ring_allreduce_bytes
 from paratrain.parallel.base import GradientSync
 
@@ -46,7 +47,7 @@ class AllreduceBucketReducer:
     def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce:
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self.bytes_sent += ring_allreduce_bytes(flat.numel() * flat.element_size(), self.world)
-        return _WorkResult(work, flat, bucket_index, self.world)
+        return _WorkResult(work, flat, bucket_index)
 
 
 @dataclass
@@ -54,15 +55,9 @@ class _WorkResult:
     work: object
     flat: torch.Tensor
     bucket_index: int
-    world: int
 
     def wait(self, timeout: float) -> torch.Tensor:
-        # Bounded by the process group's timeout (PARATRAIN_TIMEOUT), set at init.
-        try:
-            self.work.wait()
-        except RuntimeError as exc:
-            raise CommTimeout(f"allreduce of gradient bucket {self.bucket_index} failed or timed out "
-                              f"waiting for the other {self.world - 1} workers: {exc}") from exc
+        wait_work(self.work, timeout, f"allreduce of gradient bucket {self.bucket_index}")
         return self.flat
 
 

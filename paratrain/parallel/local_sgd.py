@@ -13,7 +13,7 @@ import torch.distributed as dist
 from paratrain.errors import ConfigError
 from paratrain.kvstore.allreduce import ring_allreduce_bytes
 from paratrain.parallel.base import GradientSync
-from paratrain.parallel.compressed import group_size, wait_work
+from paratrain.comm.process_group import group_size, wait_work
 
 
 class LocalSGDSync(GradientSync):
