@@ -124,6 +124,10 @@ def _resolve(args: argparse.Namespace, env: DistEnv) -> None:
     if (args.server_snapshot_dir or args.server_snapshot_every) and not args.strategy.startswith("dist_"):
         raise ConfigError(f"--server-snapshot-dir/--server-snapshot-every apply to dist_sync|dist_async|dist_ssp, "
                           f"not --strategy {args.strategy}")
+    if args.server_snapshot_dir and args.strategy == "dist_sync" and args.max_restarts:
+        raise ConfigError("--server-snapshot-dir with --strategy dist_sync --max-restarts: a dist_sync group "
+                          "restarts from the workers' checkpoint with fresh servers; server snapshots are for "
+                          "dist_async|dist_ssp")
     if args.server_snapshot_every and not args.server_snapshot_dir:
         raise ConfigError(f"--server-snapshot-every {args.server_snapshot_every} needs --server-snapshot-dir")
     if args.backup_workers and (args.strategy != "dist_sync" or args.backup_workers >= args.workers):
@@ -147,7 +151,10 @@ def _build_plain_strategy(args: argparse.Namespace, env: DistEnv):
     return build_strategy(args.strategy, compression=args.compression, accumulate=args.accumulate, amp=args.amp,
                           sync_every=args.sync_every, staleness=args.staleness, stages=args.stages,
                           micro_batches=args.micro_batches, schedule=args.schedule, replicas=args.replicas,
-                          backup_workers=args.backup_workers, env=env)
+                          backup_workers=args.backup_workers, env=env,
+                          # A dist_sync group restarts from the workers' checkpoint with fresh
+                          # servers, so the optimizer and its state must live on the workers.
+                          update_on_kvstore=False if args.strategy == "dist_sync" and args.max_restarts else None)
 
 
 def run_worker(args: argparse.Namespace, env: DistEnv) -> dict:

@@ -4,8 +4,9 @@ torchrun environment, prefix their output with their rank, and fail fast.
 The launcher hosts the job's TCP store (``MASTER_ADDR:MASTER_PORT`` on a free port), so
 workers and servers are all clients of it. When a worker dies, the others are stopped
 within seconds and the launcher exits non-zero, naming the rank and how it died; with
-``max_restarts`` it instead restarts the worker group (the servers keep running) and
-bumps ``TORCHELASTIC_RESTART_COUNT``, which keys the process group's store.
+``max_restarts`` it instead restarts the worker group (with fresh parameter servers)
+and bumps ``TORCHELASTIC_RESTART_COUNT``, which keys the process group's store; or,
+with ``restart_policy="worker"`` (async training), the dead worker alone.
 """
 from __future__ import annotations
 
@@ -134,6 +135,7 @@ class Launcher:
         self.worker_argv = list(worker_argv)
         self.secret = secrets.token_hex(16)
         self.store = None
+        self._attempt = 0   # servers register under this attempt's store namespace
 
     def _base_env(self, port: int) -> dict:
         env = dict(os.environ)
@@ -185,6 +187,7 @@ class Launcher:
                 if self.config.restart_policy == "group" and attempt < self.config.max_restarts:
                     print(f"paratrain launch: worker {label} {how}; restarting the workers "
                           f"(attempt {attempt + 1} of {self.config.max_restarts})", file=sys.stderr, flush=True)
+                    self._fresh_servers(attempt + 1)
                     continue
                 print(f"paratrain launch: worker {label} {how}; stopped the other workers", file=sys.stderr, flush=True)
                 return 1
@@ -192,8 +195,19 @@ class Launcher:
         finally:
             _stop_all(self.servers)
 
+    def _fresh_servers(self, attempt: int) -> None:
+        """A group restart starts new, empty servers under the new attempt's store
+        namespace: the old ones hold a round the dead worker never finished, and the
+        restarted workers resume from their own checkpoint and init the keys again."""
+        if not self.servers:
+            return
+        _stop_all(self.servers)
+        self._attempt = attempt
+        self.servers = [self._start_server(self._base, index) for index in range(len(self.servers))]
+
     def _start_server(self, base: dict, index: int) -> _Child:
-        env = dict(base, PARATRAIN_ROLE="server", PARATRAIN_SERVER_RANK=str(index), RANK="0", LOCAL_RANK="0")
+        env = dict(base, PARATRAIN_ROLE="server", PARATRAIN_SERVER_RANK=str(index), RANK="0", LOCAL_RANK="0",
+                   TORCHELASTIC_RESTART_COUNT=str(self._attempt))
         return _Child(f"server{index}", [sys.executable, "-m", "paratrain.ps.server", *self.config.server_args], env)
 
     def _restart_dead_servers(self) -> None:

@@ -25,14 +25,14 @@ def _step_of(line: str) -> int | None:
     return epoch * STEPS_PER_EPOCH + batch
 
 
-@pytest.mark.timeout(300)
-def test_chaos_three_sigkills_allreduce_recovers_exactly(tmp_path):
-    reference = summary_of(run_paratrain(*ARGS))
-    every = 5
-    rng = random.Random(1234)
-    kill_steps = sorted(rng.sample(range(8, 120), 3))
-    cmd = [sys.executable, "-m", "paratrain.cli", *ARGS, "--checkpoint-dir", str(tmp_path / "ck"),
-           "--checkpoint-every", str(every), "--max-restarts", "3", "--log-interval", "1",
+def _run_with_kills(tmp_path, args, kills_wanted: int, every: int, seed: int) -> tuple[dict, str, list[int]]:
+    """Run ``args`` with checkpoints and restarts; SIGKILL a random worker (by PID) at
+    ``kills_wanted`` random steps. Return the summary, the launcher's stderr and the
+    metrics' rewinds (step before, step after) of rank 0."""
+    rng = random.Random(seed)
+    kill_steps = sorted(rng.sample(range(8, 60 if kills_wanted == 1 else 120), kills_wanted))
+    cmd = [sys.executable, "-m", "paratrain.cli", *args, "--checkpoint-dir", str(tmp_path / "ck"),
+           "--checkpoint-every", str(every), "--max-restarts", str(kills_wanted), "--log-interval", "1",
            "--log-dir", str(tmp_path / "logs")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     lines, kills = [], []
@@ -41,10 +41,9 @@ def test_chaos_three_sigkills_allreduce_recovers_exactly(tmp_path):
             lines.append(line)
             step = _step_of(line)
             if step is not None and kill_steps and step >= kill_steps[0]:
-                victims = children_running(proc.pid)
+                victims = children_running(proc.pid)   # workers only: servers run paratrain.ps.server
                 if len(victims) == 2:
-                    victim = rng.choice(victims)
-                    os.kill(victim, signal.SIGKILL)
+                    os.kill(rng.choice(victims), signal.SIGKILL)
                     kills.append(step)
                     kill_steps.pop(0)
         proc.wait(timeout=60)
@@ -54,19 +53,36 @@ def test_chaos_three_sigkills_allreduce_recovers_exactly(tmp_path):
             proc.wait()
     stderr = proc.stderr.read()
     assert proc.returncode == 0, stderr[-3000:]
-    assert len(kills) == 3, f"only killed at {kills}"
-    assert stderr.count("restarting the workers") == 3
-    summary = json.loads(lines[-1])
-    # Resume is exact, so recovery costs nothing in the result: same parameters bit for bit.
-    assert summary["param_checksum"] == reference["param_checksum"]
-    assert abs(summary["accuracy"] - reference["accuracy"]) <= 0.01
-    # Each kill lost at most the checkpoint interval: rank 0's metrics restart at the last checkpoint.
+    assert len(kills) == kills_wanted, f"only killed at {kills}"
+    assert stderr.count("restarting the workers") == kills_wanted
     steps = [json.loads(l)["step"] for l in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "train"]
     rewinds = [(before, after) for before, after in zip(steps, steps[1:]) if after <= before]
-    assert len(rewinds) == 3, rewinds
-    for before, after in rewinds:
+    assert len(rewinds) == kills_wanted, rewinds
+    for before, after in rewinds:   # each kill lost at most the checkpoint interval
         assert before - (after - 1) <= every, f"lost {before - after + 1} steps (> {every})"
+    return json.loads(lines[-1]), stderr, rewinds
+
+
+@pytest.mark.timeout(300)
+def test_chaos_three_sigkills_allreduce_recovers_exactly(tmp_path):
+    reference = summary_of(run_paratrain(*ARGS))
+    summary, _, _ = _run_with_kills(tmp_path, ARGS, kills_wanted=3, every=5, seed=1234)
+    # Resume is exact, so recovery costs nothing in the result: same parameters bit for bit.
+    assert summary["param_checksum"] == reference["param_checksum"]
+    assert abs(summary["accuracy"] - reference["accuracy"]) <= 0.01
+
+
+@pytest.mark.timeout(240)
+def test_dist_sync_group_restarts_from_checkpoint_with_fresh_servers(tmp_path):
+    """dist_sync's policy for a dead worker: the launcher restarts the workers from
+    their checkpoint and starts new servers; with --max-restarts the optimizer runs on
+    the workers, so the checkpoint holds all the state and recovery is exact."""
+    args = ("train", "--strategy", "dist_sync", "--servers", "1", "--workers", "2", "--model", "mlp",
+            "--epochs", "3", "--json", "--no-progress")
+    reference = summary_of(run_paratrain(*args, "--max-restarts", "1", timeout=150))
+    summary, _, _ = _run_with_kills(tmp_path, args, kills_wanted=1, every=5, seed=7)
+    assert summary["param_checksum"] == reference["param_checksum"]
 
 
 @pytest.mark.timeout(200)

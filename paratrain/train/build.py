@@ -10,7 +10,8 @@ STRATEGIES = ("local", "allreduce", "dist_sync", "dist_async", "dist_ssp", "loca
 def build_strategy(name: str, *, compression=None, accumulate: int = 1, amp: str = "none",
                    sync_every: int | None = None, staleness: int | None = None,
                    stages: int | None = None, micro_batches: int | None = None,
-                   schedule: str = "1f1b", replicas: int = 1, backup_workers: int = 0, env=None) -> Strategy:
+                   schedule: str = "1f1b", replicas: int = 1, backup_workers: int = 0,
+                   update_on_kvstore: bool | None = None, env=None) -> Strategy:
     """Build a strategy by name with its options; options that do not apply to the
     chosen strategy are rejected, naming the option."""
     check_choice("strategy", name, STRATEGIES)
@@ -34,6 +35,9 @@ def build_strategy(name: str, *, compression=None, accumulate: int = 1, amp: str
         raise ConfigError(f"staleness={staleness} applies to strategy 'dist_ssp' only, not {name!r}")
     if backup_workers and name != "dist_sync":
         raise ConfigError(f"backup_workers={backup_workers} applies to strategy 'dist_sync' only, not {name!r}")
+    if update_on_kvstore is False and name != "dist_sync":
+        raise ConfigError(f"update_on_kvstore=False (the optimizer on the workers) applies to strategy "
+                          f"'dist_sync' only, not {name!r}")
     from paratrain.train.data_parallel_strategy import DataParallelStrategy
     kvstore = "allreduce" if name == "local_sgd" else name
     options = {}
@@ -42,4 +46,5 @@ def build_strategy(name: str, *, compression=None, accumulate: int = 1, amp: str
     if backup_workers:
         options["backup_workers"] = backup_workers
     return DataParallelStrategy(kvstore=kvstore, accumulate=accumulate, amp=amp, compression=compression,
-                                sync_every=sync_every, kvstore_options=options or None, env=env)
+                                sync_every=sync_every, kvstore_options=options or None,
+                                update_on_kvstore=update_on_kvstore, env=env)

@@ -31,6 +31,7 @@ class DataParallelConfig:
     compression: str | dict | None = None
     sync_every: int | None = None      # local SGD when set
     kvstore_options: dict | None = None
+    update_on_kvstore: bool | None = None   # dist_sync: False runs the optimizer on the workers
 
     def __post_init__(self) -> None:
         check_choice("kvstore", self.kvstore, KVSTORE_TYPES)
@@ -68,7 +69,8 @@ class DataParallelStrategy(Strategy):
         scaler = torch.amp.GradScaler("cuda") if self.config.amp == "fp16" else None
         self.trainer = Trainer(self.model, optimizer, optimizer_params, kvstore=self.config.kvstore,
                                compression=self.config.compression, sync_every=self.config.sync_every,
-                               loss_scaler=scaler, kvstore_options=self.config.kvstore_options)
+                               loss_scaler=scaler, kvstore_options=self.config.kvstore_options,
+                               update_on_kvstore=self.config.update_on_kvstore)
         self.trainer.timeline = self.timeline
         self._start_together()
 
