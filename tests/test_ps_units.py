@@ -347,3 +347,55 @@ def test_parameter_server_sync_matches_local_training(job, update_on_kvstore):
     j = job(num_servers=2)
     on_servers = run(j.worker(0, 1, bigarray_bound=20))
     torch.testing.assert_close(on_servers, run("local"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(60)
+def test_deferred_pushes_wait_for_the_commit_and_its_scale(job):
+    """Pushes sent before the scale is known (backward hooks) are applied only at
+    kv.commit(scale), with that scale; until then the worker may only push more."""
+    j = job(num_servers=2)
+
+    def work(rank):
+        kv = j.worker(rank, 2, bigarray_bound=4)   # "w" is split over both servers
+        kv.init("w", torch.zeros(6))
+        kv.init("b", torch.zeros(2))
+        kv.set_optimizer({"type": "sgd", "lr": 1.0})
+        w, b = torch.empty(6), torch.empty(2)
+        handles = [kv.pushpull("w", torch.full((6,), rank + 1.0), out=w, block=False, defer_scale=True),
+                   kv.pushpull("b", torch.ones(2), out=b, block=False, defer_scale=True)]
+        with pytest.raises(ConfigError, match="commit"):
+            kv.pull("w", out=w)
+        with pytest.raises(ConfigError, match="commit"):
+            kv.push("b", torch.ones(2))
+        with pytest.raises(ConfigError, match="commit"):
+            handles[0].wait(5)
+        kv.commit(0.5).wait(30)
+        for handle in handles:
+            handle.wait(30)
+        kv.close()
+        return w, b
+    for w, b in _in_threads([lambda: work(0), lambda: work(1)]):
+        assert torch.equal(w, torch.full((6,), -1.5))   # -(1 + 2) * 0.5
+        assert torch.equal(b, torch.full((2,), -1.0))
+
+
+@pytest.mark.timeout(60)
+def test_server_refuses_other_requests_while_pushes_wait_and_a_wrong_commit(job):
+    j = job(num_servers=1)
+    kv = j.worker(0, 1)
+    kv.init("k", torch.zeros(3))
+    server = j.servers[0]
+    kv.pushpull("k", torch.ones(3), out=torch.empty(3), block=False, defer_scale=True)
+    # Bypass the client's own check: a PULL while a push waits is refused by the server.
+    kv._deferred.clear()
+    with pytest.raises(PeerError, match="wait for their COMMIT"):
+        kv.pull("k", out=torch.empty(3))
+    # A commit that counts the held pushes wrong applies none of them.
+    request = kv._send_raw(0, protocol.encode(Op.COMMIT, request_id=next(kv._ids), scale=1.0, clock=2))
+    with pytest.raises(PeerError, match="none applied"):
+        kv._collect([request], "commit")
+    assert server.stats["pushes"] == 0 and not server.deferred
+    out = torch.empty(3)
+    kv.pushpull("k", torch.full((3,), 2.0), out=out)      # the server still works
+    assert torch.equal(out, torch.full((3,), 2.0))
+    kv.close()

@@ -126,6 +126,7 @@ class DistKVStore(KVStore):
         self._bytes_sent = 0
         self._closed = False
         self.push_scale = 1.0
+        self._deferred: dict[int, int] = {}     # server -> pushes waiting for commit(scale)
         self.last_min_clock: dict[Key, int] = {}
         self._epochs = self._server_epochs()
         # Servers tell a dead worker from a slow one by its heartbeat in the store.
@@ -155,6 +156,7 @@ class DistKVStore(KVStore):
         """Every worker calls it; the servers keep rank 0's value. Blocks until rank 0
         has initialized the key on every server."""
         check_key(key)
+        self._check_committed(f"init of key {key!r}")
         if key in self._keys:
             raise ConfigError(f"key {key!r} is already initialized")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
@@ -170,15 +172,19 @@ class DistKVStore(KVStore):
         self._collect(requests, f"init of key {key!r}")
         self._keys[key] = info
 
-    def push(self, key: Key, value: TensorOrList, priority: int = 0) -> Handle:
-        """Send ``value`` (a list is summed first) to the key's servers; does not block."""
+    def push(self, key: Key, value: TensorOrList, priority: int = 0, *, defer_scale: bool = False) -> Handle:
+        """Send ``value`` (a list is summed first) to the key's servers; does not block.
+        ``defer_scale``: see :meth:`commit`."""
         info = self._info(key)
-        requests = self._push_requests(key, info, value, pull_after=False)
+        requests = self._push_requests(key, info, value, pull_after=False, defer_scale=defer_scale)
         with self._lock:
             info.unacked.extend(requests)
         return Handle(lambda timeout: self._collect_acks(info, requests, timeout), f"push of key {key!r}")
 
-    def _push_requests(self, key: Key, info: _KeyInfo, value: TensorOrList, pull_after: bool) -> list:
+    def _push_requests(self, key: Key, info: _KeyInfo, value: TensorOrList, pull_after: bool,
+                       defer_scale: bool = False) -> list:
+        if not defer_scale:
+            self._check_committed(f"push of key {key!r}")
         total = sum_values(value)
         if tuple(total.shape) != info.shape:
             raise ConfigError(f"push to key {key!r}: shape {tuple(total.shape)}, the key holds {info.shape}")
@@ -186,16 +192,39 @@ class DistKVStore(KVStore):
             raise ConfigError(f"{self.type} applies pushes on the servers as they arrive and needs a server "
                               f"optimizer: call kv.set_optimizer(...) before pushing")
         flat = total.detach().to("cpu", info.dtype).reshape(-1).contiguous()
-        flags = protocol.STATUS_PULL_AFTER if pull_after else 0
+        flags = (protocol.STATUS_PULL_AFTER if pull_after else 0) | (protocol.STATUS_DEFERRED if defer_scale else 0)
         with self._lock:
+            if defer_scale:
+                for part in info.slices:
+                    self._deferred[part.server] = self._deferred.get(part.server, 0) + 1
             return [self._send_push(key, info, part, flat[part.start:part.stop], flags) for part in info.slices]
 
+    def commit(self, scale: float) -> Handle:
+        """Give the servers the scale of the pushes sent with ``defer_scale=True``
+        since the last commit (pushes from backward hooks, sent before the batch
+        size was known); they apply them now, in order, and answer their pulls.
+        Until then this worker may only send more deferred pushes (or close)."""
+        with self._lock:
+            deferred, self._deferred = self._deferred, {}
+            requests = [self._send_raw(server, protocol.encode(Op.COMMIT, request_id=next(self._ids), scale=scale,
+                                                               clock=count))
+                        for server, count in sorted(deferred.items())]
+        return Handle(lambda timeout: self._collect(requests, "commit", timeout), "commit of deferred pushes")
+
+    def _check_committed(self, what: str) -> None:
+        if self._deferred:
+            raise ConfigError(f"{what}: {sum(self._deferred.values())} push(es) sent with defer_scale=True wait "
+                              f"for kv.commit(scale); commit them first")
+
     def pushpull(self, key: Key, value: TensorOrList, out: TensorOrList | None = None,
-                 priority: int = 0, block: bool = True) -> Handle:
+                 priority: int = 0, block: bool = True, *, defer_scale: bool = False) -> Handle:
         """Push then pull in one round trip per slice: each push asks its server to
-        answer with the value, as a pull sent right after it would see it."""
+        answer with the value, as a pull sent right after it would see it.
+        ``defer_scale``: see :meth:`commit` (then ``block`` must be False)."""
         info = self._info(key)
-        requests = self._push_requests(key, info, value, pull_after=True)
+        if defer_scale and block:
+            raise ConfigError("pushpull(defer_scale=True) cannot block: its reply comes after kv.commit(scale)")
+        requests = self._push_requests(key, info, value, pull_after=True, defer_scale=defer_scale)
         out = value if out is None else out
         handle = Handle(lambda timeout: self._finish_pull(key, info, requests, out, timeout),
                         f"pushpull of key {key!r}")
@@ -206,6 +235,7 @@ class DistKVStore(KVStore):
     def pull(self, key: Key, out: TensorOrList, priority: int = 0, block: bool = True) -> Handle:
         """Read the key into ``out``; sees every push this worker made before."""
         info = self._info(key)
+        self._check_committed(f"pull of key {key!r}")
         requests = [self._send(part.server, Op.PULL, key, info, part) for part in info.slices]
         handle = Handle(lambda timeout: self._finish_pull(key, info, requests, out, timeout),
                         f"pull of key {key!r} from server(s) {sorted({p.server for p in info.slices})}")
@@ -217,6 +247,7 @@ class DistKVStore(KVStore):
         """Run ``optimizer`` (a spec dict, a name, or a ServerOptimizer) on the
         servers. Every worker calls it; rank 0's is sent, then all meet at a barrier."""
         built = build_optimizer(optimizer)
+        self._check_committed("set_optimizer")
         if self._rejoin:   # the servers already run the job's optimizer, with its state
             self._optimizer = built
             return
@@ -242,6 +273,7 @@ class DistKVStore(KVStore):
 
     def barrier(self) -> None:
         """Block until every worker reached its same-numbered barrier (on server 0)."""
+        self._check_committed("barrier")
         self._barriers += 1
         request = self._send_raw(0, protocol.encode(Op.BARRIER, request_id=next(self._ids),
                                                     clock=self._barriers))
@@ -387,6 +419,8 @@ class DistKVStore(KVStore):
     def _finish_pull(self, key: Key, info: _KeyInfo, requests: list[tuple[int, int]], out: TensorOrList,
                      timeout: float | None) -> None:
         with self._lock:
+            if self._deferred:   # replies to deferred pushes come after the commit only
+                self._check_committed(f"waiting for key {key!r}")
             acks, info.unacked = info.unacked, []
             self._collect(acks, f"push of key {key!r}", timeout)
             replies = self._collect(requests, f"pull of key {key!r}", timeout)

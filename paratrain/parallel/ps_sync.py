@@ -1,14 +1,18 @@
 """Gradient aggregation through the parameter server (``dist_sync``,
 ``dist_async``, ``dist_ssp``), as a :class:`GradientSync` the Trainer drives.
 
-Each trainable parameter is one key (its index in model order). With
+Each trainable parameter is one key (its index in model order). Its gradient is
+pushed from a backward hook (``post_accumulate_grad``) as soon as it is ready, so
+the transfer and the server's work overlap the rest of the backward pass. With
 ``update_on_kvstore`` (the default, and the only choice for async kinds) the servers
-run the optimizer: ``reduce`` pushes every gradient with its rescale attached, and
-``after_step`` pulls the new weights. Without it (``dist_sync`` only) ``reduce``
-pulls the summed gradient into ``p.grad`` and the Trainer's local optimizer steps.
+run the optimizer and ``after_step`` pulls the new weights (one pushpull per key).
+Without it (``dist_sync`` only) ``reduce`` pulls the summed gradient into ``p.grad``
+and the Trainer's local optimizer steps.
 
-The rescale (1 / global batch) travels with every push, so a step with a different
-batch size (the last, short batch of an epoch) is still exact. Under ``dist_sync``
+The rescale (1 / global batch) is only known in ``trainer.step``, after backward:
+hook pushes go out with ``defer_scale=True`` and ``reduce`` sends one ``commit(scale)``
+per server, with which the servers apply them. So a step with a different batch size
+(the last, short batch of an epoch) is still exact. Under ``dist_sync``
 the servers sum the round, which gives the global mean gradient. Under
 ``dist_async``/``dist_ssp`` each push is applied alone and moves the weights by
 1 / num_workers of a mean step, so the workers' pushes of one "step" add up to what
@@ -62,6 +66,11 @@ class ParameterServerSync(GradientSync):
         self.params: list[torch.nn.Parameter] = []
         self.timeline = None
         self._pending: list[Handle] = []
+        self._in_flight: dict[int, Handle] = {}   # key -> pushpull sent from a hook this step
+        self._index: dict[int, int] = {}
+        self._hooks: list = []
+        if not self.updates_on_server:
+            kv.push_scale = 1.0   # summed gradients come back; reduce scales them here
 
     def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
         """One key per parameter; every worker starts from rank 0's values."""
@@ -70,6 +79,22 @@ class ParameterServerSync(GradientSync):
             self.kv.init(index, param.detach().cpu())
         for index, param in enumerate(self.params):
             self.kv.pull(index, out=param.data)
+        self._index = {id(param): index for index, param in enumerate(self.params)}
+        self._hooks = [param.register_post_accumulate_grad_hook(self._on_grad_ready) for param in self.params]
+
+    def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        if not self._sync_enabled:
+            return
+        index = self._index[id(param)]
+        if index in self._in_flight:
+            raise RuntimeError("backward ran twice before trainer.step(); accumulate gradients "
+                               "inside `with trainer.no_sync():` (or use --accumulate)")
+        self._in_flight[index] = self._launch(index, param)
+
+    def _launch(self, index: int, param: torch.nn.Parameter) -> Handle:
+        if self.updates_on_server:   # the new weights come back; the scale follows in reduce
+            return self.kv.pushpull(index, param.grad.detach(), out=param.data, block=False, defer_scale=True)
+        return self.kv.pushpull(index, param.grad.detach(), out=param.grad, block=False)
 
     def reduce(self, scale: float) -> None:
         """Push every gradient (zeros for a parameter without one: a sync round needs
@@ -77,18 +102,19 @@ class ParameterServerSync(GradientSync):
         if not self._sync_enabled:
             return
         start = time.perf_counter()
-        self.kv.push_scale = scale if self.updates_on_server else 1.0
-        for param in self.params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
+        in_flight, self._in_flight = self._in_flight, {}
+        handles = []
+        for index, param in enumerate(self.params):
+            if index not in in_flight:   # no hook fired: an unused parameter pushes zeros
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                in_flight[index] = self._launch(index, param)
+            handles.append(in_flight[index])
         if self.updates_on_server:
-            # One pushpull per key, all in flight at once; after_step waits for the
-            # new weights (the Trainer runs no local optimizer in between).
-            self._pending = [self.kv.pushpull(i, p.grad.detach(), out=p.data, block=False)
-                             for i, p in enumerate(self.params)]
+            # The servers apply the held pushes with this scale; after_step waits for
+            # the new weights (the Trainer runs no local optimizer in between).
+            self._pending = handles + [self.kv.commit(scale)]
         else:
-            handles = [self.kv.pushpull(i, p.grad.detach(), out=p.grad, block=False)
-                       for i, p in enumerate(self.params)]
             for handle, param in zip(handles, self.params):
                 handle.wait(None)
                 param.grad.mul_(scale)
@@ -119,4 +145,8 @@ class ParameterServerSync(GradientSync):
         return self.kv.bytes_sent
 
     def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         self._pending = []
+        self._in_flight = {}

@@ -47,6 +47,7 @@ class Op(enum.IntEnum):
     BARRIER = 7
     GOODBYE = 8
     SET_COMPRESSION = 9
+    COMMIT = 10
     OK = 16
     DATA = 17
     ERROR = 18
@@ -56,9 +57,13 @@ class Op(enum.IntEnum):
 TENSOR_OPS = (Op.INIT, Op.PUSH, Op.DATA)
 CONTROL_OPS = (Op.HELLO, Op.AUTH, Op.SET_OPTIMIZER, Op.SET_COMPRESSION, Op.ERROR, Op.CHALLENGE)
 #: ``status`` bits of a PUSH: the payload is compressed with the job's codec; the
-#: push also asks for the value (pushpull: one round trip, answered as a pull).
+#: push also asks for the value (pushpull: one round trip, answered as a pull); the
+#: push's scale is not known yet (sent from a backward hook): the server holds it,
+#: unapplied and unanswered, until this worker's ``COMMIT`` brings the scale
+#: (``scale`` field) and the number of held pushes it covers (``clock`` field).
 STATUS_COMPRESSED = 1
 STATUS_PULL_AFTER = 2
+STATUS_DEFERRED = 4
 
 DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4,

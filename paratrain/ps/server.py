@@ -40,6 +40,8 @@ log = logging.getLogger("paratrain.ps.server")
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 MAX_PENDING_HELLOS = 1024
 MAX_WORKERS = 65536
+#: Pushes one worker may have waiting for their COMMIT (a step's keys from hooks).
+MAX_DEFERRED = 1 << 16
 
 
 @dataclass
@@ -129,6 +131,9 @@ class ParameterServer:
         self.rejoined: set[bytes] = set()            # peers restarted into a running job
         self.sessions: dict[bytes, str] = {}         # peer -> the worker incarnation it speaks for
         self.last_push: dict[str, int] = {}          # session -> request id of its last applied push
+        # Pushes sent during backward, before their scale was known: held (checked,
+        # unapplied, unanswered) until the peer's COMMIT brings the scale.
+        self.deferred: dict[bytes, list[tuple[Message, torch.Tensor]]] = {}
         # With snapshots, acknowledgements wait for the snapshot that makes their
         # push durable (group commit): a reply that went out is never lost by a crash.
         self.held: list[Callable[[], None]] = []
@@ -177,6 +182,10 @@ class ParameterServer:
         try:
             if handler is None:
                 raise RequestRejected(f"op {message.op.name} is not a request")
+            if peer in self.deferred and message.op not in (Op.COMMIT, Op.GOODBYE) and not (
+                    message.op == Op.PUSH and message.status & protocol.STATUS_DEFERRED):
+                raise RequestRejected(f"{message.op.name} while {len(self.deferred[peer])} deferred push(es) "
+                                      f"wait for their COMMIT: commit first")
             handler(self, peer, rank, message)
         except (RequestRejected, ProtocolError, ConfigError, TypeError) as exc:
             self.stats["rejected"] += 1
@@ -279,6 +288,8 @@ class ParameterServer:
         self.ranks[peer] = rank
         session = protocol.decode_json(hello).get("session")
         if isinstance(session, str) and session:
+            for old in [p for p, s in self.sessions.items() if s == session[:64]]:
+                self.deferred.pop(old, None)   # the worker reconnected and resends those
             self.sessions[peer] = session[:64]
         if protocol.decode_json(hello).get("rejoin") is True:
             self.rejoined.add(peer)
@@ -372,11 +383,21 @@ class ParameterServer:
         else:
             grad = message.tensor()
             grad = grad.float() if message.dtype != torch.float32 else grad
+        if message.status & protocol.STATUS_DEFERRED:   # checked; applied at the COMMIT
+            held = self.deferred.setdefault(peer, [])
+            if len(held) >= MAX_DEFERRED:
+                raise RequestRejected(f"more than {MAX_DEFERRED} deferred pushes without a COMMIT")
+            held.append((message, grad))
+            return
+        self._apply_push(peer, rank, message, state, grad, message.scale)
+
+    def _apply_push(self, peer: bytes, rank: int, message: Message, state: SliceState, grad: torch.Tensor,
+                    scale: float) -> None:
         session = self.sessions.get(peer)
         # A push resent after this server restarted may already be in its snapshot.
         fresh = session is None or message.request_id > self.last_push.get(session, 0)
         if fresh:
-            self.policy.on_push(state, rank, grad, message.scale, self._apply)
+            self.policy.on_push(state, rank, grad, scale, self._apply)
             self.stats["pushes"] += 1
             if session is not None:
                 self.last_push[session] = message.request_id
@@ -385,6 +406,17 @@ class ParameterServer:
             self.stats["duplicate_pushes"] += 1
         message.payload = None  # do not keep the frame alive while parked or held
         self._acknowledge(lambda: self._answer_push(peer, rank, message), fresh)
+
+    def _on_commit(self, peer: bytes, rank: int, message: Message) -> None:
+        """Apply this peer's deferred pushes, in the order they came, with the scale
+        the COMMIT carries; ``clock`` must count them (else none is applied)."""
+        held = self.deferred.pop(peer, [])
+        if message.clock != len(held):
+            raise RequestRejected(f"COMMIT of {message.clock} deferred push(es), but {len(held)} arrived; "
+                                  f"none applied")
+        for push, grad in held:
+            self._apply_push(peer, rank, push, self.keys[push.key], grad, message.scale)
+        self._acknowledge(lambda: self._ok(peer, message.request_id), fresh=False)
 
     def _answer_push(self, peer: bytes, rank: int, message: Message) -> None:
         if message.status & protocol.STATUS_PULL_AFTER:  # pushpull: answered as a pull
@@ -414,11 +446,13 @@ class ParameterServer:
 
     def _apply(self, state: SliceState, grad: torch.Tensor, scale: float) -> None:
         if self.optimizer is None:
-            # Only dist_sync gets here, with the round's sum in a fresh tensor: it
-            # becomes the value, and a reply still reading the old one is unaffected.
-            if scale != 1.0:
-                grad.mul_(scale)
-            state.value = grad.to(state.value.dtype)
+            # Only dist_sync gets here: the round's sum (a fresh tensor, or a lone
+            # push's received frame, never written) becomes the value, without a copy
+            # where it can; a reply still reading the old value is unaffected.
+            value = grad * scale if scale != 1.0 else grad
+            converted = value.to(state.value.dtype)
+            state.borrowed = converted is grad   # the policy's tensor: copy before writing
+            state.value = converted
             state.lent = None
             return
         self.optimizer.update(state.writable_value(), grad, state.optimizer_state, scale)
@@ -469,6 +503,7 @@ class ParameterServer:
             del self.barriers[message.clock]
 
     def _on_goodbye(self, peer: bytes, rank: int, message: Message) -> None:
+        self.deferred.pop(peer, None)   # never committed: they never happened
         self.goodbyes.add(rank)
         self.policy.depart(rank)   # backup workers, ssp: stop waiting for this one
         for key, state in self.keys.items():
@@ -480,7 +515,8 @@ class ParameterServer:
         self.rejoined.discard(peer)
 
     _HANDLERS = {Op.INIT: _on_init, Op.PUSH: _on_push, Op.PULL: _on_pull,
-                 Op.SET_OPTIMIZER: _on_set_optimizer, Op.SET_COMPRESSION: _on_set_compression, Op.BARRIER: _on_barrier, Op.GOODBYE: _on_goodbye}
+                 Op.SET_OPTIMIZER: _on_set_optimizer, Op.SET_COMPRESSION: _on_set_compression, Op.BARRIER: _on_barrier, Op.GOODBYE: _on_goodbye,
+                 Op.COMMIT: _on_commit}
 
 
 def _store_alive(store) -> Callable[[], bool]:
