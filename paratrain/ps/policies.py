@@ -16,7 +16,8 @@ import torch
 
 from paratrain.errors import ConfigError
 
-ApplyFn = Callable[["SliceState", torch.Tensor, float], None]  # (state, grad, scale)
+#: (state, grad, scale); ``grad`` may be a read-only view of a received frame.
+ApplyFn = Callable[["SliceState", torch.Tensor, float], None]
 
 
 @dataclass
@@ -33,6 +34,7 @@ class SliceState:
     late_dropped: int = 0               # sync with backup workers: pushes that came too late
     pending: list[deque] = field(default_factory=list)    # sync: queued pushes per worker
     lent: object = None                 # tracker of a zero-copy reply still reading value
+    borrowed: bool = False              # value views memory it does not own (a received frame)
 
     def __post_init__(self) -> None:
         self.pushes = [0] * self.num_workers
@@ -41,9 +43,10 @@ class SliceState:
     def writable_value(self) -> torch.Tensor:
         """The value, safe to change in place: if a zero-copy reply may still be
         reading it, the state moves to a fresh copy first."""
-        if self.lent is not None and not self.lent.done:
+        if self.borrowed or (self.lent is not None and not self.lent.done):
             self.value = self.value.clone()
         self.lent = None
+        self.borrowed = False
         return self.value
 
 
@@ -112,9 +115,13 @@ class SyncPolicy(UpdatePolicy):
             pushes = [state.pending[rank].popleft() for rank in contributors]
             scales = {s for _, s in pushes}
             if len(scales) == 1:  # the usual case: sum, and let the update scale once
-                total, round_scale = pushes[0][0].clone(), scales.pop()
-                for g, _ in pushes[1:]:
-                    total.add_(g)
+                round_scale = scales.pop()
+                if len(pushes) == 1:   # nothing to add: the (read-only) push itself
+                    total = pushes[0][0]
+                else:                  # one pass for the first two, in rank order
+                    total = torch.add(pushes[0][0], pushes[1][0])
+                    for g, _ in pushes[2:]:
+                        total.add_(g)
             else:
                 total, round_scale = pushes[0][0] * pushes[0][1], 1.0
                 for g, s in pushes[1:]:
