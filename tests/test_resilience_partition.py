@@ -65,6 +65,7 @@ def test_partition_of_a_host_for_10s_recovers_or_names_the_unreachable_workers()
         for reader in readers:
             reader.join(timeout=5)
     text = "".join(outputs[0]) + "".join(outputs[1])
+    print("host 1, last lines:\n" + "".join(outputs[1][-40:]))
     print(f"exit codes {codes}, ended {ended_after:.0f}s after the partition began")
     print("\n".join(line for line in text.splitlines() if ("Error:" in line or "paratrain launch" in line) and "frame #" not in line))
     if codes == [0, 0]:
@@ -74,3 +75,6 @@ def test_partition_of_a_host_for_10s_recovers_or_names_the_unreachable_workers()
         named = re.findall(r"worker\(s\) \[([\d, ]+)\] died or are unreachable", text)
         assert named, text[-4000:]
         assert all({int(r) for r in ranks.split(",")} <= {2, 3} for ranks in named), named
+        # And the cut-off host's workers name what they lost: node 0 (its store, or a peer there).
+        host1_errors = [line for line in outputs[1] if "Error:" in line and "frame #" not in line]
+        assert host1_errors and all(hosts.address(0) in line for line in host1_errors), host1_errors

@@ -354,7 +354,8 @@ class DistKVStore(KVStore):
                     del wanted[request_id]
                     if message.op == Op.ERROR:
                         error = message.control().get("error", "unknown error")
-                        raise PeerError(f"worker {self._rank}: {what} failed on server {server}: {error}")
+                        raise PeerError(f"worker {self._rank}: {what} failed on server {server} at "
+                                        f"{self._addresses[server]}: {error}")
                 if not wanted:
                     return found
                 now = time.monotonic()
@@ -374,7 +375,12 @@ class DistKVStore(KVStore):
         """How often each server has started (it counts itself up in the store)."""
         if self._store is None:
             return None
-        return [self._store.add(f"ps/server/{s}/epoch", 0) for s in range(self.num_servers)]
+        try:
+            return [self._store.add(f"ps/server/{s}/epoch", 0) for s in range(self.num_servers)]
+        except Exception as exc:   # torch raises DistNetworkError, DistStoreError or RuntimeError
+            raise PeerError(f"worker {self._rank}: lost the job's store at {_store_address(self._store)} "
+                            f"(hosted on node 0) while waiting for parameter server(s) at {self._addresses}: "
+                            f"node 0 is down or unreachable ({exc})") from None
 
     def _reconnect_if_restarted(self) -> bool:
         """If a server restarted (from its snapshot), connect to its new address,
@@ -465,6 +471,14 @@ class DistKVStore(KVStore):
         except CommTimeout:
             raise PeerError(f"worker {self._rank}: the parameter servers did not accept this job's "
                             f"secret (PARATRAIN_SECRET)") from None
+
+
+def _store_address(store) -> str:
+    """``host:port`` of a (prefixed) TCP store, for error messages."""
+    while hasattr(store, "underlying_store"):
+        store = store.underlying_store
+    host, port = getattr(store, "host", "?"), getattr(store, "port", "?")
+    return f"{host}:{port}"
 
 
 def server_addresses(env: DistEnv) -> list[str]:
