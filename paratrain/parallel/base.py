@@ -33,6 +33,13 @@ class GradientSync(abc.ABC):
     #: every worker after each step; False for syncs that keep workers apart on
     #: purpose (local SGD averages buffers itself at its sync points).
     buffers_follow_rank0: bool = True
+    #: True when ``reduce`` is linear in the gradients and sums them in their own
+    #: dtype, so gradients that arrive multiplied by a power of two (a loss scaled
+    #: before backward, see :meth:`paratrain.Trainer.loss_scale_for`) come out of it
+    #: multiplied by exactly that power. False where a codec's meaning depends on the
+    #: gradients' size (MXNet's 2bit threshold is defined on summed gradients; fp16
+    #: casts underflow), or where the gradients leave for servers.
+    linear: bool = False
 
     def __init__(self) -> None:
         self._sync_enabled = True

@@ -39,6 +39,8 @@ class BucketReducer(Protocol):
 class AllreduceBucketReducer:
     """The default reducer: an in-place asynchronous ``all_reduce`` (sum) of the bucket."""
 
+    linear = True   # a plain sum in the bucket's dtype: power-of-two scaling commutes with it
+
     def __init__(self, group=None) -> None:
         self.group = group
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -100,6 +102,7 @@ class BucketedAllreduceSync(GradientSync):
         if first_bucket_mb <= 0 or bucket_cap_mb <= 0:
             raise ConfigError(f"bucket sizes must be > 0 MB; got first={first_bucket_mb}, cap={bucket_cap_mb}")
         self.reducer = reducer
+        self.linear = getattr(reducer, "linear", False)   # compressed reducers: no
         self.num_workers = num_workers
         self.timeout_s = timeout_s
         self._first_cap = first_bucket_mb * 2**20
@@ -218,6 +221,8 @@ class BucketedAllreduceSync(GradientSync):
 
 class LocalSync(GradientSync):
     """One worker: gradients only need scaling."""
+
+    linear = True
 
     def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
         self._params = list(params)

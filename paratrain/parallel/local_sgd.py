@@ -25,6 +25,8 @@ class LocalSGDSync(GradientSync):
     gradient is multiplied by ``scale * num_workers``.
     """
 
+    linear = True   # reduce only rescales the local gradient
+
     def __init__(self, sync_every: int, *, group=None, buffers: Sequence[torch.Tensor] = (),
                  timeout_s: float = 60.0) -> None:
         super().__init__()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from paratrain.comm.process_group import connect_store, init_process_group
+from paratrain.comm.process_group import connect_store, init_process_group, wait_work
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, check_choice
 from paratrain.kvstore import KVSTORE_TYPES
@@ -127,33 +127,45 @@ class DataParallelStrategy(Strategy):
     def train_step(self, inputs, targets, global_batch) -> StepResult:
         self.model.train()
         inputs, targets = inputs.to(self.device), targets.to(self.device)
-        micro_inputs = inputs.chunk(self.config.accumulate) if len(inputs) else ()
-        micro_targets = targets.chunk(self.config.accumulate) if len(inputs) else ()
+        if self.config.accumulate == 1 or not len(inputs):
+            micro_batches = [(inputs, targets)] if len(inputs) else []
+        else:
+            micro_batches = list(zip(inputs.chunk(self.config.accumulate), targets.chunk(self.config.accumulate)))
+        # The summed loss times a power of two near 1/global batch: bitwise the same
+        # update as rescaling the gradients after communication, without that pass
+        # (1.0 where a codec needs summed gradients: MXNet's 2bit threshold).
+        loss_scale = self.trainer.loss_scale_for(global_batch)
         loss_sum, correct = 0.0, 0
-        for index, (x, y) in enumerate(zip(micro_inputs, micro_targets)):
-            last = index == len(micro_inputs) - 1
+        for index, (x, y) in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
             with (contextlib.nullcontext() if last else self.trainer.no_sync()):
                 with self._span("forward"), self._autocast():
                     output = self.model(x)
                     loss = self.loss_fn(output.float(), y)
                 with self._span("backward"):
-                    # The summed loss is back-propagated as is (Gluon): codecs such as
-                    # MXNet's 2bit define their threshold on summed gradients, so the
-                    # 1/global-batch rescale comes after communication, in trainer.step.
-                    scaler = self.trainer.loss_scaler
-                    (scaler.scale(loss) if scaler else loss).backward()
+                    scaler = self.trainer.loss_scaler   # fp16: then loss_scale is 1.0
+                    (scaler.scale(loss) if scaler else loss * loss_scale).backward()
             loss_sum += loss.item()
             correct += int((output.argmax(1) == y).sum())
-        self.trainer.step(len(inputs), global_batch_size=global_batch)
+        # Launch the per-step statistics' sum now, so it travels while trainer.step
+        # waits for the gradients and updates, instead of as a collective of its own after.
+        pending = self._launch_totals(loss_sum, correct, len(inputs))
+        self.trainer.step(len(inputs), global_batch_size=global_batch, loss_scale=loss_scale)
         self._local_samples += len(inputs)
-        return self._totals(loss_sum, correct, len(inputs), reduce=self._lockstep)
+        return self._totals(pending, loss_sum, correct, len(inputs))
 
-    def _totals(self, loss_sum: float, correct: int, samples: int, reduce: bool) -> StepResult:
-        if reduce and dist.is_initialized() and dist.get_world_size() > 1:
-            stats = torch.tensor([loss_sum, float(correct), float(samples)], dtype=torch.float64)
-            dist.all_reduce(stats)
-            loss_sum, correct, samples = stats[0].item(), int(stats[1]), int(stats[2])
-        elif not reduce:   # async: this worker's view, scaled to an estimate of the whole job
+    def _launch_totals(self, loss_sum: float, correct: int, samples: int):
+        if not (self._lockstep and dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        stats = torch.tensor([loss_sum, float(correct), float(samples)], dtype=torch.float64)
+        return stats, dist.all_reduce(stats, async_op=True)
+
+    def _totals(self, pending, loss_sum: float, correct: int, samples: int) -> StepResult:
+        if pending is not None:
+            stats, work = pending
+            wait_work(work, self.env.timeout_s, "the sum of the step's loss and accuracy")
+            return StepResult(stats[0].item(), int(stats[1]), int(stats[2]))
+        if not self._lockstep:   # async: this worker's view, scaled to an estimate of the whole job
             return StepResult(loss_sum * self.data_world, correct * self.data_world, samples * self.data_world)
         return StepResult(loss_sum, correct, samples)
 

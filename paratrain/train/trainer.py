@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -123,19 +124,39 @@ class Trainer:
         with self.sync.no_sync():
             yield
 
-    def step(self, batch_size: int, *, global_batch_size: int | None = None) -> None:
+    def loss_scale_for(self, global_batch_size: int) -> float:
+        """The power of two nearest 1 / ``global_batch_size`` by which a summed loss
+        may be multiplied before backward (pass it to ``step(loss_scale=...)``), or 1.0
+        where the gradient sync needs the summed gradients themselves (``linear`` is
+        False: 2bit compression, the parameter server) or a loss scaler is in use.
+
+        Scaling by a power of two is exact in floating point (barring underflow), so
+        the update is bitwise the one a summed loss gives; but the 1 / global-batch
+        normalisation then costs one scalar multiply instead of a pass over every
+        gradient after communication (none at all for a power-of-two batch).
+        """
+        if global_batch_size <= 0 or self.loss_scaler is not None or not self.sync.linear:
+            return 1.0
+        return 2.0 ** -round(math.log2(global_batch_size))
+
+    def step(self, batch_size: int, *, global_batch_size: int | None = None, loss_scale: float = 1.0) -> None:
         """Aggregate gradients, normalise by the global batch and update.
 
         ``batch_size`` is the number of samples this worker's gradients sum over; the
         global batch is ``batch_size * num_workers`` unless ``global_batch_size`` says
-        otherwise (an uneven last batch). Gradients are zeroed afterwards.
+        otherwise (an uneven last batch). ``loss_scale`` is what the summed loss was
+        multiplied by before backward (from :meth:`loss_scale_for`; 1.0 for a plain
+        sum). Gradients are zeroed afterwards.
         """
         total = global_batch_size if global_batch_size is not None else batch_size * self.num_workers
         if total <= 0:
             raise ConfigError(f"batch_size={batch_size} (global {total}) must be > 0")
+        if loss_scale != 1.0 and not self.sync.linear:
+            raise ConfigError(f"loss_scale={loss_scale}: this gradient sync needs summed gradients; "
+                              "back-propagate the summed loss (see Trainer.loss_scale_for)")
         self.sync.timeline = self.timeline
         with self._span("gradient wait", "wait"):
-            self.sync.reduce(1.0 / total)
+            self.sync.reduce(1.0 / total / loss_scale)
         with self._span("optimizer", "compute"):
             # With a server-side optimizer the servers already updated; after_step
             # pulls the new weights.
