@@ -30,7 +30,7 @@ def _run_with_kills(tmp_path, args, kills_wanted: int, every: int, seed: int) ->
     ``kills_wanted`` random steps. Return the summary, the launcher's stderr and the
     metrics' rewinds (step before, step after) of rank 0."""
     rng = random.Random(seed)
-    kill_steps = sorted(rng.sample(range(8, 60 if kills_wanted == 1 else 120), kills_wanted))
+    kill_steps = sorted(rng.sample(range(8, 40 if kills_wanted == 1 else 120), kills_wanted))
     cmd = [sys.executable, "-m", "paratrain.cli", *args, "--checkpoint-dir", str(tmp_path / "ck"),
            "--checkpoint-every", str(every), "--max-restarts", str(kills_wanted), "--log-interval", "1",
            "--log-dir", str(tmp_path / "logs")]
@@ -79,7 +79,7 @@ def test_dist_sync_group_restarts_from_checkpoint_with_fresh_servers(tmp_path):
     their checkpoint and starts new servers; with --max-restarts the optimizer runs on
     the workers, so the checkpoint holds all the state and recovery is exact."""
     args = ("train", "--strategy", "dist_sync", "--servers", "1", "--workers", "2", "--model", "mlp",
-            "--epochs", "3", "--json", "--no-progress")
+            "--epochs", "2", "--json", "--no-progress")
     reference = summary_of(run_paratrain(*args, "--max-restarts", "1", timeout=150))
     summary, _, _ = _run_with_kills(tmp_path, args, kills_wanted=1, every=5, seed=7)
     assert summary["param_checksum"] == reference["param_checksum"]
