@@ -85,7 +85,10 @@ def test_digits_split_is_fixed_and_disjoint():
 
 
 def test_assign_buckets_respects_caps_and_order():
-    assert assign_buckets([4, 4, 4, 4], first_cap=5, cap=8) == [[0], [1, 2], [3]]
+    # A bucket closes once it reaches its cap (DDP's rule): the first one here at 8 >= 5.
+    assert assign_buckets([4, 4, 4, 4], first_cap=5, cap=8) == [[0, 1], [2, 3]]
+    assert assign_buckets([4, 4, 4, 4, 4], first_cap=5, cap=9) == [[0, 1], [2, 3, 4]]
+    assert assign_buckets([1, 100, 1], first_cap=5, cap=8) == [[0, 1], [2]]   # the big tensor leaves early
     assert assign_buckets([100], first_cap=5, cap=8) == [[0]]          # an oversized tensor gets its own bucket
     assert sum(assign_buckets([1] * 10, 3, 4), []) == list(range(10))
 

@@ -7,6 +7,7 @@ even when some parameters get no gradient in a step.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -76,18 +77,23 @@ class _Bucket:
 
 def assign_buckets(sizes_bytes: Sequence[int], first_cap: float = FIRST_BUCKET_MB * 2**20,
                    cap: float = BUCKET_CAP_MB * 2**20) -> list[list[int]]:
-    """Group parameter indices (given in the order they should be reduced) into buckets
-    of at most ``cap`` bytes (``first_cap`` for the first). A pure function."""
+    """Group parameter indices (given in the order they should be reduced) into buckets;
+    a bucket closes as soon as it holds ``cap`` bytes (``first_cap`` for the first), so
+    its last tensor may take it past the cap. A pure function.
+
+    This is DDP's rule. Closing a bucket *before* a tensor that would overflow it
+    instead leaves a first bucket of only the tiny last layers when the next weight is
+    big (MLP 784-1024-1024-10: 41 KB), and pushes that weight into the bucket that is
+    launched when backward ends, where it cannot overlap with anything."""
     buckets: list[list[int]] = []
     current: list[int] = []
     size = 0
     for index, nbytes in enumerate(sizes_bytes):
-        limit = first_cap if not buckets else cap
-        if current and size + nbytes > limit:
-            buckets.append(current)
-            current, size = [], 0
         current.append(index)
         size += nbytes
+        if size >= (first_cap if not buckets else cap):
+            buckets.append(current)
+            current, size = [], 0
     if current:
         buckets.append(current)
     return buckets
@@ -112,6 +118,12 @@ class BucketedAllreduceSync(GradientSync):
         self._next_launch = 0
         self._hooks: list = []
         self.timeline = None   # set by the Trainer: records each bucket's communication span
+        # Linear reducers: the hooks multiply each gradient by this power of two as they
+        # copy it into its bucket (the last step's scale, rounded), so reduce() need not
+        # pass over the buckets again when the scale is unchanged. Exact: scaling by a
+        # power of two commutes with rounding, so the sum and the remaining factor give
+        # bitwise the result of scaling the sum (barring underflow below 2**-126).
+        self._prescale = 1.0
 
     def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -149,17 +161,22 @@ class BucketedAllreduceSync(GradientSync):
         param, start = bucket.params[slot], bucket.offsets[slot]
         return bucket.flat[start:start + param.numel()].view_as(param)
 
-    def _point_grad_at_bucket(self, bucket: _Bucket, slot: int) -> None:
+    def _point_grad_at_bucket(self, bucket: _Bucket, slot: int, factor: float = 1.0) -> None:
         """Make ``param.grad`` a view into the bucket that is reduced in place, so the
         optimizer reads the result with no copy out. ``zero_grad`` sets grads to None:
         backward then hands over a fresh tensor (no memset, no in-place add) that is
-        copied into the bucket once, here."""
+        copied into the bucket once, here, times ``factor`` (as DDP divides while copying)."""
         param, view = bucket.params[slot], self._grad_view(bucket, slot)
         if param.grad is None:
             view.zero_()
         elif param.grad.data_ptr() != view.data_ptr():
-            view.copy_(param.grad)
+            if factor == 1.0:
+                view.copy_(param.grad)
+            else:
+                torch.mul(param.grad, factor, out=view)
         else:
+            if factor != 1.0:   # gradients kept from before (not zeroed): scale in place
+                view.mul_(factor)
             return
         param.grad = view
 
@@ -176,7 +193,7 @@ class BucketedAllreduceSync(GradientSync):
             self._launch_ready()
 
     def _fill(self, bucket: _Bucket, slot: int) -> None:
-        self._point_grad_at_bucket(bucket, slot)   # unused this step: its view holds zeros
+        self._point_grad_at_bucket(bucket, slot, self._prescale)   # unused this step: zeros
         bucket.ready.add(slot)
 
     def _launch_ready(self) -> None:
@@ -195,6 +212,7 @@ class BucketedAllreduceSync(GradientSync):
                 if slot not in bucket.ready:
                     self._fill(bucket, slot)
         self._launch_ready()
+        remaining = scale / self._prescale   # exact: _prescale is a power of two
         for index, bucket in enumerate(self._buckets):
             summed = bucket.pending.wait(self.timeout_s)
             done_s = time.perf_counter()
@@ -203,11 +221,13 @@ class BucketedAllreduceSync(GradientSync):
                                        tid="comm", bytes=bucket.flat.numel() * bucket.flat.element_size())
             if summed is not bucket.flat:   # a compressed reducer returns a new tensor
                 bucket.flat.copy_(summed)
-            if scale != 1.0:
-                bucket.flat.mul_(scale)   # every param.grad is a view of it
+            if remaining != 1.0:
+                bucket.flat.mul_(remaining)   # every param.grad is a view of it
             bucket.ready.clear()
             bucket.pending = None
         self._next_launch = 0
+        if self.linear and scale > 0:
+            self._prescale = 2.0 ** round(math.log2(scale))
 
     @property
     def bytes_sent(self) -> int:
