@@ -67,7 +67,8 @@ def param_checksum(params: Iterable[torch.Tensor]) -> str:
     """sha256 over the parameters' bytes, in order: equal iff the runs are bitwise equal."""
     digest = hashlib.sha256()
     for tensor in params:
-        digest.update(tensor.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        # hashlib reads the array's buffer directly: no bytes copy of the model
+        digest.update(tensor.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
