@@ -4,9 +4,10 @@
     python bench/bench_allreduce.py --overhead --repeats 5           # fit() vs a hand loop
 
 Each worker process builds the same model twice (one wrapped in DDP, one driven by
-paratrain.Trainer over kvstore 'allreduce'), and runs timed windows of both,
-alternating, so the machine's noise hits both alike. Reported: the median over
-repeats of each's samples/sec and the median of the per-repeat ratios.
+paratrain.Trainer over kvstore 'allreduce'), and runs timed windows of both in each
+repeat as A B A (half, whole, half: the outer side alternates between repeats), so the
+machine's noise hits both alike. Reported: the median over repeats of each's
+samples/sec and the median of the per-repeat ratios.
 
 Both sides compute the same update: the mean gradient over the global batch (DDP
 averages per-worker mean losses; paratrain sums and divides by the global batch, as
@@ -81,12 +82,18 @@ def worker(args) -> None:
     for name, step in (("ddp", ddp_step), ("paratrain", paratrain_step)):
         _time_steps(step, args.warmup)
     for repeat in range(args.repeats):
-        order = (("ddp", ddp_step), ("paratrain", paratrain_step))
-        for name, step in (order if repeat % 2 == 0 else order[::-1]):
+        outer, inner = ((ddp_step, paratrain_step) if repeat % 2 == 0 else (paratrain_step, ddp_step))
+        # A B A: the outer side's two half windows bracket the inner side's window, so
+        # a change of load on the (shared) machine during a repeat hits both alike.
+        half = args.steps // 2
+        seconds = {ddp_step: 0.0, paratrain_step: 0.0}
+        for step, steps in ((outer, half), (inner, args.steps), (outer, args.steps - half)):
             dist.barrier()
-            seconds = torch.tensor([_time_steps(step, args.steps)])
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)   # the slowest rank sets the pace
-            results[name].append(args.steps * args.batch * env.world_size / seconds.item())
+            took = torch.tensor([_time_steps(step, steps)])
+            dist.all_reduce(took, op=dist.ReduceOp.MAX)   # the slowest rank sets the pace
+            seconds[step] += took.item()
+        for name, step in (("ddp", ddp_step), ("paratrain", paratrain_step)):
+            results[name].append(args.steps * args.batch * env.world_size / seconds[step])
     if env.rank == 0:
         with open(args.out, "w") as handle:
             json.dump(results, handle)
@@ -148,9 +155,13 @@ def compare_overhead(args) -> dict:
     hand_loop(), paratrain_fit()   # warm up
     overheads = []
     for repeat in range(args.repeats):
-        pair = (hand_loop, paratrain_fit) if repeat % 2 == 0 else (paratrain_fit, hand_loop)
-        times = {fn.__name__: fn() for fn in pair}
-        overheads.append(times["paratrain_fit"] / times["hand_loop"] - 1.0)
+        # A B A, the outer side alternating between repeats: a change of load on the
+        # (shared) machine during a repeat hits both alike.
+        outer, inner = (hand_loop, paratrain_fit) if repeat % 2 == 0 else (paratrain_fit, hand_loop)
+        times = {hand_loop: [], paratrain_fit: []}
+        for fn in (outer, inner, outer):
+            times[fn].append(fn())
+        overheads.append(statistics.mean(times[paratrain_fit]) / statistics.mean(times[hand_loop]) - 1.0)
     row = {"overhead_median_pct": 100 * statistics.median(overheads),
            "overheads_pct": [round(100 * o, 2) for o in overheads], "steps": args.steps, "batch": args.batch}
     print(json.dumps(row), flush=True)
