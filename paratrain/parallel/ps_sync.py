@@ -97,8 +97,9 @@ class ParameterServerSync(GradientSync):
         return self.kv.pushpull(index, param.grad.detach(), out=param.grad, block=False)
 
     def reduce(self, scale: float) -> None:
-        """Push every gradient (zeros for a parameter without one: a sync round needs
-        every key from every worker), then, without server updates, pull the sums."""
+        """Push what no hook pushed (zeros for a parameter without a gradient: a sync
+        round needs every key from every worker); then, with server updates, commit the
+        scale of this step's deferred pushes, or without them, wait for the sums."""
         if not self._sync_enabled:
             return
         start = time.perf_counter()
