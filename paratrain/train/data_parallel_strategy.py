@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from paratrain.comm.process_group import connect_store, init_process_group, wait_work
+from paratrain.comm.process_group import connect_store, init_process_group
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, check_choice
 from paratrain.kvstore import KVSTORE_TYPES
@@ -147,25 +147,19 @@ class DataParallelStrategy(Strategy):
                     (scaler.scale(loss) if scaler else loss * loss_scale).backward()
             loss_sum += loss.item()
             correct += int((output.argmax(1) == y).sum())
-        # Launch the per-step statistics' sum now, so it travels while trainer.step
-        # waits for the gradients and updates, instead of as a collective of its own after.
-        pending = self._launch_totals(loss_sum, correct, len(inputs))
         self.trainer.step(len(inputs), global_batch_size=global_batch, loss_scale=loss_scale)
         self._local_samples += len(inputs)
-        return self._totals(pending, loss_sum, correct, len(inputs))
+        # After trainer.step, not overlapped with it: a bucket holding a parameter unused
+        # on one rank only is launched inside trainer.step there and during backward on
+        # the others, so a collective issued in between would pair up differently per rank.
+        return self._totals(loss_sum, correct, len(inputs), reduce=self._lockstep)
 
-    def _launch_totals(self, loss_sum: float, correct: int, samples: int):
-        if not (self._lockstep and dist.is_initialized() and dist.get_world_size() > 1):
-            return None
-        stats = torch.tensor([loss_sum, float(correct), float(samples)], dtype=torch.float64)
-        return stats, dist.all_reduce(stats, async_op=True)
-
-    def _totals(self, pending, loss_sum: float, correct: int, samples: int) -> StepResult:
-        if pending is not None:
-            stats, work = pending
-            wait_work(work, self.env.timeout_s, "the sum of the step's loss and accuracy")
-            return StepResult(stats[0].item(), int(stats[1]), int(stats[2]))
-        if not self._lockstep:   # async: this worker's view, scaled to an estimate of the whole job
+    def _totals(self, loss_sum: float, correct: int, samples: int, reduce: bool) -> StepResult:
+        if reduce and dist.is_initialized() and dist.get_world_size() > 1:
+            stats = torch.tensor([loss_sum, float(correct), float(samples)], dtype=torch.float64)
+            dist.all_reduce(stats)
+            loss_sum, correct, samples = stats[0].item(), int(stats[1]), int(stats[2])
+        elif not reduce:   # async: this worker's view, scaled to an estimate of the whole job
             return StepResult(loss_sum * self.data_world, correct * self.data_world, samples * self.data_world)
         return StepResult(loss_sum, correct, samples)
 
