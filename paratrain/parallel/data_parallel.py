@@ -20,7 +20,11 @@ from paratrain.errors import ConfigError
 from paratrain.kvstore.allreduce import ring_allreduce_bytes
 from paratrain.parallel.base import GradientSync
 
-FIRST_BUCKET_MB = 1.0     # small first bucket: the last layers' gradients leave early
+# Small first bucket: the last layers' gradients leave early. DDP's is 1 MB; 256 KB
+# lets the small CNN's 800 KB fc1 weight (the bulk of its gradient) leave before the
+# conv layers' backward instead of in one bucket at the end: 4-5% faster steps in each
+# of five interleaved runs (2 and 4 workers). The MLP's buckets are the same either way.
+FIRST_BUCKET_MB = 0.25
 BUCKET_CAP_MB = 25.0      # as DDP: big enough to amortise per-collective latency
 
 
