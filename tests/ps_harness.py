@@ -63,7 +63,8 @@ class PSJob:
 
         store = dist.PrefixStore("paratrain/attempt0/", self.store)  # as connect_store names it
         keys = [f"ps/server/{i}" for i in range(self.num_servers)]
-        store.wait(keys, timedelta(seconds=60))
+        # The epoch counter is each server's last start-up write: after it, it serves.
+        store.wait(keys + [f"{key}/epoch" for key in keys], timedelta(seconds=60))
         return [store.get(k).decode() for k in keys]
 
     def start_worker(self, rank: int, target: str, args: dict, **env) -> subprocess.Popen:
