@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from paratrain.comm.process_group import connect_store, init_process_group
+from paratrain.comm.process_group import connect_store, destroy_process_group, init_process_group
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, check_choice
 from paratrain.kvstore import KVSTORE_TYPES
@@ -62,8 +62,7 @@ class DataParallelStrategy(Strategy):
     def setup(self, model, optimizer, optimizer_params, loss_fn) -> None:
         # Async workers share no process group: a dead one must not break the others,
         # and a restarted one must be able to rejoin. They meet in the store instead.
-        if self.env.distributed and self._lockstep:
-            init_process_group(self.env)
+        self._owns_group = self.env.distributed and self._lockstep and init_process_group(self.env)
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         scaler = torch.amp.GradScaler("cuda") if self.config.amp == "fp16" else None
@@ -208,4 +207,10 @@ class DataParallelStrategy(Strategy):
         return self.trainer.learning_rate
 
     def close(self) -> None:
+        """Release the kvstore and the process group this strategy created: a gloo
+        group left to the interpreter's exit can abort the process there
+        ("terminate called without an active exception")."""
         self.trainer.close()
+        if getattr(self, "_owns_group", False):
+            destroy_process_group()
+            self._owns_group = False

@@ -81,6 +81,7 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
     _notify(callbacks, "on_train_end", state)
     if timeline is not None:
         timeline.save()
+    strategy.close()   # fit set it up, fit releases it (process group, kvstore, channels)
     return state.summary
 
 

@@ -11,6 +11,10 @@ from paratrain.models import build_model
 from paratrain.train import build_strategy
 
 torch.set_num_threads(1)
+# This script uses the group after fit, so it owns it: fit's strategy then leaves it open.
+from paratrain.comm.process_group import init_process_group
+from paratrain.env import read_env
+init_process_group(read_env())
 name = sys.argv[1]
 options = {"sync_every": int(sys.argv[2])} if name == "local_sgd" else {}
 train, heldout = build_dataset("digits")
