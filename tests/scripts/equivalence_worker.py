@@ -2,7 +2,6 @@
 rank 0's parameters. Runs the same under `paratrain launch -n N`, under torchrun and
 as one plain process, so tests can compare 4 x 16 with 1 x 64."""
 import argparse
-import sys
 
 import torch
 
@@ -11,6 +10,7 @@ from paratrain.comm.process_group import init_process_group
 from paratrain.data import ShardedBatchSampler, build_dataset
 from paratrain.env import read_env
 from paratrain.models import build_model
+from paratrain.cli import exit_without_teardown  # gloo threads can abort the teardown
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -41,4 +41,4 @@ for epoch in range(100):
 if env.rank == 0:
     torch.save({name: p.detach().clone() for name, p in model.named_parameters()}, args.out)
 print(f"rank {env.rank} done {step} steps", flush=True)
-sys.exit(0)
+exit_without_teardown(0)

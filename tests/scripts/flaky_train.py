@@ -7,6 +7,7 @@ import threading
 
 from paratrain.cli import main
 from paratrain.env import read_env
+from paratrain.cli import exit_without_teardown  # gloo threads can abort the teardown
 
 env = read_env()
 if env.restart_count == 0 and env.rank == 1:
@@ -14,4 +15,4 @@ if env.restart_count == 0 and env.rank == 1:
         print("flaky_train: killing myself", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Timer(2.5, die).start()
-sys.exit(main(sys.argv[1:]))
+exit_without_teardown(main(sys.argv[1:]))

@@ -9,6 +9,7 @@ import paratrain
 from paratrain.comm.process_group import init_process_group
 from paratrain.env import read_env
 from paratrain.train.trainer import param_checksum
+from paratrain.cli import exit_without_teardown  # gloo threads can abort the teardown
 
 
 class Tricky(nn.Module):
@@ -53,3 +54,4 @@ assert torch.equal(model.frozen.weight, frozen_before), "the frozen layer change
 assert model.decoder.weight is model.encoder.weight
 assert abs(trainer.learning_rate - 0.05 * 0.25) < 1e-12, trainer.learning_rate
 print(f"rank {env.rank}: REPLICAS_IDENTICAL after 8 steps", flush=True)
+exit_without_teardown(0)
