@@ -109,6 +109,8 @@ def test_launcher_stops_the_others_when_a_worker_is_killed(tmp_path):
     (["--compression", "3bit"], "3bit"),
     (["--servers", "2"], "--servers 2 applies to dist_sync"),
     (["--accumulate", "0"], "--accumulate 0: must be >= 1"),
+    (["--strategy", "dist_sync", "--servers", "1", "--max-restarts", "1", "--server-snapshot-dir", "{tmp}/snap"],
+     "restarts from the workers' checkpoint with fresh servers"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, fragment):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
@@ -117,7 +119,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, fragmen
     assert result.returncode == 2, result.stderr
     assert fragment in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    assert not log_dir.exists() and not (tmp_path / "nothing").exists()
+    assert not log_dir.exists() and not (tmp_path / "nothing").exists() and not (tmp_path / "snap").exists()
 
 
 @pytest.mark.timeout(200)
