@@ -280,9 +280,10 @@ def exit_without_teardown(code: int) -> None:
 
     Workers (``python -m paratrain.cli``) have written everything by now: summary,
     metrics, checkpoints, timeline. With torch 2.13, gloo's threads (``gloo_tcp_loop``,
-    ``pt_gloo_runloop``) outlive ``destroy_process_group`` and in full test-suite runs
-    about 1 multi-worker job in 50 aborted in the teardown that follows ("terminate called without an active
-    exception", SIGABRT), turning a good run into a failed job.
+    ``pt_gloo_runloop``) outlive ``destroy_process_group``, and in full test-suite
+    runs about 1 multi-worker job in 50 aborted in the teardown that follows
+    ("terminate called without an active exception", SIGABRT): a good run reported
+    as a failed job.
     """
     sys.stdout.flush()
     sys.stderr.flush()
