@@ -89,3 +89,31 @@ def children_running(launcher_pid: int, marker: bytes = b"paratrain.cli") -> lis
         except FileNotFoundError:
             pass
     return pids
+
+
+def run_with_kills(cmd: list[str], kills_at: list[int], expected: int, rng, progress,
+                   marker: bytes = b"paratrain.cli") -> tuple[list[str], str, int, list[int]]:
+    """Run the launcher ``cmd``; each time ``progress(line)`` (rank 0's step, or None
+    for other lines) reaches ``kills_at[0]`` while ``expected`` children matching
+    ``marker`` run, SIGKILL one of them at random (by PID). Bounded: the launcher is
+    killed if it has not ended 60 s after its output closed.
+    Returns (stdout lines, stderr, returncode, the steps at which it killed)."""
+    kills_at = list(kills_at)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    lines, kills = [], []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            step = progress(line)
+            if step is not None and kills_at and step >= kills_at[0]:
+                victims = children_running(proc.pid, marker)
+                if len(victims) == expected:
+                    os.kill(rng.choice(victims), signal.SIGKILL)
+                    kills.append(step)
+                    kills_at.pop(0)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return lines, proc.stderr.read(), proc.returncode, kills

@@ -1,18 +1,17 @@
 """The parameter server carries on: dead async workers rejoin, a dead server comes back
 from its snapshot, and nothing a server acknowledged is lost. Processes are killed
 with SIGKILL by PID (children of the launcher this test started)."""
+import itertools
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import children_running, clean_env, run_paratrain, summary_of
+from conftest import run_paratrain, run_with_kills, summary_of
 from ps_harness import PSJob, pull_error_and_wait, worker_env_kvstore
 from paratrain.ps.heartbeat import DEAD_AFTER_S, LivenessTracker
 
@@ -29,28 +28,10 @@ ASYNC_ARGS = ("train", "--strategy", "dist_async", "--workers", "4", "--servers"
               "--epochs", "15", "--step-delay", "0.05", "--json", "--no-progress")
 
 
-def run_with_kills(cmd: list[str], marker: bytes, kills_at: list[int], expected: int, rng: random.Random):
-    """Run ``cmd``; each time rank 0 has logged ``kills_at[0]`` steps (log lines),
-    SIGKILL a random child matching ``marker``. Returns (lines, stderr, returncode, kills)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
-    lines, kills, seen = [], [], 0
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Epoch[" in line and "Batch [" in line:
-                seen += 1
-                if kills_at and seen >= kills_at[0]:
-                    victims = children_running(proc.pid, marker)
-                    if len(victims) == expected:
-                        os.kill(rng.choice(victims), signal.SIGKILL)
-                        kills.append(seen)
-                        kills_at.pop(0)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return lines, proc.stderr.read(), proc.returncode, kills
+def log_lines_counter():
+    """Counts rank 0's Speedometer lines (one per step with --log-interval 1)."""
+    seen = itertools.count(1)
+    return lambda line: next(seen) if "Epoch[" in line and "Batch [" in line else None
 
 
 @pytest.mark.timeout(400)
@@ -61,7 +42,7 @@ def test_chaos_three_sigkilled_async_workers_rejoin_and_training_completes(tmp_p
     snapshots = tmp_path / "snap"
     cmd = [sys.executable, "-m", "paratrain.cli", *ASYNC_ARGS, "--max-restarts", "3", "--log-interval", "1",
            "--server-snapshot-dir", str(snapshots), "--server-snapshot-every", "50"]
-    lines, stderr, code, kills = run_with_kills(cmd, b"paratrain.cli", kills_at, 4, rng)
+    lines, stderr, code, kills = run_with_kills(cmd, kills_at, 4, rng, log_lines_counter())
     assert code == 0, stderr[-3000:]
     assert len(kills) == 3, f"only killed at {kills}"
     assert stderr.count("restarting it alone") == 3

@@ -2,15 +2,13 @@
 last checkpoint (--max-restarts, --checkpoint-every), and torchrun's restarts resume the
 same way. Workers are killed with SIGKILL by PID (children of the launcher we started)."""
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from conftest import SCRIPTS, children_running, clean_env, run_paratrain, summary_of
+from conftest import SCRIPTS, clean_env, run_paratrain, run_with_kills, summary_of
 
 STEPS_PER_EPOCH = 23        # 1437 digits / global batch 64, rounded up
 ARGS = ("train", "--workers", "2", "--model", "mlp", "--epochs", "6", "--json", "--no-progress")
@@ -25,34 +23,18 @@ def _step_of(line: str) -> int | None:
     return epoch * STEPS_PER_EPOCH + batch
 
 
-def _run_with_kills(tmp_path, args, kills_wanted: int, every: int, seed: int) -> tuple[dict, str, list[int]]:
+def _train_with_kills(tmp_path, args, kills_wanted: int, every: int, seed: int) -> dict:
     """Run ``args`` with checkpoints and restarts; SIGKILL a random worker (by PID) at
-    ``kills_wanted`` random steps. Return the summary, the launcher's stderr and the
-    metrics' rewinds (step before, step after) of rank 0."""
+    ``kills_wanted`` random steps; check each kill lost at most ``every`` steps. Return
+    the --json summary."""
     rng = random.Random(seed)
     kill_steps = sorted(rng.sample(range(8, 40 if kills_wanted == 1 else 120), kills_wanted))
     cmd = [sys.executable, "-m", "paratrain.cli", *args, "--checkpoint-dir", str(tmp_path / "ck"),
            "--checkpoint-every", str(every), "--max-restarts", str(kills_wanted), "--log-interval", "1",
            "--log-dir", str(tmp_path / "logs")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
-    lines, kills = [], []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            step = _step_of(line)
-            if step is not None and kill_steps and step >= kill_steps[0]:
-                victims = children_running(proc.pid)   # workers only: servers run paratrain.ps.server
-                if len(victims) == 2:
-                    os.kill(rng.choice(victims), signal.SIGKILL)
-                    kills.append(step)
-                    kill_steps.pop(0)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    stderr = proc.stderr.read()
-    assert proc.returncode == 0, stderr[-3000:]
+    # Workers only: servers run paratrain.ps.server, not paratrain.cli.
+    lines, stderr, code, kills = run_with_kills(cmd, kill_steps, 2, rng, _step_of)
+    assert code == 0, stderr[-3000:]
     assert len(kills) == kills_wanted, f"only killed at {kills}"
     assert stderr.count("restarting the workers") == kills_wanted
     steps = [json.loads(l)["step"] for l in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
@@ -61,13 +43,13 @@ def _run_with_kills(tmp_path, args, kills_wanted: int, every: int, seed: int) ->
     assert len(rewinds) == kills_wanted, rewinds
     for before, after in rewinds:   # each kill lost at most the checkpoint interval
         assert before - (after - 1) <= every, f"lost {before - after + 1} steps (> {every})"
-    return json.loads(lines[-1]), stderr, rewinds
+    return json.loads(lines[-1])
 
 
 @pytest.mark.timeout(300)
 def test_chaos_three_sigkills_allreduce_recovers_exactly(tmp_path):
     reference = summary_of(run_paratrain(*ARGS))
-    summary, _, _ = _run_with_kills(tmp_path, ARGS, kills_wanted=3, every=5, seed=1234)
+    summary = _train_with_kills(tmp_path, ARGS, kills_wanted=3, every=5, seed=1234)
     # Resume is exact, so recovery costs nothing in the result: same parameters bit for bit.
     assert summary["param_checksum"] == reference["param_checksum"]
     assert abs(summary["accuracy"] - reference["accuracy"]) <= 0.01
@@ -81,7 +63,7 @@ def test_dist_sync_group_restarts_from_checkpoint_with_fresh_servers(tmp_path):
     args = ("train", "--strategy", "dist_sync", "--servers", "1", "--workers", "2", "--model", "mlp",
             "--epochs", "2", "--json", "--no-progress")
     reference = summary_of(run_paratrain(*args, "--max-restarts", "1", timeout=150))
-    summary, _, _ = _run_with_kills(tmp_path, args, kills_wanted=1, every=5, seed=7)
+    summary = _train_with_kills(tmp_path, args, kills_wanted=1, every=5, seed=7)
     assert summary["param_checksum"] == reference["param_checksum"]
 
 
