@@ -91,7 +91,7 @@ def children_running(launcher_pid: int, marker: bytes = b"paratrain.cli") -> lis
     return pids
 
 
-def run_with_kills(cmd: list[str], kills_at: list[int], expected: int, rng, progress,
+def run_with_kills(cmd: list[str], kills_at: list[int], expected: int, rng, *, progress,
                    marker: bytes = b"paratrain.cli") -> tuple[list[str], str, int, list[int]]:
     """Run the launcher ``cmd``; each time ``progress(line)`` (rank 0's step, or None
     for other lines) reaches ``kills_at[0]`` while ``expected`` children matching

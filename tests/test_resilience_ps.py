@@ -42,7 +42,7 @@ def test_chaos_three_sigkilled_async_workers_rejoin_and_training_completes(tmp_p
     snapshots = tmp_path / "snap"
     cmd = [sys.executable, "-m", "paratrain.cli", *ASYNC_ARGS, "--max-restarts", "3", "--log-interval", "1",
            "--server-snapshot-dir", str(snapshots), "--server-snapshot-every", "50"]
-    lines, stderr, code, kills = run_with_kills(cmd, kills_at, 4, rng, log_lines_counter())
+    lines, stderr, code, kills = run_with_kills(cmd, kills_at, 4, rng, progress=log_lines_counter())
     assert code == 0, stderr[-3000:]
     assert len(kills) == 3, f"only killed at {kills}"
     assert stderr.count("restarting it alone") == 3
@@ -64,8 +64,9 @@ def test_sigkilled_server_resumes_from_snapshot_and_keeps_every_acknowledged_pus
     args = ("train", "--strategy", "dist_async", "--workers", "4", "--servers", "1", "--model", "mlp",
             "--epochs", "4", "--step-delay", "0.05", "--json", "--no-progress", "--log-interval", "1",
             "--max-restarts", "1", "--server-snapshot-dir", str(snapshots), "--server-snapshot-every", "20")
-    lines, stderr, code, kills = run_with_kills([sys.executable, "-m", "paratrain.cli", *args],
-                                                b"paratrain.ps.server", [30], 1, random.Random(7))
+    lines, stderr, code, kills = run_with_kills([sys.executable, "-m", "paratrain.cli", *args], [30], 1,
+                                                random.Random(7), progress=log_lines_counter(),
+                                                marker=b"paratrain.ps.server")
     assert code == 0, stderr[-3000:]
     assert kills == [30]
     assert "server 0 killed by SIGKILL; restarting it from its snapshot" in stderr

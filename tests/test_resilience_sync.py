@@ -33,7 +33,7 @@ def _train_with_kills(tmp_path, args, kills_wanted: int, every: int, seed: int) 
            "--checkpoint-every", str(every), "--max-restarts", str(kills_wanted), "--log-interval", "1",
            "--log-dir", str(tmp_path / "logs")]
     # Workers only: servers run paratrain.ps.server, not paratrain.cli.
-    lines, stderr, code, kills = run_with_kills(cmd, kill_steps, 2, rng, _step_of)
+    lines, stderr, code, kills = run_with_kills(cmd, kill_steps, 2, rng, progress=_step_of)
     assert code == 0, stderr[-3000:]
     assert len(kills) == kills_wanted, f"only killed at {kills}"
     assert stderr.count("restarting the workers") == kills_wanted
