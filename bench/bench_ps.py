@@ -180,7 +180,7 @@ def _train_worker(args) -> None:
     start = reached = None
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         begin = time.perf_counter()
         rows = torch.randint(len(x_all), (args.batch,), generator=torch.Generator().manual_seed(step * 97 + env.rank))
         loss = F.cross_entropy(model(x_all[rows]), y_all[rows])
@@ -194,7 +194,8 @@ def _train_worker(args) -> None:
             if accuracy >= args.target_accuracy:
                 reached = time.perf_counter() - start
     elapsed = time.perf_counter() - start
-    result = {"rank": env.rank, "samples_per_sec": args.steps * args.batch / elapsed}
+    result = {"rank": env.rank, "samples_per_sec": args.steps * args.batch / elapsed,
+              "cpu_ms_per_step": 1e3 * (time.process_time() - cpu_start) / args.steps}
     if args.digits and env.rank == 0:
         with torch.no_grad():
             result["final_accuracy"] = float((model(x_test).argmax(1) == y_test).float().mean())
@@ -214,10 +215,15 @@ def _run_paratrain(strategy: str, workers: int, extra: list[str], timeout_s: flo
     return results
 
 
-def _run_mxnet(kvstore: str, workers: int, steps: int) -> float:
+def _run_mxnet(kvstore: str, workers: int, steps: int, allocator_env: bool = False) -> float:
+    """MXNet as its launcher runs it, or (``allocator_env``) with the glibc settings
+    that ``paratrain launch`` gives its processes (paratrain.env.ALLOCATOR_ENV)."""
+    from paratrain.env import ALLOCATOR_ENV
+
+    env = dict(os.environ, PYTHONPATH="", **(ALLOCATOR_ENV if allocator_env else {}))
     done = subprocess.run([str(MXNET_PYTHON), str(HERE / "mxnet_peer.py"), "--kvstore", kvstore, "--workers",
                            str(workers), "--steps", str(steps)], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=""))
+                          env=env)
     if done.returncode != 0:
         raise RuntimeError(f"MXNet {kvstore} x{workers} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["samples_per_sec"]
@@ -237,6 +243,8 @@ def bench_training(args) -> list[dict]:
             if have_mxnet:
                 for kvstore in ("dist_sync", "dist_async"):
                     runs.setdefault(f"mxnet_{kvstore}", []).append(_run_mxnet(kvstore, workers, args.steps))
+                    runs.setdefault(f"mxnet_{kvstore}_allocenv", []).append(
+                        _run_mxnet(kvstore, workers, args.steps, allocator_env=True))
         medians = {name: statistics.median(values) for name, values in runs.items()}
         for kind in ("dist_sync", "dist_async"):
             row = {"workers": workers, "kvstore": kind, "paratrain_sps": round(medians[kind], 1),
@@ -246,6 +254,9 @@ def bench_training(args) -> list[dict]:
                 row["mxnet_sps"] = round(medians[f"mxnet_{kind}"], 1)
                 row["vs_mxnet"] = round(medians[kind] / medians[f"mxnet_{kind}"], 3)
                 row["mxnet_runs"] = [round(v, 1) for v in runs[f"mxnet_{kind}"]]
+                # Like for like: MXNet given paratrain launch's allocator settings too.
+                row["mxnet_allocenv_sps"] = round(medians[f"mxnet_{kind}_allocenv"], 1)
+                row["vs_mxnet_allocenv"] = round(medians[kind] / medians[f"mxnet_{kind}_allocenv"], 3)
             row["vs_allreduce"] = round(medians[kind] / medians["allreduce"], 3)
             rows.append(row)
     return rows
@@ -289,7 +300,7 @@ def main() -> None:
         p.add_argument("--json", default=None, help="also write the rows to this file")
     sub.choices["throughput"].add_argument("--sizes-mb", type=float, nargs="+", default=[4, 64])
     sub.choices["training"].add_argument("--workers", type=int, nargs="+", default=[2, 4])
-    sub.choices["training"].add_argument("--steps", type=int, default=40)
+    sub.choices["training"].add_argument("--steps", type=int, default=100)
     sub.choices["straggler"].add_argument("--steps", type=int, default=150)
     worker = sub.add_parser("train-worker")
     for flag, kind, default in (("--strategy", str, "dist_sync"), ("--steps", int, 40), ("--warmup", int, 5),

@@ -48,12 +48,14 @@ def _worker(kvstore: str, steps: int, warmup: int, batch: int) -> None:
     for _ in range(warmup):
         step()
     nd.waitall()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     nd.waitall()
     elapsed = time.perf_counter() - start
-    print("MXNET_RESULT " + json.dumps({"rank": kv.rank, "samples_per_sec": steps * batch / elapsed}), flush=True)
+    cpu_ms = 1e3 * (time.process_time() - cpu_start) / steps
+    print("MXNET_RESULT " + json.dumps({"rank": kv.rank, "samples_per_sec": steps * batch / elapsed,
+                                        "cpu_ms_per_step": cpu_ms}), flush=True)
 
 
 def _launch(kvstore: str, workers: int, steps: int, warmup: int, batch: int, timeout_s: float) -> dict:

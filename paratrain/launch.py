@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Sequence
 
+from paratrain.env import ALLOCATOR_ENV
 from paratrain.errors import ConfigError
 
 POLL_S = 0.05
@@ -147,6 +148,8 @@ class Launcher:
                     "PARATRAIN_SECRET": env.get("PARATRAIN_SECRET") or self.secret,
                     "PYTHONUNBUFFERED": "1"})
         env.setdefault("OMP_NUM_THREADS", "1")   # one thread per process unless the user says otherwise
+        if not any(name.startswith("MALLOC_") or name == "GLIBC_TUNABLES" for name in env):
+            env.update(ALLOCATOR_ENV)   # reuse freed big blocks (paratrain.env.ALLOCATOR_ENV)
         if self.config.bind:
             env["PARATRAIN_BIND"] = self.config.bind
         return env

@@ -1,5 +1,6 @@
 """Pure pieces of the foundation, no network: env, sampler, buckets, KVStore local,
 checkpoints, optimizer building."""
+import os
 import signal
 import subprocess
 import sys
@@ -159,3 +160,16 @@ def test_checkpoint_killed_mid_write_leaves_previous_loadable(tmp_path):
             proc.wait(timeout=10)
         loaded = ckpt.load_checkpoint(tmp_path / "model.pt")
         assert torch.all(loaded["w"] == float(loaded["i"]))
+
+
+def test_launcher_tunes_the_allocator_unless_the_user_did(monkeypatch):
+    from paratrain.env import ALLOCATOR_ENV
+    from paratrain.launch import LaunchConfig, Launcher
+
+    for name in [n for n in os.environ if n.startswith("MALLOC_") or n == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
+    env = Launcher(LaunchConfig(num_workers=1), ["x.py"])._base_env(1234)
+    assert {k: env[k] for k in ALLOCATOR_ENV} == ALLOCATOR_ENV
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")   # the user's own malloc settings win, all of them
+    env = Launcher(LaunchConfig(num_workers=1), ["x.py"])._base_env(1234)
+    assert env["MALLOC_ARENA_MAX"] == "2" and not set(ALLOCATOR_ENV) & set(env)
