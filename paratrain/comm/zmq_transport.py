@@ -39,14 +39,20 @@ class _ZmqTracker(SendTracker):
         self._tracker.wait(timeout_s)
 
 
+_SNDMORE = int(zmq.SNDMORE)   # a plain int: pyzmq's flag enums cost more than the send
+
+
 def _send(sock: zmq.Socket, frames: Frames, prefix: Sequence[bytes] = ()) -> SendTracker:
-    big = any(memoryview(f).nbytes >= ZERO_COPY_MIN_BYTES for f in frames)
-    parts = list(prefix) + list(frames)
-    if not big:
-        sock.send_multipart(parts, copy=True)
+    """Send one message: small frames copied, a big last frame (a tensor payload) lent
+    to zmq without a copy, with a tracker that says when zmq is done reading it."""
+    parts = [*prefix, *frames]
+    last = parts.pop()
+    for part in parts:
+        sock.send(part, _SNDMORE, copy=True)
+    if memoryview(last).nbytes < ZERO_COPY_MIN_BYTES:
+        sock.send(last, 0, copy=True)
         return _DONE
-    tracker = sock.send_multipart(parts, copy=False, track=True)
-    return _ZmqTracker(tracker)
+    return _ZmqTracker(sock.send(last, 0, copy=False, track=True))
 
 
 def _announce_host(bind_addr: str) -> str:

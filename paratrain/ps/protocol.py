@@ -70,6 +70,8 @@ DTYPE_CODES: dict[torch.dtype, int] = {
     torch.int32: 5, torch.int64: 6, torch.uint8: 7, torch.int8: 8,
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+ITEMSIZES = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in DTYPE_CODES}
+_OPS = {int(op): op for op in Op}
 
 
 class ProtocolError(ValueError):
@@ -118,16 +120,19 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+# Received frames are read-only and only ever read: torch's warning about viewing a
+# non-writable buffer is silenced for this module's calls (once, not per message:
+# warnings.catch_warnings on every frame cost a parameter server more than decoding).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=__name__)
+
+
 def bytes_to_tensor(buffer: Any, dtype: torch.dtype) -> torch.Tensor:
-    """A flat tensor viewing ``buffer``. Received frames are read-only; the server
-    only reads them, so torch's warning about non-writable buffers is silenced."""
+    """A flat tensor viewing ``buffer`` (read-only: never write to it)."""
     view = memoryview(buffer)
     if view.nbytes == 0:
         return torch.empty(0, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(view, dtype=torch.uint8)
-    return raw.view(dtype)
+    return torch.frombuffer(view, dtype=torch.uint8).view(dtype)
 
 
 def encode_json(obj: dict) -> bytes:
@@ -178,10 +183,9 @@ def decode(frames: Sequence[Any], *, max_payload_bytes: int) -> Message:
      status, *dims) = HEADER.unpack(header)
     if magic != MAGIC or version != VERSION:
         raise ProtocolError(f"bad magic {magic!r} or version {version}")
-    try:
-        op = Op(op_code)
-    except ValueError:
-        raise ProtocolError(f"unknown op code {op_code}") from None
+    op = _OPS.get(op_code)
+    if op is None:
+        raise ProtocolError(f"unknown op code {op_code}")
     if dtype_code_ not in CODE_DTYPES:
         raise ProtocolError(f"unknown dtype code {dtype_code_}")
     if ndim > MAX_NDIM or any(d < 0 for d in dims[:ndim]):
@@ -205,7 +209,7 @@ def decode(frames: Sequence[Any], *, max_payload_bytes: int) -> Message:
 def _check_payload(message: Message, max_payload_bytes: int) -> None:
     nbytes = 0 if message.payload is None else message.payload.nbytes
     if message.op in TENSOR_OPS:
-        itemsize = torch.empty(0, dtype=message.dtype).element_size()
+        itemsize = ITEMSIZES[message.dtype]
         if nbytes > max_payload_bytes:
             raise ProtocolError(f"payload of {nbytes} bytes exceeds the limit of {max_payload_bytes}")
         if nbytes != message.length * itemsize:
