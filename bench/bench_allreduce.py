@@ -1,7 +1,7 @@
 """paratrain ``allreduce`` vs PyTorch DDP (gloo): samples/sec in the same processes.
 
     python bench/bench_allreduce.py --workers 2 4 --repeats 5        # DDP comparison
-    python bench/bench_allreduce.py --overhead --repeats 5           # fit() vs a hand loop
+    python bench/bench_allreduce.py --overhead --repeats 21 --steps 60   # fit() vs a hand loop
 
 Each worker process builds the same model twice (one wrapped in DDP, one driven by
 paratrain.Trainer over kvstore 'allreduce'), and runs timed windows of both in each
@@ -124,36 +124,61 @@ def compare_ddp(args) -> list[dict]:
 def compare_overhead(args) -> dict:
     """Single process: paratrain.fit (strategy 'local') vs a hand-written loop over the
     same data, model, optimizer and batch order. Both compute the same update (the
-    mean gradient: the hand loop's loss is a mean, fit's a sum divided by the batch)."""
+    mean gradient: the hand loop's loss is a mean, fit's a sum divided by the batch).
+
+    Per-step overhead: fit's training loop (from its first step to its last, timed by
+    a callback; fit also computes the loss and accuracy each step for its Speedometer)
+    against the whole hand loop. fit's one-time work (building the strategy, the final
+    param_checksum) is reported apart, as the whole call's overhead. Both in wall-clock
+    and CPU time (one torch thread: the process's CPU time is its own work). On this
+    shared machine even CPU time of identical windows swings by +-10%, hence many
+    short A B A repeats and their median."""
     import paratrain
     from paratrain.data.datasets import load_synthetic
+    from paratrain.train.callbacks import Callback
     torch.set_num_threads(1)
     train, _ = load_synthetic(num_samples=args.batch * args.steps, num_features=784)
     loss_fn = nn.CrossEntropyLoss()
 
-    def hand_loop() -> float:
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def since(start: tuple[float, float]) -> tuple[float, float]:
+        wall, cpu = now()
+        return wall - start[0], cpu - start[1]
+
+    class LoopClock(Callback):
+        def on_train_begin(self, state) -> None:
+            self.start = now()
+
+        def on_step_end(self, state) -> None:
+            self.loop = since(self.start)
+
+    def hand_loop() -> dict:
         torch.manual_seed(0)
         model = MODELS["mlp"]()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
-        start = time.perf_counter()
+        start = now()
         for i in range(0, len(train) - args.batch + 1, args.batch):
             x, y = train.batch(order[i:i + args.batch])
             loss_fn(model(x), y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        took = since(start)
+        return {"loop": took, "call": took}
 
-    def paratrain_fit() -> float:
+    def paratrain_fit() -> dict:
         torch.manual_seed(0)
         model = MODELS["mlp"]()
-        start = time.perf_counter()
+        clock = LoopClock()
+        start = now()
         paratrain.fit(model, train, strategy="local", epochs=1, batch_size=args.batch,
-                      optimizer_params={"lr": 0.01, "momentum": 0.9})
-        return time.perf_counter() - start
+                      optimizer_params={"lr": 0.01, "momentum": 0.9}, callbacks=[clock])
+        return {"loop": clock.loop, "call": since(start)}
 
     hand_loop(), paratrain_fit()   # warm up
-    overheads = []
+    overheads = {f"{span}_{clock}": [] for span in ("loop", "call") for clock in ("wall", "cpu")}
     for repeat in range(args.repeats):
         # A B A, the outer side alternating between repeats: a change of load on the
         # (shared) machine during a repeat hits both alike.
@@ -161,9 +186,16 @@ def compare_overhead(args) -> dict:
         times = {hand_loop: [], paratrain_fit: []}
         for fn in (outer, inner, outer):
             times[fn].append(fn())
-        overheads.append(statistics.mean(times[paratrain_fit]) / statistics.mean(times[hand_loop]) - 1.0)
-    row = {"overhead_median_pct": 100 * statistics.median(overheads),
-           "overheads_pct": [round(100 * o, 2) for o in overheads], "steps": args.steps, "batch": args.batch}
+        for name in overheads:
+            span, clock = name.split("_")
+            index = 0 if clock == "wall" else 1
+            ours = statistics.mean(t[span][index] for t in times[paratrain_fit])
+            theirs = statistics.mean(t[span][index] for t in times[hand_loop])
+            overheads[name].append(ours / theirs - 1.0)
+    row = {f"{name}_overhead_median_pct": round(100 * statistics.median(values), 2)
+           for name, values in overheads.items()}
+    row.update({"loop_cpu_overheads_pct": [round(100 * o, 2) for o in overheads["loop_cpu"]],
+                "repeats": args.repeats, "steps": args.steps, "batch": args.batch})
     print(json.dumps(row), flush=True)
     return row
 

@@ -36,11 +36,11 @@ VALID_ROLES = ("worker", "server")
 #: variable or GLIBC_TUNABLES: glibc then keeps freed blocks up to 256 MB in the heap
 #: and returns heap memory to the system only beyond 1 GB free, instead of mapping and
 #: unmapping big blocks (or trimming the heap) each time. A training step frees and
-#: allocates the same large blocks (gradients, received messages) over and over; without
-#: this each of them faults its pages in afresh, which cost the parameter server's I/O
-#: thread more time than its copies (see docs/performance.md). The price: a process
-#: keeps the memory of its peak step, as caching allocators (PyTorch's on GPU, MXNet's
-#: pool) do.
+#: allocates the same large blocks (gradients, received messages) over and over;
+#: without this each of them faults its pages in afresh, which cost a parameter
+#: server's I/O thread about as much time as its copies (docs/parameter_server.md,
+#: "Where the time went"). The price: a process keeps the memory of its peak step, as
+#: caching allocators (PyTorch's on GPU, MXNet's pool) do.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 

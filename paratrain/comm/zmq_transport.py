@@ -22,7 +22,7 @@ ZERO_COPY_MIN_BYTES = 64 * 1024
 # kernel's copies in and out happen there). libzmq spreads connections over them, so
 # with more than one the workers' gradients arrive and the new weights leave in
 # parallel: a 2-worker dist_sync step took 12% less time with 2 than with 1 on a
-# 2-core machine (docs/performance.md).
+# 2-core machine (docs/parameter_server.md, "Where the time went").
 SERVER_IO_THREADS = max(1, min(4, os.cpu_count() or 1))
 _DONE = DoneTracker()
 

@@ -64,6 +64,7 @@ class DataParallelStrategy(Strategy):
         # and a restarted one must be able to rejoin. They meet in the store instead.
         self._owns_group = self.env.distributed and self._lockstep and init_process_group(self.env)
         self.model = model.to(self.device)
+        self.model.train()
         self.loss_fn = loss_fn
         scaler = torch.amp.GradScaler("cuda") if self.config.amp == "fp16" else None
         self.trainer = Trainer(self.model, optimizer, optimizer_params, kvstore=self.config.kvstore,
@@ -124,10 +125,11 @@ class DataParallelStrategy(Strategy):
         return torch.autocast(self.device.type, dtype=dtype)
 
     def train_step(self, inputs, targets, global_batch) -> StepResult:
-        self.model.train()
+        # The model is in training mode: setup put it there, evaluate puts it back.
         inputs, targets = inputs.to(self.device), targets.to(self.device)
-        if self.config.accumulate == 1 or not len(inputs):
-            micro_batches = [(inputs, targets)] if len(inputs) else []
+        samples = inputs.shape[0]
+        if self.config.accumulate == 1 or not samples:
+            micro_batches = [(inputs, targets)] if samples else []
         else:
             micro_batches = list(zip(inputs.chunk(self.config.accumulate), targets.chunk(self.config.accumulate)))
         # The summed loss times a power of two near 1/global batch: bitwise the same
@@ -146,12 +148,12 @@ class DataParallelStrategy(Strategy):
                     (scaler.scale(loss) if scaler else loss * loss_scale).backward()
             loss_sum += loss.item()
             correct += int((output.argmax(1) == y).sum())
-        self.trainer.step(len(inputs), global_batch_size=global_batch, loss_scale=loss_scale)
-        self._local_samples += len(inputs)
+        self.trainer.step(samples, global_batch_size=global_batch, loss_scale=loss_scale)
+        self._local_samples += samples
         # After trainer.step, not overlapped with it: a bucket holding a parameter unused
         # on one rank only is launched inside trainer.step there and during backward on
         # the others, so a collective issued in between would pair up differently per rank.
-        return self._totals(loss_sum, correct, len(inputs), reduce=self._lockstep)
+        return self._totals(loss_sum, correct, samples, reduce=self._lockstep)
 
     def _totals(self, loss_sum: float, correct: int, samples: int, reduce: bool) -> StepResult:
         if reduce and dist.is_initialized() and dist.get_world_size() > 1:
@@ -175,11 +177,14 @@ class DataParallelStrategy(Strategy):
     def evaluate(self, inputs, targets) -> StepResult:
         """Every worker holds the whole model: evaluate locally, no communication."""
         self.model.eval()
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
-        with self._autocast():
-            output = self.model(inputs)
-        loss = self.loss_fn(output.float(), targets).item()
-        return StepResult(loss, int((output.argmax(1) == targets).sum()), len(targets))
+        try:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self._autocast():
+                output = self.model(inputs)
+            loss = self.loss_fn(output.float(), targets).item()
+            return StepResult(loss, int((output.argmax(1) == targets).sum()), len(targets))
+        finally:
+            self.model.train()
 
     def _span(self, name: str):
         timeline = self.trainer.timeline
