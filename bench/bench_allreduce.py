@@ -215,6 +215,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        # gloo's threads can abort the interpreter's teardown (docs/internals.md,
+        # "Process exit"); the results file is written: end here.
+        from paratrain.cli import exit_without_teardown
+        exit_without_teardown(0)
     elif args.overhead:
         compare_overhead(args)
     else:

@@ -316,7 +316,9 @@ def main() -> None:
     if args.command == "zmq-echo":
         return _zmq_echo_server()
     if args.command == "train-worker":
-        return _train_worker(args)
+        _train_worker(args)
+        from paratrain.cli import exit_without_teardown   # see docs/internals.md, "Process exit"
+        exit_without_teardown(0)
     rows = {"throughput": bench_throughput, "training": bench_training, "straggler": bench_straggler}[args.command](args)
     for row in rows:
         print(json.dumps(row))
