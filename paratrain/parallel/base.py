@@ -7,10 +7,19 @@ the strategy, so it never branches on strategy names.
 from __future__ import annotations
 
 import abc
+import math
 import contextlib
 from typing import Iterator, Sequence
 
 import torch
+
+
+def nearest_power_of_two(value: float) -> float:
+    """The power of two nearest ``value`` (> 0) on a log scale. Multiplying by it is
+    exact in floating point (barring underflow), so gradients scaled by one before a
+    linear reduce (``GradientSync.linear``) sum to bitwise the scaled sum: what
+    ``Trainer.loss_scale_for`` and the allreduce buckets' pre-scaling rely on."""
+    return 2.0 ** round(math.log2(value))
 
 
 class GradientSync(abc.ABC):

@@ -7,7 +7,6 @@ even when some parameters get no gradient in a step.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -18,7 +17,7 @@ import torch.distributed as dist
 from paratrain.comm.process_group import wait_work
 from paratrain.errors import ConfigError
 from paratrain.kvstore.allreduce import ring_allreduce_bytes
-from paratrain.parallel.base import GradientSync
+from paratrain.parallel.base import GradientSync, nearest_power_of_two
 
 # First bucket as DDP's, 1 MB. The second session chose 256 KB, which sends the small
 # CNN's 800 KB fc1 weight while the conv layers' backward runs instead of in one bucket
@@ -234,7 +233,7 @@ class BucketedAllreduceSync(GradientSync):
             bucket.pending = None
         self._next_launch = 0
         if self.linear and scale > 0:
-            self._prescale = 2.0 ** round(math.log2(scale))
+            self._prescale = nearest_power_of_two(scale)
 
     @property
     def bytes_sent(self) -> int:

@@ -57,6 +57,7 @@ class DataParallelStrategy(Strategy):
         self.is_logging_rank = self.env.rank == 0
         self._lockstep = self.config.kvstore not in ASYNC_TYPES
         self._local_samples = 0   # samples this worker trained on (async throughput)
+        self._owns_group = False  # setup created the process group: close destroys it
         self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
 
     def setup(self, model, optimizer, optimizer_params, loss_fn) -> None:
@@ -216,6 +217,6 @@ class DataParallelStrategy(Strategy):
         group left to the interpreter's exit can abort the process there
         ("terminate called without an active exception")."""
         self.trainer.close()
-        if getattr(self, "_owns_group", False):
+        if self._owns_group:
             destroy_process_group()
             self._owns_group = False

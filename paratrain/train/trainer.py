@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -23,6 +22,7 @@ from paratrain import kvstore as kvstore_module
 from paratrain.errors import ConfigError, check_choice
 from paratrain.kvstore.base import KVStore
 from paratrain.parallel import build_gradient_sync
+from paratrain.parallel.base import nearest_power_of_two
 from paratrain.parallel.data_parallel import broadcast_buffers
 
 OPTIMIZERS = {
@@ -138,7 +138,7 @@ class Trainer:
         """
         if global_batch_size <= 0 or self.loss_scaler is not None or not self.sync.linear:
             return 1.0
-        return 2.0 ** -round(math.log2(global_batch_size))
+        return nearest_power_of_two(1.0 / global_batch_size)
 
     def step(self, batch_size: int, *, global_batch_size: int | None = None, loss_scale: float = 1.0) -> None:
         """Aggregate gradients, normalise by the global batch and update.

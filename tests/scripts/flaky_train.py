@@ -5,9 +5,8 @@ import signal
 import sys
 import threading
 
-from paratrain.cli import main
+from paratrain.cli import exit_without_teardown, main  # gloo threads can abort the teardown
 from paratrain.env import read_env
-from paratrain.cli import exit_without_teardown  # gloo threads can abort the teardown
 
 env = read_env()
 if env.restart_count == 0 and env.rank == 1:
