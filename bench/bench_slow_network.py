@@ -106,7 +106,6 @@ def build_step(config: BenchConfig, model, world: int):
     trainer = Trainer(model, "sgd", {"lr": config.lr, "momentum": config.momentum}, kvstore="allreduce",
                       compression=config.compression,
                       sync_every=config.sync_every if config.method == "local_sgd" else None)
-    describe_buckets(trainer.sync)
 
     def paratrain_step(x, y):
         F.cross_entropy(model(x), y, reduction="sum").backward()   # Gluon style: a sum
@@ -114,17 +113,6 @@ def build_step(config: BenchConfig, model, world: int):
     counters = lambda: {key: getattr(trainer.sync.reducer if hasattr(trainer.sync, "reducer") else trainer.sync,
                                      key, None) for key in ("bytes_sent", "payload_bytes")}
     return paratrain_step, counters
-
-
-def describe_buckets(sync) -> None:
-    """Tell a PowerSGD reducer the parameter shapes of each bucket so it compresses each
-    matrix on its own. BucketedAllreduceSync does not pass them yet (requested from its
-    owner); until then the bench reads its bucket list."""
-    reducer = getattr(sync, "reducer", None)
-    if reducer is None or not hasattr(reducer, "describe_bucket") or getattr(reducer, "shapes", None):
-        return
-    for index, bucket in enumerate(getattr(sync, "_buckets", [])):
-        reducer.describe_bucket(index, [p.shape for p in bucket.params])
 
 
 def tx_bytes() -> int:

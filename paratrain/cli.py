@@ -16,6 +16,7 @@ from pathlib import Path
 
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError
+from paratrain.strategies import strategy_spec
 from paratrain.train.straggler import Straggler, parse_stragglers
 
 EXIT_USAGE = 2
@@ -94,15 +95,16 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def _resolve(args: argparse.Namespace, env: DistEnv) -> None:
     """Fill defaults that depend on other flags and check what argparse cannot."""
-    pipelined = args.strategy in ("pipeline", "hybrid")
+    spec = strategy_spec(args.strategy)
+    pipelined = spec.pipelined
     if args.workers is None:
         args.workers = env.world_size if env.launched else (
             (args.stages or 2) * (args.replicas if args.strategy == "hybrid" else 1) if pipelined else 2)
     if args.servers is None:
-        args.servers = 1 if args.strategy.startswith("dist_") else 0
-    if args.strategy.startswith("dist_") and args.servers < 1 and not env.launched:
+        args.servers = 1 if spec.uses_servers else 0
+    if spec.uses_servers and args.servers < 1 and not env.launched:
         raise ConfigError(f"--strategy {args.strategy} needs --servers >= 1; got --servers {args.servers}")
-    if args.servers and not args.strategy.startswith("dist_"):
+    if args.servers and not spec.uses_servers:
         raise ConfigError(f"--servers {args.servers} applies to dist_sync|dist_async|dist_ssp, not --strategy {args.strategy}")
     if args.replicas != 1 and args.strategy != "hybrid":
         raise ConfigError(f"--replicas {args.replicas} applies to --strategy hybrid only")
@@ -115,13 +117,14 @@ def _resolve(args: argparse.Namespace, env: DistEnv) -> None:
     if args.resume and not any(Path(args.checkpoint_dir).glob("*.pt")):
         raise ConfigError(f"--resume: no checkpoint in --checkpoint-dir {args.checkpoint_dir!r}")
     strategy = _build_plain_strategy(args, DistEnv(world_size=args.workers))   # validates options, starts nothing
-    if hasattr(strategy, "validate"):   # pipelines: micro-batches, stages vs layers, before launching
+
+    def model_factory():
         from paratrain.data import build_dataset
         from paratrain.models import build_model
         train, _ = build_dataset(args.dataset)
-        strategy.validate(args.batch_size, args.workers,
-                          model=build_model(args.model, train.sample_shape, train.num_classes, seed=args.seed))
-    if (args.server_snapshot_dir or args.server_snapshot_every) and not args.strategy.startswith("dist_"):
+        return build_model(args.model, train.sample_shape, train.num_classes, seed=args.seed)
+    strategy.validate(args.batch_size, args.workers, model_factory)
+    if (args.server_snapshot_dir or args.server_snapshot_every) and not spec.uses_servers:
         raise ConfigError(f"--server-snapshot-dir/--server-snapshot-every apply to dist_sync|dist_async|dist_ssp, "
                           f"not --strategy {args.strategy}")
     if args.server_snapshot_dir and args.strategy == "dist_sync" and args.max_restarts:
@@ -162,6 +165,7 @@ def run_worker(args: argparse.Namespace, env: DistEnv) -> dict:
     import torch
     from paratrain.data import build_dataset
     from paratrain.models import build_model
+    from paratrain.timeline import build_timeline
     from paratrain.train import MetricsLogger, ProgressBar, Speedometer, fit
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")) if env.launched else torch.get_num_threads())
     train, heldout = build_dataset(args.dataset)
@@ -169,10 +173,7 @@ def run_worker(args: argparse.Namespace, env: DistEnv) -> dict:
     callbacks = [ProgressBar(enabled=not args.no_progress and sys.stderr.isatty()), Speedometer(args.log_interval)]
     if args.log_dir:
         callbacks.append(MetricsLogger(args.log_dir))
-    timeline = None
-    if args.timeline:
-        from paratrain.train.timeline import Timeline
-        timeline = Timeline(args.timeline if env.rank == 0 else f"{args.timeline}.rank{env.rank}", env.rank)
+    timeline = build_timeline(args.timeline, env.rank)
     optimizer_params = {"lr": args.lr}
     if args.optimizer == "sgd":
         optimizer_params["momentum"] = args.momentum
@@ -204,7 +205,7 @@ def _train(args: argparse.Namespace) -> int:
         worker_argv = [sys.executable, "-m", "paratrain.cli", *sys.argv[1:], "--summary-file", str(summary_file)]
         # Async workers carry on without a dead peer, so only the dead one restarts;
         # lockstep strategies restart the whole group from the last checkpoint.
-        policy = "worker" if args.strategy in ("dist_async", "dist_ssp") else "group"
+        policy = "worker" if strategy_spec(args.strategy).asynchronous else "group"
         server_args = () if not args.server_snapshot_dir else (
             "--snapshot-dir", args.server_snapshot_dir, "--snapshot-every", str(args.server_snapshot_every or 100))
         status = launch(worker_argv, LaunchConfig(num_workers=args.workers, num_servers=args.servers,
@@ -229,8 +230,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from paratrain.ps.server import main as server_main
-    return server_main()
+    from paratrain.ps.server import run
+    return run(args.server_args)
 
 
 def _report(argv: list[str]) -> int:
@@ -254,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--bind", default=None)
     launch.add_argument("script", nargs="?", help="script.py, or -mmodule")
     launch.add_argument("script_args", nargs=argparse.REMAINDER)
-    commands.add_parser("server", help="run one parameter server (reads PARATRAIN_* variables)")
+    server = commands.add_parser("server", help="run one parameter server (reads PARATRAIN_* variables)")
+    server.add_argument("server_args", nargs=argparse.REMAINDER, help="--snapshot-dir DIR, --snapshot-every N, ...")
     commands.add_parser("report", help="plots and a summary from one or more --log-dir folders", add_help=False)
     return parser
 
@@ -280,10 +282,9 @@ def exit_without_teardown(code: int) -> None:
 
     Workers (``python -m paratrain.cli``) have written everything by now: summary,
     metrics, checkpoints, timeline. With torch 2.13, gloo's threads (``gloo_tcp_loop``,
-    ``pt_gloo_runloop``) outlive ``destroy_process_group``, and in full test-suite
-    runs about 1 multi-worker job in 50 aborted in the teardown that follows
-    ("terminate called without an active exception", SIGABRT): a good run reported
-    as a failed job.
+    ``pt_gloo_runloop``) outlive ``destroy_process_group`` and can abort the teardown
+    that follows ("terminate called without an active exception", SIGABRT), which
+    would report a good run as a failed job (docs/internals.md, "Process exit").
     """
     sys.stdout.flush()
     sys.stderr.flush()

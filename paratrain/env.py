@@ -22,6 +22,7 @@ job from these variables, and nothing else in paratrain reads ``os.environ`` for
 | ``PARATRAIN_STORE_HOSTED`` | launcher | ``1``: paratrain's launcher hosts the TCP store; every rank is a client |
 | ``PARATRAIN_TIMEOUT`` | user | seconds any network wait may take (default 60) |
 | ``PARATRAIN_REJOIN`` | launcher | ``1``: this worker was restarted alone and rejoins a running async job |
+| ``PARATRAIN_SERVER_IMPORTS`` | user / launcher | comma-separated modules a parameter server imports at start-up (to register update rules: ``paratrain.optimizers.register_optimizer``) |
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ class DistEnv:
     store_hosted: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
     rejoin: bool = False
+    server_imports: tuple[str, ...] = ()
     launched: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -119,5 +121,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
                       or environ.get("PARATRAIN_STORE_HOSTED", "") == "1"),
         timeout_s=timeout_s,
         rejoin=environ.get("PARATRAIN_REJOIN", "") == "1",
+        server_imports=tuple(name.strip() for name in environ.get("PARATRAIN_SERVER_IMPORTS", "").split(",")
+                             if name.strip()),
         launched="RANK" in environ,
     )

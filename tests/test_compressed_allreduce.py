@@ -15,8 +15,9 @@ from conftest import run_workers
 from paratrain.comm import codecs
 from paratrain.comm.codecs import parse_compression
 from paratrain.errors import CommTimeout
-from paratrain.parallel.compressed import (BucketReducer, CastReducer, GatherReducer, PowerSGDReducer,
-                                           build_bucket_reducer, plan_segments, sum_in_rank_order)
+from paratrain.parallel.compressed import (CastReducer, GatherReducer, PowerSGDReducer, build_bucket_reducer,
+                                           plan_segments, sum_in_rank_order)
+from paratrain.parallel.reducers import AllreduceReducer
 
 BUCKET_SIZES = (37, 301)          # odd sizes: padding, chunks that do not divide evenly
 SHAPES_OF_BUCKET_1 = [(10, 20), (20,), (9, 9)]   # 200 + 20 + 81 = 301
@@ -214,16 +215,20 @@ def test_single_process_reducers_decode_their_own_payload():
             assert torch.allclose(got, grad, atol=1e-2)
 
 
-def test_launch_does_not_touch_the_callers_bucket():
+def test_compressed_launch_does_not_touch_the_callers_bucket_and_plain_sums_in_place():
     grad = torch.randn(50)
     before = grad.clone()
-    for spec in SPECS:
+    for spec in SPECS[1:]:
         build_bucket_reducer(parse_compression(spec)).launch(0, grad).wait(timeout=5).mul_(3.0)
         assert torch.equal(grad, before), spec
+    assert SPECS[0] == "none"
+    assert build_bucket_reducer(parse_compression("none")).launch(0, grad).wait(timeout=5) is grad
 
 
 def test_factory_picks_reducer_and_rejects_raw_specs():
-    assert type(build_bucket_reducer(parse_compression("none"))) is BucketReducer
+    assert type(build_bucket_reducer(parse_compression("none"))) is AllreduceReducer
+    assert build_bucket_reducer(parse_compression("none")).linear
+    assert not any(build_bucket_reducer(parse_compression(spec)).linear for spec in SPECS[1:])
     assert isinstance(build_bucket_reducer(parse_compression("bf16")), CastReducer)
     assert isinstance(build_bucket_reducer(parse_compression("topk")), GatherReducer)
     assert isinstance(build_bucket_reducer(parse_compression("powersgd")), PowerSGDReducer)

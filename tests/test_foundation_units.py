@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 
+from paratrain.atomic import save_torch_atomic
 from paratrain.data import ShardedBatchSampler, build_dataset
 from paratrain.data.sampler import shard_bounds
 from paratrain.env import read_env
@@ -16,7 +17,8 @@ from paratrain.errors import ConfigError
 from paratrain.kvstore import create
 from paratrain.parallel.data_parallel import assign_buckets
 from paratrain.train import checkpoint as ckpt
-from paratrain.train.trainer import build_optimizer, param_checksum
+from paratrain.optimizers import build_worker_optimizer as build_optimizer
+from paratrain.train.trainer import param_checksum
 
 
 def test_read_env_defaults_and_values():
@@ -129,7 +131,7 @@ def test_param_checksum_sees_one_bit():
 
 def test_checkpoint_round_trip_weights_only(tmp_path):
     state = {"model": {"w": torch.arange(4.0)}, "epoch": 2, "rng": ckpt.rng_state()}
-    ckpt.save_atomic(state, tmp_path / "model.pt")
+    save_torch_atomic(state, tmp_path / "model.pt")
     loaded = ckpt.load_checkpoint(tmp_path / "model.pt")
     assert torch.equal(loaded["model"]["w"], torch.arange(4.0)) and loaded["epoch"] == 2
     ckpt.set_rng_state(loaded["rng"])
@@ -142,10 +144,10 @@ def test_checkpoint_killed_mid_write_leaves_previous_loadable(tmp_path):
     instant the kill lands, model.pt is a complete checkpoint."""
     code = textwrap.dedent(f"""
         import sys, torch
-        from paratrain.train.checkpoint import save_atomic
+        from paratrain.atomic import save_torch_atomic
         i = 0
         while True:
-            save_atomic({{"w": torch.full((2_000_000,), float(i)), "i": i}}, {str(tmp_path / 'model.pt')!r})
+            save_torch_atomic({{"w": torch.full((2_000_000,), float(i)), "i": i}}, {str(tmp_path / 'model.pt')!r})
             i += 1
             if i == 2: print("ready", flush=True)
     """)

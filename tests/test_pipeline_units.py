@@ -12,12 +12,14 @@ from torch import nn
 
 from paratrain.env import read_env
 from paratrain.errors import CommTimeout, ConfigError, PeerError
+from paratrain.comm import wire
 from paratrain.parallel import p2p
 from paratrain.parallel.hybrid import build_mesh
 from paratrain.parallel.pipeline import (Action, balance_by_cost, build_schedule, build_stage_module,
                                          counts_from_split_points, one_f_one_b_schedule, resolve_partition,
                                          simulate_schedules, split_by_counts, theoretical_bubble)
-from paratrain.train.pipeline_strategy import ActivationMeter, PipelineStrategy, assemble_stage_states
+from paratrain.parallel.stage_runner import ActivationMeter
+from paratrain.train.pipeline_strategy import PipelineStrategy, assemble_stage_states
 
 
 def tiny_model() -> nn.Sequential:
@@ -138,7 +140,7 @@ def test_mesh_layout():
 def test_wire_format_roundtrip(tensor):
     fields = p2p.encode_header(7, tensor)
     tag, dtype, shape = p2p.decode_header(fields)
-    out = p2p.tensor_from_bytes(bytes(p2p.tensor_bytes(tensor)), dtype, shape)
+    out = wire.copy_tensor(bytes(wire.tensor_bytes(tensor)), dtype, shape)
     assert tag == 7 and out.dtype == tensor.dtype and torch.equal(out, tensor)
     out.add_(1) if out.dtype != torch.bool else None   # received tensors are writable
 
@@ -244,8 +246,8 @@ def test_strategy_rejects_bad_configuration_without_touching_the_network():
         strategy.validate(16, 2)
     with pytest.raises(ConfigError, match="stages=3 is more than the model's 2 layers"):
         PipelineStrategy(stages=3, micro_batches=1, env=_env(3)).validate(
-            4, 3, model=nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
-    strategy.validate(16, 4, model=tiny_model())
+            4, 3, model_factory=lambda: nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    strategy.validate(16, 4, model_factory=tiny_model)
 
 
 def test_single_stage_pipeline_trains_and_checks_micro_batches():

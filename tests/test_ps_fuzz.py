@@ -11,6 +11,7 @@ import pytest
 import torch
 import zmq
 
+from paratrain.comm.wire import tensor_bytes
 from paratrain.errors import PeerError
 from paratrain.kvstore.dist import DistKVStore, DistKVStoreConfig
 from paratrain.ps import protocol
@@ -23,7 +24,7 @@ SHAPE = (2, 3)
 def _valid_push(request_id: int = 1, key: str = "s:w", dtype=torch.float32, shape=SHAPE, length=6) -> list:
     value = torch.full(shape, -1.0).to(dtype)
     return protocol.encode(Op.PUSH, key=key, request_id=request_id, dtype=dtype, shape=shape,
-                           offset=0, length=length, payload=bytes(protocol.tensor_bytes(value)))
+                           offset=0, length=length, payload=bytes(tensor_bytes(value)))
 
 
 def _junk(rng: random.Random) -> list[bytes]:
@@ -83,8 +84,8 @@ def _authenticated_bad_requests(kv: DistKVStore) -> list[str]:
     ]
     errors = []
     for frames in bad:
-        kv._channel.send(0, frames)
-        item = kv._channel.recv(5.0)
+        kv._connection.channel.send(0, frames)
+        item = kv._connection.channel.recv(5.0)
         assert item is not None, f"no answer to {frames[:2]}"
         message = protocol.decode(item[1], max_payload_bytes=1 << 20)
         assert message.op == Op.ERROR

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from paratrain.errors import ConfigError
-from paratrain.parallel.ps_sync import server_optimizer_spec
+from paratrain.optimizers import server_optimizer_spec
 
 
 def _train(*flags: str, timeout_s: int = 400) -> dict:

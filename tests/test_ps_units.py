@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from paratrain.comm.transport import get_transport
+from paratrain.comm.wire import tensor_bytes
 from paratrain.errors import ConfigError, PeerError
 from paratrain.kvstore.dist import DistKVStore, DistKVStoreConfig
 from paratrain.ps import protocol
-from paratrain.ps.optimizer import SGD, Adam, build_optimizer
+from paratrain.optimizers import build_server_optimizer as build_optimizer
+from paratrain.ps.optimizer import SGD, Adam
 from paratrain.ps.policies import AsyncPolicy, SliceState, StalenessPolicy, SyncPolicy, build_policy
 from paratrain.ps.protocol import Op, ProtocolError
-from paratrain.ps.server import ParameterServer, ServerConfig
+from paratrain.ps.parameter_server import ParameterServer, ServerConfig
 from paratrain.ps.sharding import key_name, plan_key, server_for_key, split_range
 
 # ----------------------------------------------------------------------------- sharding
@@ -69,7 +71,7 @@ def test_plan_rejects_bad_input(bad):
 def test_round_trip_is_zero_copy_on_receive():
     value = torch.arange(12, dtype=torch.bfloat16)
     frames = protocol.encode(Op.PUSH, key="s:w", request_id=9, dtype=value.dtype, shape=(3, 4),
-                             offset=0, length=12, scale=0.5, payload=protocol.tensor_bytes(value))
+                             offset=0, length=12, scale=0.5, payload=tensor_bytes(value))
     message = protocol.decode(frames, max_payload_bytes=1 << 20)
     assert (message.op, message.key, message.request_id, message.shape, message.scale) == \
         (Op.PUSH, "s:w", 9, (3, 4), 0.5)
@@ -80,7 +82,7 @@ def test_round_trip_is_zero_copy_on_receive():
 def _good_push() -> list:
     value = torch.ones(4)
     return protocol.encode(Op.PUSH, key="i:1", request_id=1, shape=(4,), length=4,
-                           payload=protocol.tensor_bytes(value))
+                           payload=tensor_bytes(value))
 
 
 @pytest.mark.parametrize("mangle", [
@@ -391,7 +393,7 @@ def test_server_refuses_other_requests_while_pushes_wait_and_a_wrong_commit(job)
     with pytest.raises(PeerError, match="wait for their COMMIT"):
         kv.pull("k", out=torch.empty(3))
     # A commit that counts the held pushes wrong applies none of them.
-    request = kv._send_raw(0, protocol.encode(Op.COMMIT, request_id=next(kv._ids), scale=1.0, clock=2))
+    request = kv._connection.request(0, Op.COMMIT, scale=1.0, clock=2)
     with pytest.raises(PeerError, match="none applied"):
         kv._collect([request], "commit")
     assert server.stats["pushes"] == 0 and not server.deferred

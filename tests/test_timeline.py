@@ -8,7 +8,7 @@ import time
 import pytest
 
 from paratrain.errors import ConfigError
-from paratrain.train.timeline import (NullTimeline, Timeline, build_timeline, merge_timelines,
+from paratrain.timeline import (NullTimeline, Timeline, build_timeline, merge_timelines,
                                       now, timeline_path)
 
 

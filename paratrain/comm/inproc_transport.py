@@ -11,13 +11,14 @@ import queue
 import threading
 from typing import Sequence
 
-from paratrain.comm.transport import (ClientChannel, DoneTracker, Frames, SendTracker, ServerChannel,
+from paratrain.comm.transport import (ClientChannel, DoneTracker, Frames, Link, SendTracker, ServerChannel,
                                       Transport, register_transport)
 from paratrain.errors import PeerError
 
 _LOCK = threading.Lock()
 _SERVERS: dict[str, "InprocServerChannel"] = {}
 _CLIENTS: dict[bytes, "queue.Queue"] = {}
+_LINKS: dict[str, tuple["queue.Queue", "queue.Queue"]] = {}   # address -> (to connector, to binder)
 _COUNTER = itertools.count()
 _DONE = DoneTracker()
 
@@ -90,6 +91,23 @@ class InprocClientChannel(ClientChannel):
             _CLIENTS.pop(self._id, None)
 
 
+class InprocLink(Link):
+    """One end of a pair of queues; the other end is made by connecting to its address."""
+
+    def __init__(self, inbox: "queue.Queue", outbox: "queue.Queue", address: str) -> None:
+        self._inbox, self._outbox, self.address = inbox, outbox, address
+
+    def send(self, frames: Frames) -> None:
+        self._outbox.put(_copy(frames))
+
+    def recv(self, timeout_s: float) -> list | None:
+        return _get(self._inbox, timeout_s)
+
+    def close(self, linger_s: float = 0.0) -> None:
+        with _LOCK:
+            _LINKS.pop(self.address, None)
+
+
 class InprocTransport(Transport):
     """In-process queues (unit tests)."""
 
@@ -100,6 +118,21 @@ class InprocTransport(Transport):
 
     def connect(self, addresses: Sequence[str]) -> ClientChannel:
         return InprocClientChannel(addresses)
+
+    def bind_link(self, bind_addr: str, *, send_timeout_s: float) -> Link:
+        address = f"inproc://link-{next(_COUNTER)}"
+        to_binder, to_connector = queue.Queue(), queue.Queue()
+        with _LOCK:
+            _LINKS[address] = (to_connector, to_binder)
+        return InprocLink(to_binder, to_connector, address)
+
+    def connect_link(self, address: str, *, send_timeout_s: float) -> Link:
+        with _LOCK:
+            queues = _LINKS.get(address)
+        if queues is None:
+            raise PeerError(f"no in-process link is bound at {address}")
+        inbox, outbox = queues
+        return InprocLink(inbox, outbox, address)
 
 
 register_transport("inproc", InprocTransport)

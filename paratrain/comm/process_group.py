@@ -94,11 +94,10 @@ def wait_work(work, timeout: float, what: str) -> None:
 
     Where ``timeout`` is at least the process group's own (``PARATRAIN_TIMEOUT``, set in
     :func:`init_process_group`), which every gloo/NCCL collective honours, this is a
-    plain ``work.wait()``. A shorter limit polls ``is_completed``. We never pass a
-    per-call ``timeout`` to ``Work.wait``: on a gloo allreduce with torch 2.13 the
-    default job then aborted at exit ("terminate called without an active exception")
-    in 1 run of 3 here. (Rarer aborts at exit remained without it; see
-    ``paratrain.cli.exit_without_teardown``.)
+    plain ``work.wait()``. A shorter limit polls ``is_completed``. A per-call
+    ``timeout`` is never passed to ``Work.wait``: with gloo on torch 2.13 that can
+    abort the process at exit ("terminate called without an active exception"; see
+    docs/internals.md, "Process exit").
     """
     if work is None:
         return

@@ -1,10 +1,15 @@
 """A small message transport interface, chosen by name (as ps-lite's ``Van``).
 
-The parameter server speaks in messages (lists of frames). A server listens on one
-:class:`ServerChannel` and replies to whichever peer asked; a worker holds one
-:class:`ClientChannel` connected to every server. Two implementations register
-themselves: ``zmq`` (ZeroMQ over TCP, zero-copy frames) and ``inproc`` (queues inside
-one process, for unit tests that need no sockets).
+Everything paratrain sends outside torch.distributed is a message (a list of frames)
+on a channel made by a :class:`Transport`:
+
+* the parameter server: a server listens on one :class:`ServerChannel` and replies to
+  whichever peer asked; a worker holds one :class:`ClientChannel` to every server;
+* pipeline stages: two neighbours share one :class:`Link`, an ordered two-way channel
+  (one side binds and publishes its address, the other connects).
+
+Two implementations register themselves: ``zmq`` (ZeroMQ over TCP, zero-copy frames)
+and ``inproc`` (queues inside one process, for unit tests that need no sockets).
 """
 from __future__ import annotations
 
@@ -76,8 +81,29 @@ class ClientChannel(abc.ABC):
     def close(self) -> None: ...
 
 
+class Link(abc.ABC):
+    """An ordered two-way channel between two processes. The binding side's
+    :attr:`address` is what the other side connects to."""
+
+    address: str = ""
+
+    @abc.abstractmethod
+    def send(self, frames: Frames) -> None:
+        """Queue one message for the peer without waiting for it to be read; raises
+        :class:`paratrain.errors.CommTimeout` if it cannot be queued in time."""
+
+    @abc.abstractmethod
+    def recv(self, timeout_s: float) -> list | None:
+        """The next message from the peer, or None when nothing came within ``timeout_s``."""
+
+    @abc.abstractmethod
+    def close(self, linger_s: float = 0.0) -> None:
+        """Release the link, letting queued messages leave for up to ``linger_s``."""
+
+
 class Transport(abc.ABC):
-    """Makes channels. ``max_message_bytes`` bounds what a server accepts."""
+    """Makes channels. ``max_message_bytes`` bounds what a server accepts;
+    ``send_timeout_s`` bounds how long a link's send may wait for queue space."""
 
     name: str = "base"
 
@@ -86,6 +112,14 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def connect(self, addresses: Sequence[str]) -> ClientChannel: ...
+
+    @abc.abstractmethod
+    def bind_link(self, bind_addr: str, *, send_timeout_s: float) -> Link:
+        """A link waiting for its peer at a free port of ``bind_addr``."""
+
+    @abc.abstractmethod
+    def connect_link(self, address: str, *, send_timeout_s: float) -> Link:
+        """A link to the peer that bound ``address``."""
 
 
 _REGISTRY: dict[str, Callable[[], Transport]] = {}

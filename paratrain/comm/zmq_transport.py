@@ -1,4 +1,5 @@
-"""ZeroMQ over TCP: ROUTER on the server, one DEALER per server on the worker.
+"""ZeroMQ over TCP: ROUTER on the server, one DEALER per server on the worker, and a
+PAIR socket per pipeline link.
 
 Frames go out with ``copy=False`` (zmq reads the tensor's memory directly; a tracker
 says when it is done) and come in as zero-copy :class:`zmq.Frame` buffers. The
@@ -13,16 +14,16 @@ from typing import Sequence
 
 import zmq
 
-from paratrain.comm.transport import (ClientChannel, DoneTracker, Frames, SendTracker, ServerChannel,
+from paratrain.comm.transport import (ClientChannel, DoneTracker, Frames, Link, SendTracker, ServerChannel,
                                       Transport, register_transport)
+from paratrain.errors import CommTimeout
 
 # Below this size a copy is cheaper than the bookkeeping of a zero-copy frame.
 ZERO_COPY_MIN_BYTES = 64 * 1024
 # A server's socket moves every worker's bytes through libzmq's I/O threads (the
 # kernel's copies in and out happen there). libzmq spreads connections over them, so
 # with more than one the workers' gradients arrive and the new weights leave in
-# parallel: a 2-worker dist_sync step took 12% less time with 2 than with 1 on a
-# 2-core machine (docs/parameter_server.md, "Where the time went").
+# parallel (figures: docs/parameter_server.md, "Where the time went").
 SERVER_IO_THREADS = max(1, min(4, os.cpu_count() or 1))
 _DONE = DoneTracker()
 
@@ -127,9 +128,47 @@ class ZmqClientChannel(ClientChannel):
         self._socks = []
 
 
+class ZmqLink(Link):
+    """A PAIR socket. Every frame is lent to ZeroMQ without a copy: the sender must
+    not change a tensor it sent (pipeline activations and gradients are fresh)."""
+
+    def __init__(self, context: zmq.Context, send_timeout_s: float) -> None:
+        self._sock = context.socket(zmq.PAIR)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
+        self._send_timeout_s = send_timeout_s
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def bind(self, bind_addr: str) -> "ZmqLink":
+        port = self._sock.bind_to_random_port(f"tcp://{bind_addr}")
+        self.address = f"tcp://{bind_addr}:{port}"
+        return self
+
+    def connect(self, address: str) -> "ZmqLink":
+        self._sock.connect(address)
+        self.address = address
+        return self
+
+    def send(self, frames: Frames) -> None:
+        try:
+            self._sock.send_multipart(list(frames), copy=False)
+        except zmq.Again:
+            raise CommTimeout(f"send to {self.address} blocked for {self._send_timeout_s}s") from None
+
+    def recv(self, timeout_s: float) -> list | None:
+        if not self._poller.poll(max(0, int(timeout_s * 1000))):
+            return None
+        return [part.buffer for part in self._sock.recv_multipart(copy=False)]
+
+    def close(self, linger_s: float = 0.0) -> None:
+        if not self._sock.closed:
+            self._sock.close(linger=int(linger_s * 1000))
+
+
 class ZmqTransport(Transport):
-    """ZeroMQ over TCP: clients share the process's context; a server channel has its
-    own, with ``SERVER_IO_THREADS`` I/O threads."""
+    """ZeroMQ over TCP: clients and links share the process's context; a server
+    channel has its own, with ``SERVER_IO_THREADS`` I/O threads."""
 
     name = "zmq"
 
@@ -138,6 +177,12 @@ class ZmqTransport(Transport):
 
     def connect(self, addresses: Sequence[str]) -> ClientChannel:
         return ZmqClientChannel(zmq.Context.instance(), addresses)
+
+    def bind_link(self, bind_addr: str, *, send_timeout_s: float) -> Link:
+        return ZmqLink(zmq.Context.instance(), send_timeout_s).bind(bind_addr)
+
+    def connect_link(self, address: str, *, send_timeout_s: float) -> Link:
+        return ZmqLink(zmq.Context.instance(), send_timeout_s).connect(address)
 
 
 register_transport("zmq", ZmqTransport)

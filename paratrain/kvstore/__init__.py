@@ -4,11 +4,8 @@
 """
 from __future__ import annotations
 
-from paratrain.errors import check_choice
-from paratrain.kvstore.base import Handle, KVStore
-
-KVSTORE_TYPES = ("local", "allreduce", "dist_sync", "dist_async", "dist_ssp")
-DIST_TYPES = ("dist_sync", "dist_async", "dist_ssp")
+from paratrain.kvstore.base import Handle, KVStore, ServerKVStore
+from paratrain.strategies import KVSTORE_TYPES, kvstore_spec
 
 
 def create(name: str = "local", **options) -> KVStore:
@@ -17,15 +14,16 @@ def create(name: str = "local", **options) -> KVStore:
     ``dist_*`` connect to the parameter servers the launcher started (``--servers M``);
     options such as ``staleness`` (dist_ssp) are passed through.
     """
-    check_choice("kvstore", name, KVSTORE_TYPES)
+    spec = kvstore_spec(name)
     if name == "local":
         from paratrain.kvstore.local import LocalKVStore
         return LocalKVStore(**options)
     if name == "allreduce":
         from paratrain.kvstore.allreduce import AllreduceKVStore
         return AllreduceKVStore(**options)
+    assert spec.uses_servers, name
     from paratrain.kvstore.dist import create_dist_kvstore
     return create_dist_kvstore(name, **options)
 
 
-__all__ = ["create", "KVStore", "Handle", "KVSTORE_TYPES", "DIST_TYPES"]
+__all__ = ["create", "KVStore", "ServerKVStore", "Handle", "KVSTORE_TYPES"]

@@ -6,15 +6,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from paratrain.comm.accounting import ring_allreduce_bytes, tensor_nbytes
 from paratrain.comm.process_group import init_process_group
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError
 from paratrain.kvstore.base import Handle, Key, KVStore, TensorOrList, check_key, copy_out, sum_values
-
-
-def ring_allreduce_bytes(nbytes: int, world: int) -> int:
-    """Bytes each worker sends in a ring allreduce of ``nbytes``: 2 (W-1)/W of it."""
-    return 0 if world <= 1 else (2 * (world - 1) * nbytes) // world
 
 
 class AllreduceKVStore(KVStore):
@@ -25,19 +21,11 @@ class AllreduceKVStore(KVStore):
         if self._env.distributed and not dist.is_initialized():
             init_process_group(self._env)   # like MXNet's create('dist_*'): join from the environment
         self._group = group
-        self._world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self._num_workers = dist.get_world_size(group) if dist.is_initialized() else 1
         self._rank = dist.get_rank(group) if dist.is_initialized() else 0
         self._store: dict[Key, torch.Tensor] = {}
         self._pending: dict[Key, tuple[torch.Tensor, object]] = {}
         self._bytes_sent = 0
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def num_workers(self) -> int:
-        return self._world
 
     @property
     def bytes_sent(self) -> int:
@@ -46,7 +34,7 @@ class AllreduceKVStore(KVStore):
     def init(self, key: Key, value: torch.Tensor) -> None:
         """Every worker calls init; rank 0's value wins (broadcast)."""
         stored = value.detach().clone()
-        if self._world > 1:
+        if self._num_workers > 1:
             dist.broadcast(stored, src=0, group=self._group)
         self._store[check_key(key)] = stored
 
@@ -56,11 +44,11 @@ class AllreduceKVStore(KVStore):
             self._wait_pending(key, self._env.timeout_s)
         total = sum_values(value)
         total = total.clone() if total is value else total
-        if self._world == 1:
+        if self._num_workers == 1:
             self._pending[key] = (total, None)
             return Handle.completed()
         work = dist.all_reduce(total, group=self._group, async_op=True)
-        self._bytes_sent += ring_allreduce_bytes(total.numel() * total.element_size(), self._world)
+        self._bytes_sent += ring_allreduce_bytes(tensor_nbytes(total), self._num_workers)
         self._pending[key] = (total, work)
         return Handle(lambda timeout: self._wait_pending(key, timeout), f"allreduce of key {key!r}")
 
@@ -73,7 +61,7 @@ class AllreduceKVStore(KVStore):
                 work.wait()
             except RuntimeError as exc:
                 raise TimeoutError(f"allreduce of key {key!r} failed or timed out waiting for "
-                                   f"the other {self._world - 1} workers: {exc}") from exc
+                                   f"the other {self._num_workers - 1} workers: {exc}") from exc
         self._store[key] = total
         return total
 
@@ -93,5 +81,5 @@ class AllreduceKVStore(KVStore):
         return handle
 
     def barrier(self) -> None:
-        if self._world > 1:
+        if self._num_workers > 1:
             dist.barrier(group=self._group)

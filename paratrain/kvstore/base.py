@@ -79,14 +79,17 @@ class KVStore(abc.ABC):
     """
 
     type: str = "base"
+    #: set by each implementation: this worker's rank and the job's number of workers
+    _rank: int = 0
+    _num_workers: int = 1
 
     @property
-    @abc.abstractmethod
-    def rank(self) -> int: ...
+    def rank(self) -> int:
+        return self._rank
 
     @property
-    @abc.abstractmethod
-    def num_workers(self) -> int: ...
+    def num_workers(self) -> int:
+        return self._num_workers
 
     @abc.abstractmethod
     def init(self, key: Key, value: torch.Tensor) -> None: ...
@@ -127,3 +130,30 @@ class KVStore(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class ServerKVStore(KVStore):
+    """A KVStore whose values live on parameter servers (``dist_*``).
+
+    Besides the KVStore API it offers what a gradient sync needs to push each gradient
+    from a backward hook, before the step's normalisation is known:
+
+    * ``push_scale``: every pushed value is multiplied by it on the server before it
+      is summed or applied (1 / global batch);
+    * ``push``/``pushpull`` with ``defer_scale=True``: the server holds the push,
+      checked but unapplied, until this worker's :meth:`commit` brings the scale.
+    """
+
+    push_scale: float = 1.0
+
+    @abc.abstractmethod
+    def push(self, key: Key, value: TensorOrList, priority: int = 0, *, defer_scale: bool = False) -> Handle: ...
+
+    @abc.abstractmethod
+    def pushpull(self, key: Key, value: TensorOrList, out: TensorOrList | None = None, priority: int = 0,
+                 block: bool = True, *, defer_scale: bool = False) -> Handle: ...
+
+    @abc.abstractmethod
+    def commit(self, scale: float) -> Handle:
+        """Apply this worker's deferred pushes since the last commit, scaled by ``scale``."""
+

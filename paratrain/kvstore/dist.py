@@ -1,50 +1,41 @@
 """``dist_sync``, ``dist_async``, ``dist_ssp``: the worker side of the parameter server.
 
-Each worker holds one connection per server (see :mod:`paratrain.comm.transport`),
-cuts every key into slices with :func:`paratrain.ps.sharding.plan_key`, and sends
-one request per slice. Requests never block; replies are matched by request id when
-a handle is waited on. A pull first collects the acknowledgements of this worker's
-earlier pushes of the same key (they arrive first, as each connection keeps order),
-so errors of a push that nobody waited for still surface.
+A worker cuts every key into slices with :func:`paratrain.ps.sharding.plan_key` and
+sends one request per slice through its :class:`~paratrain.kvstore.server_connection.
+ServerConnection` (request ids, reply matching, restart recovery). Requests never
+block; replies are matched by request id when a handle is waited on. A pull first
+collects the acknowledgements of this worker's earlier pushes of the same key (they
+arrive first, as each connection keeps order), so errors of a push that nobody waited
+for still surface.
 """
 from __future__ import annotations
 
-import itertools
-import logging
 import math
 import secrets
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from paratrain.comm import codecs
-from paratrain.comm.transport import ClientChannel, get_transport
+from paratrain.comm.wire import dtype_code, tensor_bytes
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, PeerError, check_choice
-from paratrain.kvstore.base import Handle, Key, KVStore, TensorOrList, check_key, copy_out, sum_values
+from paratrain.kvstore.base import Handle, Key, ServerKVStore, TensorOrList, check_key, copy_out, sum_values
+from paratrain.kvstore.server_connection import Request, ServerConnection
+from paratrain.optimizers import build_server_optimizer, import_optimizer_plugins
 from paratrain.ps import protocol
 from paratrain.ps.heartbeat import HeartbeatSender
-from paratrain.ps.optimizer import ServerOptimizer, build_optimizer
-from paratrain.ps.policies import POLICY_NAMES
-from paratrain.ps.protocol import Message, Op
+from paratrain.ps.optimizer import ServerOptimizer
+from paratrain.ps.protocol import Op
 from paratrain.ps.sharding import DEFAULT_BIGARRAY_BOUND, KeySlice, key_name, plan_key
+from paratrain.strategies import SERVER_KVSTORE_TYPES
 
 #: Extra seconds a worker waits beyond the servers' timeout, so that the server's
 #: error (which names the missing workers) arrives before the worker gives up.
 REPLY_MARGIN_S = 10.0
-log = logging.getLogger("paratrain.kvstore.dist")
-
-#: A worker waiting this long for a reply asks the store whether a server restarted;
-#: it asks again after twice as long each time, up to PROBE_MAX_S (backoff).
-PROBE_FIRST_S = 1.0
-PROBE_MAX_S = 4.0
 #: Codecs whose payload the servers can decode one slice at a time.
 PS_CODECS = ("none", "fp16", "bf16", "2bit", "topk")
-# The worker's receive path trusts nothing more than the server's does.
-_MAX_REPLY_BYTES = 1 << 34
 
 
 @dataclass(frozen=True)
@@ -58,7 +49,7 @@ class DistKVStoreConfig:
     backup_workers: int = 0     # dist_sync: apply a round once N - b workers pushed it
 
     def __post_init__(self) -> None:
-        check_choice("kvstore", self.mode, POLICY_NAMES)
+        check_choice("kvstore", self.mode, SERVER_KVSTORE_TYPES)
         if isinstance(self.backup_workers, bool) or not isinstance(self.backup_workers, int) \
                 or self.backup_workers < 0:
             raise ConfigError(f"backup_workers={self.backup_workers!r} must be an int >= 0")
@@ -76,11 +67,11 @@ class _KeyInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     slices: list[KeySlice]
-    unacked: list[tuple[int, int]] = field(default_factory=list)   # (server, request id) of pushes
+    unacked: list[Request] = field(default_factory=list)   # pushes not yet acknowledged
     codec_states: dict[int, codecs.CodecState] = field(default_factory=dict)
 
 
-class DistKVStore(KVStore):
+class DistKVStore(ServerKVStore):
     """A KVStore whose values live on parameter servers.
 
     ``push_scale`` multiplies every pushed value on the server before it is summed
@@ -101,24 +92,11 @@ class DistKVStore(KVStore):
         self.config = config
         self.type = config.mode
         self._rank, self._num_workers = rank, num_workers
-        self._addresses = list(addresses)
         self._timeout_s = timeout_s
         # A worker restarted alone into a running async job: the servers keep their
         # trained values (its init does not overwrite them) and it meets nobody at a
         # barrier, since the others passed theirs long ago.
         self._rejoin = rejoin
-        # Surviving a server restart: the store tells when a server came back (its
-        # epoch), and every request not yet answered is kept to be sent again. The
-        # session names this worker process, so a server drops a resent push it has.
-        self._store = store
-        self._secret = secret
-        self._session = secrets.token_hex(8)
-        self._sent: dict[int, tuple[int, list]] = {}
-        self._handshaking = False
-        self.reconnects = 0
-        self._lock = threading.RLock()
-        self._ids = itertools.count(1)
-        self._replies: dict[int, tuple[int, Message]] = {}
         self._keys: dict[Key, _KeyInfo] = {}
         self._optimizer: ServerOptimizer | None = None
         self._compression = codecs.CompressionConfig()
@@ -128,25 +106,25 @@ class DistKVStore(KVStore):
         self.push_scale = 1.0
         self._deferred: dict[int, int] = {}     # server -> pushes waiting for commit(scale)
         self.last_min_clock: dict[Key, int] = {}
-        self._epochs = self._server_epochs()
         # Servers tell a dead worker from a slow one by its heartbeat in the store.
         self._heartbeat = HeartbeatSender(store, rank).start() if store is not None else None
-        self._channel: ClientChannel = get_transport(config.transport).connect(self._addresses)
-        self._handshake(secret)
+        # The session names this worker process, so a server drops a push resent after
+        # its restart that it already applied.
+        hello = {"rank": rank, "num_workers": num_workers, "mode": self.type, "staleness": config.staleness,
+                 "rejoin": rejoin, "session": secrets.token_hex(8), "backup_workers": config.backup_workers}
+        self._connection = ServerConnection(rank=rank, addresses=addresses, transport=config.transport,
+                                            secret=secret, hello=hello, timeout_s=timeout_s, store=store)
 
     # -- KVStore API --------------------------------------------------------------------
 
     @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def num_workers(self) -> int:
-        return self._num_workers
-
-    @property
     def num_servers(self) -> int:
-        return len(self._addresses)
+        return self._connection.num_servers
+
+    @property
+    def reconnects(self) -> int:
+        """How often this worker reconnected to a restarted server."""
+        return self._connection.reconnects
 
     @property
     def bytes_sent(self) -> int:
@@ -161,7 +139,7 @@ class DistKVStore(KVStore):
             raise ConfigError(f"key {key!r} is already initialized")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise TypeError(f"init value for key {key!r} must be a float tensor, got {type(value).__name__}")
-        protocol.dtype_code(value.dtype)
+        dtype_code(value.dtype)
         flat = value.detach().cpu().reshape(-1).contiguous()
         info = _KeyInfo(tuple(value.shape), value.dtype,
                         plan_key(key, flat.numel(), self.num_servers, self.config.bigarray_bound))
@@ -177,7 +155,7 @@ class DistKVStore(KVStore):
         ``defer_scale``: see :meth:`commit`."""
         info = self._info(key)
         requests = self._push_requests(key, info, value, pull_after=False, defer_scale=defer_scale)
-        with self._lock:
+        with self._connection.lock:
             info.unacked.extend(requests)
         return Handle(lambda timeout: self._collect_acks(info, requests, timeout), f"push of key {key!r}")
 
@@ -193,7 +171,7 @@ class DistKVStore(KVStore):
                               f"optimizer: call kv.set_optimizer(...) before pushing")
         flat = total.detach().to("cpu", info.dtype).reshape(-1).contiguous()
         flags = (protocol.STATUS_PULL_AFTER if pull_after else 0) | (protocol.STATUS_DEFERRED if defer_scale else 0)
-        with self._lock:
+        with self._connection.lock:
             if defer_scale:
                 for part in info.slices:
                     self._deferred[part.server] = self._deferred.get(part.server, 0) + 1
@@ -204,10 +182,9 @@ class DistKVStore(KVStore):
         since the last commit (pushes from backward hooks, sent before the batch
         size was known); they apply them now, in order, and answer their pulls.
         Until then this worker may only send more deferred pushes (or close)."""
-        with self._lock:
+        with self._connection.lock:
             deferred, self._deferred = self._deferred, {}
-            requests = [self._send_raw(server, protocol.encode(Op.COMMIT, request_id=next(self._ids), scale=scale,
-                                                               clock=count))
+            requests = [self._connection.request(server, Op.COMMIT, scale=scale, clock=count)
                         for server, count in sorted(deferred.items())]
         return Handle(lambda timeout: self._collect(requests, "commit", timeout), "commit of deferred pushes")
 
@@ -246,14 +223,14 @@ class DistKVStore(KVStore):
     def set_optimizer(self, optimizer: Any) -> None:
         """Run ``optimizer`` (a spec dict, a name, or a ServerOptimizer) on the
         servers. Every worker calls it; rank 0's is sent, then all meet at a barrier."""
-        built = build_optimizer(optimizer)
+        built = build_server_optimizer(optimizer)
         self._check_committed("set_optimizer")
         if self._rejoin:   # the servers already run the job's optimizer, with its state
             self._optimizer = built
             return
         if self._rank == 0:
-            payload = protocol.encode_json(built.to_spec())
-            self._broadcast_control(Op.SET_OPTIMIZER, payload, "set_optimizer")
+            self._collect(self._connection.request_all(Op.SET_OPTIMIZER, payload=protocol.encode_json(built.to_spec())),
+                          "set_optimizer")
         self.barrier()
         self._optimizer = built
 
@@ -263,8 +240,8 @@ class DistKVStore(KVStore):
         config = codecs.parse_compression(compression)
         check_choice("compression type for a parameter server", config.type, PS_CODECS)
         if self._rank == 0 and not self._rejoin:
-            payload = protocol.encode_json(config.to_dict())
-            self._broadcast_control(Op.SET_COMPRESSION, payload, "set_gradient_compression")
+            self._collect(self._connection.request_all(Op.SET_COMPRESSION, payload=protocol.encode_json(config.to_dict())),
+                          "set_gradient_compression")
         if not self._rejoin:
             self.barrier()
         self._compression = config
@@ -275,9 +252,7 @@ class DistKVStore(KVStore):
         """Block until every worker reached its same-numbered barrier (on server 0)."""
         self._check_committed("barrier")
         self._barriers += 1
-        request = self._send_raw(0, protocol.encode(Op.BARRIER, request_id=next(self._ids),
-                                                    clock=self._barriers))
-        self._collect([request], f"barrier {self._barriers}")
+        self._collect([self._connection.request(0, Op.BARRIER, clock=self._barriers)], f"barrier {self._barriers}")
 
     def close(self) -> None:
         """Say goodbye to every server (they exit when all workers did)."""
@@ -287,13 +262,11 @@ class DistKVStore(KVStore):
         if self._heartbeat is not None:
             self._heartbeat.stop()
         try:
-            requests = [self._send_raw(s, protocol.encode(Op.GOODBYE, request_id=next(self._ids)))
-                        for s in range(self.num_servers)]
-            self._collect(requests, "goodbye", timeout_s=min(5.0, self._timeout_s))
+            self._collect(self._connection.request_all(Op.GOODBYE), "goodbye", timeout_s=min(5.0, self._timeout_s))
         except (CommTimeout, PeerError):
             pass  # a server that is already gone needs no goodbye
         finally:
-            self._channel.close()
+            self._connection.close()
 
     # -- requests -----------------------------------------------------------------------
 
@@ -303,27 +276,19 @@ class DistKVStore(KVStore):
             raise ConfigError(f"key {key!r} is not initialized on this worker; call kv.init({key!r}, value) first")
         return self._keys[key]
 
-    def _send_raw(self, server: int, frames: list) -> tuple[int, int]:
-        request_id = protocol.HEADER.unpack(frames[0])[5]
-        with self._lock:
-            if self._store is not None and not self._handshaking:
-                self._sent[request_id] = (server, frames)
-            self._channel.send(server, frames)
-        return server, request_id
-
     def _send(self, server: int, op: Op, key: Key, info: _KeyInfo, part: KeySlice,
-              values: torch.Tensor | None = None, *, scale: float = 1.0, status: int = 0) -> tuple[int, int]:
-        payload = None if values is None else protocol.tensor_bytes(values)
+              values: torch.Tensor | None = None, *, scale: float = 1.0, status: int = 0) -> Request:
+        payload = None if values is None else tensor_bytes(values)
         dtype = info.dtype if values is None else values.dtype
-        frames = protocol.encode(op, key=key_name(key), request_id=next(self._ids), dtype=dtype,
+        frames = protocol.encode(op, key=key_name(key), request_id=self._connection.next_id(), dtype=dtype,
                                  shape=info.shape, offset=part.start, length=part.length if values is None
                                  else values.numel(), scale=scale, status=status, payload=payload)
         if payload is not None:
             self._bytes_sent += payload.nbytes
-        return self._send_raw(server, frames)
+        return self._connection.send(server, frames)
 
     def _send_push(self, key: Key, info: _KeyInfo, part: KeySlice, values: torch.Tensor,
-                   flags: int) -> tuple[int, int]:
+                   flags: int) -> Request:
         if not self._compression.enabled:
             return self._send(part.server, Op.PUSH, key, info, part, values, scale=self.push_scale, status=flags)
         payload, info.codec_states[part.start] = codecs.encode(
@@ -331,100 +296,22 @@ class DistKVStore(KVStore):
         return self._send(part.server, Op.PUSH, key, info, part, payload[0].reshape(-1).contiguous(),
                           scale=self.push_scale, status=flags | protocol.STATUS_COMPRESSED)
 
-    def _broadcast_control(self, op: Op, payload: bytes, what: str) -> None:
-        requests = [self._send_raw(s, protocol.encode(op, request_id=next(self._ids), payload=payload))
-                    for s in range(self.num_servers)]
-        self._collect(requests, what)
+    def _collect(self, requests: list[Request], what: str, timeout_s: float | None = None) -> dict:
+        """Wait for the replies to ``requests`` (default limit: the servers' timeout plus
+        :data:`REPLY_MARGIN_S`, so their error naming the missing workers comes first)."""
+        return self._connection.collect(requests, what, self._timeout_s + REPLY_MARGIN_S
+                                        if timeout_s is None else timeout_s)
 
-    def _collect(self, requests: list[tuple[int, int]], what: str,
-                 timeout_s: float | None = None) -> dict[int, Message]:
-        """Wait for the replies to ``requests``; raise on an error reply or timeout."""
-        timeout_s = self._timeout_s + REPLY_MARGIN_S if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        wanted = {request_id: server for server, request_id in requests}
-        found: dict[int, Message] = {}
-        probe_after = PROBE_FIRST_S
-        next_probe = time.monotonic() + probe_after
-        with self._lock:
-            while True:
-                for request_id in [r for r in wanted if r in self._replies]:
-                    server, message = self._replies.pop(request_id)
-                    self._sent.pop(request_id, None)
-                    found[request_id] = message
-                    del wanted[request_id]
-                    if message.op == Op.ERROR:
-                        error = message.control().get("error", "unknown error")
-                        raise PeerError(f"worker {self._rank}: {what} failed on server {server} at "
-                                        f"{self._addresses[server]}: {error}")
-                if not wanted:
-                    return found
-                now = time.monotonic()
-                if now >= next_probe and self._store is not None and not self._handshaking:
-                    if self._reconnect_if_restarted():
-                        deadline = time.monotonic() + timeout_s   # a fresh wait on the new server
-                    probe_after = min(2 * probe_after, PROBE_MAX_S)
-                    next_probe = time.monotonic() + probe_after
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise CommTimeout(f"worker {self._rank}: {what} got no reply from server(s) "
-                                      f"{sorted(set(wanted.values()))} within {timeout_s:.1f}s")
-                probing = self._store is not None and not self._handshaking
-                self._receive_one(min(remaining, max(0.01, next_probe - time.monotonic())) if probing else remaining)
-
-    def _server_epochs(self) -> list[int] | None:
-        """How often each server has started (it counts itself up in the store)."""
-        if self._store is None:
-            return None
-        try:
-            return [self._store.add(f"ps/server/{s}/epoch", 0) for s in range(self.num_servers)]
-        except Exception as exc:   # torch raises DistNetworkError, DistStoreError or RuntimeError
-            raise PeerError(f"worker {self._rank}: lost the job's store at {_store_address(self._store)} "
-                            f"(hosted on node 0) while waiting for parameter server(s) at {self._addresses}: "
-                            f"node 0 is down or unreachable ({exc})") from None
-
-    def _reconnect_if_restarted(self) -> bool:
-        """If a server restarted (from its snapshot), connect to its new address,
-        authenticate again, and resend every request still unanswered: a push the
-        restarted server already holds is acknowledged without being applied again."""
-        epochs = self._server_epochs()
-        if epochs == self._epochs:
-            return False
-        restarted = [s for s, (old, new) in enumerate(zip(self._epochs, epochs)) if old != new]
-        self._epochs = epochs
-        self._addresses = [self._store.get(f"ps/server/{s}").decode("utf-8") for s in range(self.num_servers)]
-        self._channel.close()
-        self._channel = get_transport(self.config.transport).connect(self._addresses)
-        self._handshake(self._secret)
-        for request_id in sorted(self._sent):
-            if request_id not in self._replies:
-                server, frames = self._sent[request_id]
-                self._channel.send(server, frames)
-        self.reconnects += 1
-        log.warning("worker %d: server(s) %s restarted; reconnected and resent %d unanswered request(s)",
-                    self._rank, restarted, len(self._sent))
-        return True
-
-    def _receive_one(self, timeout_s: float) -> None:
-        item = self._channel.recv(min(timeout_s, 1.0))
-        if item is None:
-            return
-        server, frames = item
-        message = protocol.decode(frames, max_payload_bytes=_MAX_REPLY_BYTES)
-        if message.op == Op.ERROR and message.request_id == 0:
-            raise PeerError(f"worker {self._rank}: server {server} rejected a message: "
-                            f"{message.control().get('error')}")
-        self._replies[message.request_id] = (server, message)
-
-    def _collect_acks(self, info: _KeyInfo, requests: list[tuple[int, int]], timeout: float | None) -> None:
-        with self._lock:
+    def _collect_acks(self, info: _KeyInfo, requests: list[Request], timeout: float | None) -> None:
+        with self._connection.lock:
             pending = [r for r in requests if r in info.unacked]
             for request in pending:
                 info.unacked.remove(request)
             self._collect(pending, "push", timeout)
 
-    def _finish_pull(self, key: Key, info: _KeyInfo, requests: list[tuple[int, int]], out: TensorOrList,
+    def _finish_pull(self, key: Key, info: _KeyInfo, requests: list[Request], out: TensorOrList,
                      timeout: float | None) -> None:
-        with self._lock:
+        with self._connection.lock:
             if self._deferred:   # replies to deferred pushes come after the commit only
                 self._check_committed(f"waiting for key {key!r}")
             acks, info.unacked = info.unacked, []
@@ -444,41 +331,6 @@ class DistKVStore(KVStore):
         self.last_min_clock[key] = min(replies[r].clock for _, r in requests)
         if not direct:
             copy_out(flat.view(info.shape), out)
-
-    def _handshake(self, secret: str) -> None:
-        hello = protocol.encode_json({"rank": self._rank, "num_workers": self._num_workers,
-                                      "mode": self.type, "staleness": self.config.staleness,
-                                      "rejoin": self._rejoin, "session": self._session,
-                                      "backup_workers": self.config.backup_workers})
-        self._handshaking = True
-        try:
-            self._authenticate(secret, hello)
-        finally:
-            self._handshaking = False
-
-    def _authenticate(self, secret: str, hello: bytes) -> None:
-        requests = [self._send_raw(s, protocol.encode(Op.HELLO, request_id=next(self._ids)))
-                    for s in range(self.num_servers)]
-        challenges = self._collect(requests, "hello", timeout_s=self._timeout_s)
-        auths = []
-        for server, request_id in requests:
-            nonce = bytes(challenges[request_id].payload or b"")
-            mac = protocol.sign(secret, nonce, hello)
-            auths.append(self._send_raw(server, protocol.encode(Op.AUTH, request_id=next(self._ids),
-                                                                payload=mac + hello)))
-        try:
-            self._collect(auths, "authentication", timeout_s=min(self._timeout_s, 5.0))
-        except CommTimeout:
-            raise PeerError(f"worker {self._rank}: the parameter servers did not accept this job's "
-                            f"secret (PARATRAIN_SECRET)") from None
-
-
-def _store_address(store) -> str:
-    """``host:port`` of a (prefixed) TCP store, for error messages."""
-    while hasattr(store, "underlying_store"):
-        store = store.underlying_store
-    host, port = getattr(store, "host", "?"), getattr(store, "port", "?")
-    return f"{host}:{port}"
 
 
 def server_addresses(env: DistEnv) -> list[str]:
@@ -500,7 +352,7 @@ def server_addresses(env: DistEnv) -> list[str]:
 
 
 def create_dist_kvstore(type_name: str, *, staleness: int = 2, env: DistEnv | None = None,
-                        **options) -> KVStore:
+                        **options) -> ServerKVStore:
     """Connect to the job's parameter servers as a ``dist_sync``/``dist_async``/
     ``dist_ssp`` KVStore. ``options``: ``bigarray_bound``, ``transport``, ``backup_workers``."""
     allowed = ("bigarray_bound", "transport", "backup_workers")
@@ -510,6 +362,7 @@ def create_dist_kvstore(type_name: str, *, staleness: int = 2, env: DistEnv | No
                           f"{', '.join(allowed)}")
     config = DistKVStoreConfig(mode=type_name, staleness=staleness, **options)
     env = env or read_env()
+    import_optimizer_plugins(env.server_imports)   # so that a spec naming a plugin rule is known here too
     from paratrain.comm.process_group import connect_store
     return DistKVStore(config, rank=env.rank, num_workers=env.world_size, addresses=server_addresses(env),
                        secret=env.secret, timeout_s=env.timeout_s, rejoin=env.rejoin, store=connect_store(env))

@@ -14,14 +14,6 @@ class LocalKVStore(KVStore):
     def __init__(self) -> None:
         self._store: dict[Key, torch.Tensor] = {}
 
-    @property
-    def rank(self) -> int:
-        return 0
-
-    @property
-    def num_workers(self) -> int:
-        return 1
-
     def _get(self, key: Key) -> torch.Tensor:
         if check_key(key) not in self._store:
             raise ConfigError(f"key {key!r} was never initialised; call kv.init({key!r}, tensor) first")

@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from paratrain.timeline import NULL_TIMELINE
+
 
 def nearest_power_of_two(value: float) -> float:
     """The power of two nearest ``value`` (> 0) on a log scale. Multiplying by it is
@@ -20,6 +22,15 @@ def nearest_power_of_two(value: float) -> float:
     linear reduce (``GradientSync.linear``) sum to bitwise the scaled sum: what
     ``Trainer.loss_scale_for`` and the allreduce buckets' pre-scaling rely on."""
     return 2.0 ** round(math.log2(value))
+
+
+def start_from_store(kv, params: Sequence[torch.nn.Parameter]) -> None:
+    """One KVStore key per parameter (its index in model order): initialise every key,
+    then pull every value back, so every worker starts from the store's (rank 0's)."""
+    for index, param in enumerate(params):
+        kv.init(index, param.detach().cpu().clone())
+    for index, param in enumerate(params):
+        kv.pull(index, out=param.data)
 
 
 class GradientSync(abc.ABC):
@@ -49,9 +60,18 @@ class GradientSync(abc.ABC):
     #: gradients' size (MXNet's 2bit threshold is defined on summed gradients; fp16
     #: casts underflow), or where the gradients leave for servers.
     linear: bool = False
+    #: Where communication spans are recorded; :func:`paratrain.parallel.build_gradient_sync`
+    #: sets the caller's timeline once.
+    timeline = NULL_TIMELINE
 
     def __init__(self) -> None:
         self._sync_enabled = True
+        self._hooks: list = []
+
+    def _hook_gradients(self, params: Sequence[torch.nn.Parameter], on_ready) -> None:
+        """Call ``on_ready(param)`` whenever backward finished accumulating a gradient;
+        :meth:`close` removes the hooks."""
+        self._hooks += [param.register_post_accumulate_grad_hook(on_ready) for param in params]
 
     @abc.abstractmethod
     def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
@@ -97,3 +117,6 @@ class GradientSync(abc.ABC):
 
     def close(self) -> None:
         """Release hooks, sockets and groups."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()

@@ -1,28 +1,22 @@
-"""Bucket reducers: sum one flat fp32 gradient bucket over workers, plain or compressed.
+"""Compressed bucket reducers (the protocol is :mod:`paratrain.parallel.reducers`).
 
-:class:`~paratrain.parallel.data_parallel.BucketedAllreduceSync` calls
-``reducer.launch(bucket_index, flat)`` when a bucket is ready during backward and later
-``pending.wait(timeout)``, which returns the SUM over workers (shape and dtype of
-``flat``, a fresh tensor the caller may scale in place). Every launch starts its first
+``wait`` returns a fresh tensor holding the SUM over workers, which the caller may
+scale in place; the caller's bucket is never changed. Every launch starts its first
 collective with ``async_op=True`` so buckets overlap backward; a second phase (gather
-of fp16 chunk sums, PowerSGD's ``Q``) runs inside ``wait``. Launch and wait happen in
-bucket order on every rank, so collectives match across ranks.
+of fp16 chunk sums, PowerSGD's ``Q``) runs inside ``wait``.
 
 | codec | collectives | what ``wait`` returns |
 |---|---|---|
-| none | all_reduce fp32 | the exact fp32 sum (as gloo adds) |
+| none | (the plain :class:`~paratrain.parallel.reducers.AllreduceReducer`) | the exact sum, in place |
 | fp16, bf16 | all_to_all of cast chunks, fp32 sum per chunk, all_gather | ``N * cast(sum_fp32(cast(x_r / N)))`` (fp16: pre-scaled by 1/N) |
 | 2bit, topk | all_gather of payloads | the sum, in rank order, of each worker's decoded gradient |
 | powersgd | all_reduce of ``P``, then of ``Q`` | ``P Q_sum^T``: the sum of each worker's ``P Q_r^T`` |
 
-Two byte counters, both cumulative: ``payload_bytes`` is the encoded size of this
-worker's gradients (what a parameter-server push would carry: 4 bytes per entry plain,
-2 for fp16/bf16, 1/4 for 2bit, 8 * ratio for topk, ``P`` and ``Q`` for PowerSGD);
-``bytes_sent`` is what this worker sends under the collective's algorithm, counted as
-:class:`~paratrain.kvstore.allreduce.AllreduceKVStore` counts the plain path (ring
-all_reduce 2(N-1)/N of the buffer, all_gather N-1 times it, all_to_all (N-1)/N), so
-the numbers in one Speedometer line compare. Gathering costs N-1 copies, so on 4
-workers 2bit saves 16x in payload but about 8x on the wire.
+``payload_bytes`` is 4 bytes per entry plain, 2 for fp16/bf16, 1/4 for 2bit, 8 * ratio
+for topk, ``P`` and ``Q`` for PowerSGD; ``bytes_sent`` follows
+:mod:`paratrain.comm.accounting`, as the plain path does, so the numbers in one
+Speedometer line compare. Gathering costs N-1 copies, so on 4 workers 2bit saves 16x
+in payload but about 8x on the wire.
 """
 from __future__ import annotations
 
@@ -35,23 +29,14 @@ import torch
 import torch.distributed as dist
 
 from paratrain.comm import codecs
+from paratrain.comm.accounting import all_gather_bytes, all_to_all_bytes, tensor_nbytes
 from paratrain.comm.codecs import CompressionConfig
-from paratrain.comm.process_group import group_size, wait_work
+from paratrain.comm.process_group import wait_work
 from paratrain.errors import ConfigError
-from paratrain.kvstore.allreduce import ring_allreduce_bytes
+from paratrain.parallel.reducers import AllreduceReducer, BucketReducer, PendingReduce
 
 
 # --------------------------------------------------------------------------- plumbing
-
-def all_gather_bytes(nbytes: int, world: int) -> int:
-    """Bytes each worker sends in a ring all_gather of ``nbytes`` each: N-1 times it."""
-    return (world - 1) * nbytes
-
-
-def all_to_all_bytes(nbytes: int, world: int) -> int:
-    """Bytes each worker sends in an all_to_all of a buffer of ``nbytes``: all but its own share."""
-    return (world - 1) * nbytes // world
-
 
 def sum_in_rank_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``tensors[0] + tensors[1] + ...`` in fp32, in that order, so every rank (and a
@@ -60,65 +45,6 @@ def sum_in_rank_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     for tensor in tensors[1:]:
         total += tensor.float()
     return total
-
-
-class PendingReduce:
-    """A bucket's reduction in flight. ``wait(timeout)`` returns the sum over workers
-    (computed once; a second call returns the same tensor)."""
-
-    def __init__(self, finish: Callable[[float], torch.Tensor]) -> None:
-        self._finish = finish
-        self._result: torch.Tensor | None = None
-
-    def wait(self, timeout: float) -> torch.Tensor:
-        if self._result is None:
-            self._result = self._finish(timeout)
-            self._finish = None   # drop references to buffers
-        return self._result
-
-
-class BucketReducer:
-    """The plain reducer: ``all_reduce`` of an fp32 copy of the bucket."""
-
-    def __init__(self, group=None) -> None:
-        self.group = group
-        self.bytes_sent = 0       # this worker's bytes under the collective's algorithm
-        self.payload_bytes = 0    # encoded size of this worker's gradients
-
-    @property
-    def num_workers(self) -> int:
-        return group_size(self.group)
-
-    def describe_bucket(self, bucket_index: int, shapes: Sequence[torch.Size]) -> None:
-        """Optional hint: the shapes of the parameters packed (in order) into the
-        bucket. PowerSGD compresses each matrix on its own when it knows them."""
-
-    def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce:
-        buffer = flat.detach().float().clone()   # ``flat`` stays the caller's
-        work = self._all_reduce(buffer)
-        self._count_all_reduce(buffer)
-        what = f"all_reduce of bucket {bucket_index}"
-
-        def finish(timeout: float) -> torch.Tensor:
-            wait_work(work, timeout, what)
-            return buffer.to(flat.dtype)
-        return PendingReduce(finish)
-
-    def _count_all_reduce(self, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        self.payload_bytes += nbytes
-        self.bytes_sent += ring_allreduce_bytes(nbytes, self.num_workers)
-
-    def _all_reduce(self, tensor: torch.Tensor):
-        if self.num_workers == 1:
-            return None
-        return dist.all_reduce(tensor, group=self.group, async_op=True)
-
-    def _all_gather(self, out: torch.Tensor, tensor: torch.Tensor):
-        if self.num_workers == 1:
-            out.copy_(tensor.reshape(-1))
-            return None
-        return dist.all_gather_single(out, tensor, group=self.group, async_op=True)
 
 
 # --------------------------------------------------------------------------- fp16, bf16
@@ -147,13 +73,13 @@ class CastReducer(BucketReducer):
         else:
             work = dist.all_to_all_single(received, send, group=self.group, async_op=True)
         self.payload_bytes += numel * send.element_size()
-        self.bytes_sent += all_to_all_bytes(send.numel() * send.element_size(), workers)
+        self.bytes_sent += all_to_all_bytes(tensor_nbytes(send), workers)
 
         def finish(timeout: float) -> torch.Tensor:
             deadline = time.monotonic() + timeout
             wait_work(work, timeout, f"all_to_all of {self.dtype} bucket {bucket_index}")
             chunk_sum = sum_in_rank_order(received.view(workers, chunk)).to(self.dtype)
-            self.bytes_sent += all_gather_bytes(chunk_sum.numel() * chunk_sum.element_size(), workers)
+            self.bytes_sent += all_gather_bytes(tensor_nbytes(chunk_sum), workers)
             gathered = torch.empty(chunk * workers, dtype=self.dtype)
             wait_work(self._all_gather(gathered, chunk_sum), deadline - time.monotonic(),
                       f"all_gather of {self.dtype} chunk sums of bucket {bucket_index}")
@@ -199,7 +125,7 @@ class GatherReducer(BucketReducer):
         workers, numel = self.num_workers, flat.numel()
         gathered = torch.empty(workers * payload.numel(), dtype=payload.dtype)
         work = self._all_gather(gathered, payload)
-        nbytes = payload.numel() * payload.element_size()
+        nbytes = tensor_nbytes(payload)
         self.payload_bytes += nbytes
         self.bytes_sent += all_gather_bytes(nbytes, workers)
 
@@ -355,12 +281,12 @@ class PowerSGDReducer(BucketReducer):
 # --------------------------------------------------------------------------- factory
 
 def build_bucket_reducer(config: CompressionConfig, group=None) -> BucketReducer:
-    """The bucket reducer for ``config``'s codec (``none``: plain fp32 all_reduce)."""
+    """The bucket reducer for ``config``'s codec (``none``: the plain in-place all_reduce)."""
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"build_bucket_reducer needs a CompressionConfig (see parse_compression), "
                         f"got {type(config).__name__}")
     if config.type == "none":
-        return BucketReducer(group)
+        return AllreduceReducer(group)
     if config.type in codecs.CAST_DTYPES:
         return CastReducer(codecs.CAST_DTYPES[config.type], group)
     if config.type in ("2bit", "topk"):

@@ -9,65 +9,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-from paratrain.comm.process_group import wait_work
+from paratrain.comm.accounting import tensor_nbytes
 from paratrain.errors import ConfigError
-from paratrain.kvstore.allreduce import ring_allreduce_bytes
 from paratrain.parallel.base import GradientSync, nearest_power_of_two
+from paratrain.parallel.reducers import BucketReducer, PendingReduce
 
-# First bucket as DDP's, 1 MB. The second session chose 256 KB, which sends the small
-# CNN's 800 KB fc1 weight while the conv layers' backward runs instead of in one bucket
-# at the end: 4-5% faster then. Since the launcher's allocator settings (paratrain.env.
-# ALLOCATOR_ENV) made the rest of a step cheaper, the extra collective costs more than
-# the overlap gains on 2 cores: in 6 interleaved pairs of bench_allreduce CNN runs the
-# ratio to DDP was higher with 1 MB in 4 and about equal in 1. The MLP's buckets are the
-# same either way.
+# DDP's bucket sizes: a small first bucket leaves while the rest of backward runs; big
+# later ones amortise the per-collective latency (measurements: docs/internals.md).
 FIRST_BUCKET_MB = 1.0
-BUCKET_CAP_MB = 25.0      # as DDP: big enough to amortise per-collective latency
-
-
-class PendingReduce(Protocol):
-    def wait(self, timeout: float) -> torch.Tensor: ...
-
-
-class BucketReducer(Protocol):
-    """Sums one flat gradient bucket across workers (plain or compressed). A reducer
-    may also define ``describe_bucket(index, shapes)`` to learn each bucket's layout."""
-
-    bytes_sent: int
-
-    def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce: ...
-
-
-class AllreduceBucketReducer:
-    """The default reducer: an in-place asynchronous ``all_reduce`` (sum) of the bucket."""
-
-    linear = True   # a plain sum in the bucket's dtype: power-of-two scaling commutes with it
-
-    def __init__(self, group=None) -> None:
-        self.group = group
-        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
-        self.bytes_sent = 0
-
-    def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce:
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self.bytes_sent += ring_allreduce_bytes(flat.numel() * flat.element_size(), self.world)
-        return _WorkResult(work, flat, bucket_index)
-
-
-@dataclass
-class _WorkResult:
-    work: object
-    flat: torch.Tensor
-    bucket_index: int
-
-    def wait(self, timeout: float) -> torch.Tensor:
-        wait_work(self.work, timeout, f"allreduce of gradient bucket {self.bucket_index}")
-        return self.flat
+BUCKET_CAP_MB = 25.0
 
 
 @dataclass
@@ -114,7 +69,7 @@ class BucketedAllreduceSync(GradientSync):
         if first_bucket_mb <= 0 or bucket_cap_mb <= 0:
             raise ConfigError(f"bucket sizes must be > 0 MB; got first={first_bucket_mb}, cap={bucket_cap_mb}")
         self.reducer = reducer
-        self.linear = getattr(reducer, "linear", False)   # compressed reducers: no
+        self.linear = reducer.linear
         self.num_workers = num_workers
         self.timeout_s = timeout_s
         self._first_cap = first_bucket_mb * 2**20
@@ -122,8 +77,6 @@ class BucketedAllreduceSync(GradientSync):
         self._buckets: list[_Bucket] = []
         self._where: dict[int, tuple[int, int]] = {}   # id(param) -> (bucket, slot)
         self._next_launch = 0
-        self._hooks: list = []
-        self.timeline = None   # set by the Trainer: records each bucket's communication span
         # Linear reducers: the hooks multiply each gradient by this power of two as they
         # copy it into its bucket (the last step's scale, rounded), so reduce() need not
         # pass over the buckets again when the scale is unchanged. Exact: scaling by a
@@ -136,11 +89,10 @@ class BucketedAllreduceSync(GradientSync):
             for param in params:   # every worker starts from rank 0's weights
                 dist.broadcast(param.data, src=0)
         ordered = list(reversed(list(params)))
-        sizes = [p.numel() * p.element_size() for p in ordered]
+        sizes = [tensor_nbytes(p) for p in ordered]
         for indices in assign_buckets(sizes, self._first_cap, self._cap):
             self._add_bucket([ordered[i] for i in indices])
-        for param in ordered:
-            self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad_ready))
+        self._hook_gradients(ordered, self._on_grad_ready)
 
     def _add_bucket(self, bucket_params: list[torch.nn.Parameter]) -> None:
         dtypes = {p.dtype for p in bucket_params}
@@ -153,9 +105,7 @@ class BucketedAllreduceSync(GradientSync):
             total += param.numel()
         flat = torch.zeros(total, dtype=bucket_params[0].dtype, device=bucket_params[0].device)
         index = len(self._buckets)
-        describe = getattr(self.reducer, "describe_bucket", None)
-        if describe is not None:   # PowerSGD compresses each matrix of the bucket on its own
-            describe(index, [p.shape for p in bucket_params])
+        self.reducer.describe_bucket(index, [p.shape for p in bucket_params])
         for slot, param in enumerate(bucket_params):
             self._where[id(param)] = (index, slot)
         self._buckets.append(_Bucket(bucket_params, offsets, flat))
@@ -222,9 +172,8 @@ class BucketedAllreduceSync(GradientSync):
         for index, bucket in enumerate(self._buckets):
             summed = bucket.pending.wait(self.timeout_s)
             done_s = time.perf_counter()
-            if self.timeline is not None:
-                self.timeline.complete(f"allreduce bucket {index}", "comm", bucket.launch_s, done_s,
-                                       tid="comm", bytes=bucket.flat.numel() * bucket.flat.element_size())
+            self.timeline.complete(f"allreduce bucket {index}", "comm", bucket.launch_s, done_s,
+                                   tid="comm", bytes=tensor_nbytes(bucket.flat))
             if summed is not bucket.flat:   # a compressed reducer returns a new tensor
                 bucket.flat.copy_(summed)
             if remaining != 1.0:
@@ -238,11 +187,6 @@ class BucketedAllreduceSync(GradientSync):
     @property
     def bytes_sent(self) -> int:
         return self.reducer.bytes_sent
-
-    def close(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
 
 
 class LocalSync(GradientSync):

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from paratrain.comm.accounting import ring_allreduce_bytes, tensor_nbytes
 from paratrain.errors import ConfigError
 from paratrain.parallel.base import GradientSync
 
@@ -115,8 +116,7 @@ class StageReplicaSync(GradientSync):
             return
         flat = torch.cat([p.grad.reshape(-1) for p in self._params])
         dist.all_reduce(flat, group=self._group)
-        # Ring allreduce puts about 2 (D-1)/D of the buffer on the wire per rank.
-        self._bytes_sent += int(flat.numel() * flat.element_size() * 2 * (self._group_size - 1) / self._group_size)
+        self._bytes_sent += ring_allreduce_bytes(tensor_nbytes(flat), self._group_size)
         flat.mul_(scale)
         self._unflatten(flat, lambda p: p.grad)
 

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from paratrain.errors import ConfigError
-from paratrain.kvstore.allreduce import ring_allreduce_bytes
 from paratrain.parallel.base import GradientSync
+from paratrain.comm.accounting import ring_allreduce_bytes, tensor_nbytes
 from paratrain.comm.process_group import group_size, wait_work
 
 
@@ -86,7 +86,7 @@ class LocalSGDSync(GradientSync):
             return
         flat = self._flatten()
         work = dist.all_reduce(flat, group=self.group, async_op=True)
-        nbytes = flat.numel() * flat.element_size()
+        nbytes = tensor_nbytes(flat)
         self.payload_bytes += nbytes
         self._bytes_sent += ring_allreduce_bytes(nbytes, self.num_workers)
         wait_work(work, self.timeout_s, f"all_reduce of the parameters (model average {self.averages + 1})")

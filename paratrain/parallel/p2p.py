@@ -1,18 +1,19 @@
-"""Point-to-point tensor transport between neighbouring pipeline stages.
+"""Point-to-point tensor links between neighbouring pipeline stages.
 
-A :class:`Channel` joins two processes and carries tensors both ways, in order, as
-raw bytes behind a small fixed header (no pickle). Two implementations, chosen by
-name with :func:`open_channel`:
+A :class:`Channel` joins two processes and carries tensors both ways, in order: a
+small fixed header (tag, dtype code, shape; codes from the one wire format,
+:mod:`paratrain.comm.wire`) and the tensor's raw bytes, never pickle. Two kinds, chosen
+by name with :func:`open_channel`:
 
-* ``zmq`` (default): a ZeroMQ PAIR socket over TCP. Sends are queued by ZeroMQ's
-  I/O thread and return at once; a message costs tens of microseconds on loopback.
-* ``gloo``: ``torch.distributed`` send/recv on the default group. Each message here
-  costs about 2 ms (gloo's per-message overhead), two messages per tensor (header,
-  then payload), which dominates small activations; kept for comparison and for
-  hosts where only the process group's ports are open.
+* a message transport from :mod:`paratrain.comm.transport` (``zmq``, default, or
+  ``inproc``): a :class:`~paratrain.comm.transport.Link` carries each tensor as a
+  header frame and a payload frame. Over ZeroMQ sends are queued by ZeroMQ's I/O
+  thread and return at once; a message costs tens of microseconds on loopback.
+* ``gloo``: ``torch.distributed`` send/recv on the default group, two messages per
+  tensor (header, then payload), each with gloo's per-message overhead (docs/pipeline.md
+  has the comparison); for hosts where only the process group's ports are open.
 
-``bench/bench_pipeline.py --transport`` measures both. Every receive has a timeout
-and raises :class:`paratrain.errors.CommTimeout` naming the peer.
+Every receive has a timeout and raises :class:`paratrain.errors.CommTimeout` naming the peer.
 """
 from __future__ import annotations
 
@@ -23,49 +24,31 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from paratrain.comm.transport import Link, get_transport
+from paratrain.comm.wire import CODE_DTYPES, copy_tensor, dtype_code, tensor_bytes
 from paratrain.errors import CommTimeout, ConfigError, PeerError, check_choice
 
-TRANSPORTS = ("zmq", "gloo")
+TRANSPORTS = ("zmq", "inproc", "gloo")
 MAX_DIMS = 8
 
-# Wire codes for dtypes; the order is the protocol, append only.
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,
-           torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
-_DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 # tag, dtype code, ndim, then MAX_DIMS dims: all int64, so gloo can carry it too.
 _HEADER = struct.Struct(f"<{3 + MAX_DIMS}q")
 
 
 def encode_header(tag: int, tensor: torch.Tensor) -> tuple[int, ...]:
     """Header fields for ``tensor``: tag, dtype code, ndim, dims padded to MAX_DIMS."""
-    if tensor.dtype not in _DTYPE_CODE:
-        raise TypeError(f"p2p cannot carry dtype {tensor.dtype}; supported: {_DTYPES}")
     if tensor.dim() > MAX_DIMS:
         raise ValueError(f"p2p carries tensors of at most {MAX_DIMS} dims, got shape {tuple(tensor.shape)}")
     dims = list(tensor.shape) + [0] * (MAX_DIMS - tensor.dim())
-    return (tag, _DTYPE_CODE[tensor.dtype], tensor.dim(), *dims)
+    return (tag, dtype_code(tensor.dtype), tensor.dim(), *dims)
 
 
 def decode_header(fields) -> tuple[int, torch.dtype, tuple[int, ...]]:
     """Inverse of :func:`encode_header`: (tag, dtype, shape)."""
     tag, code, ndim, *dims = (int(f) for f in fields)
-    if not 0 <= code < len(_DTYPES) or not 0 <= ndim <= MAX_DIMS:
+    if code not in CODE_DTYPES or not 0 <= ndim <= MAX_DIMS:
         raise PeerError(f"corrupt p2p header: dtype code {code}, ndim {ndim}")
-    return tag, _DTYPES[code], tuple(dims[:ndim])
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's contents as a byte view (no copy when already contiguous)."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def tensor_from_bytes(buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """A writable tensor of ``dtype`` and ``shape`` holding ``buffer``'s bytes."""
-    data = bytearray(buffer)  # one copy: received frames are read-only
-    if not data:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
+    return tag, CODE_DTYPES[code], tuple(dims[:ndim])
 
 
 class Channel(abc.ABC):
@@ -96,40 +79,37 @@ class Channel(abc.ABC):
             raise PeerError(f"rank {self.peer} sent tag {tag}, expected {expected_tag}")
 
 
-class ZmqChannel(Channel):
-    """A ZeroMQ PAIR socket: header frame + payload frame per tensor."""
+class LinkChannel(Channel):
+    """Tensors over a message-transport :class:`~paratrain.comm.transport.Link`: a
+    header frame and a payload frame per tensor."""
 
-    def __init__(self, socket, peer: int, timeout_s: float) -> None:
+    def __init__(self, link: Link, peer: int, timeout_s: float) -> None:
         super().__init__(peer, timeout_s)
-        import zmq
-        self._zmq = zmq
-        self._socket = socket
-        self._poller = zmq.Poller()
-        self._poller.register(socket, zmq.POLLIN)
+        self._link = link
+
+    @property
+    def address(self) -> str:
+        """Where the link was bound (the binding side publishes it)."""
+        return self._link.address
 
     def send(self, tensor: torch.Tensor, tag: int = 0) -> None:
-        header = _HEADER.pack(*encode_header(tag, tensor))
         payload = tensor_bytes(tensor)
-        try:
-            # copy=False: ZeroMQ keeps a reference to the buffer until it is sent.
-            self._socket.send_multipart([header, payload], copy=False)
-        except self._zmq.Again:
-            raise CommTimeout(f"send to rank {self.peer} blocked for {self.timeout_s}s") from None
+        self._link.send([_HEADER.pack(*encode_header(tag, tensor)), payload])
         self.bytes_sent += payload.nbytes
 
     def recv(self, expected_tag: int | None = None) -> torch.Tensor:
-        if not self._poller.poll(int(self.timeout_s * 1000)):
+        frames = self._link.recv(self.timeout_s)
+        if frames is None:
             raise CommTimeout(f"no tensor from rank {self.peer} within {self.timeout_s}s")
-        header, payload = self._socket.recv_multipart(copy=False)
-        tag, dtype, shape = decode_header(_HEADER.unpack(header.bytes))
+        if len(frames) != 2:
+            raise PeerError(f"rank {self.peer} sent a message of {len(frames)} frames; a tensor has 2")
+        tag, dtype, shape = decode_header(_HEADER.unpack(frames[0]))
         self._check_tag(tag, expected_tag)
-        return tensor_from_bytes(payload.buffer, dtype, shape)
+        return copy_tensor(frames[1], dtype, shape)   # received frames are read-only
 
     def close(self) -> None:
-        # Linger (bounded) rather than 0: a message sent just before close would
-        # otherwise be dropped from ZeroMQ's queue before it reaches the peer.
-        if not self._socket.closed:
-            self._socket.close(linger=int(self.timeout_s * 1000))
+        # Linger (bounded): a message sent just before close must still reach the peer.
+        self._link.close(linger_s=self.timeout_s)
 
 
 class GlooChannel(Channel):
@@ -175,38 +155,30 @@ class GlooChannel(Channel):
             raise CommTimeout(f"{what} rank {self.peer} did not finish within {self.timeout_s}s: {error}") from None
 
 
-def _zmq_socket(timeout_s: float):
-    import zmq
-    socket = zmq.Context.instance().socket(zmq.PAIR)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
-    return socket
+def open_link_channel(transport: str, store: dist.Store, key: str, *, rank: int, peer: int,
+                      bind_addr: str, timeout_s: float) -> LinkChannel:
+    """Open the link ``key`` between ``rank`` and ``peer`` over a message transport.
 
-
-def open_zmq_channel(store: dist.Store, key: str, *, rank: int, peer: int, bind_addr: str,
-                     timeout_s: float) -> ZmqChannel:
-    """Open the PAIR link ``key`` between ``rank`` and ``peer``.
-
-    The lower rank binds a free port and publishes ``tcp://addr:port`` under ``key``
-    in the job's store; the higher rank reads it and connects. A hello message from
-    the connecting side proves the link before any tensor goes over it (a PAIR
-    socket with no peer would otherwise block the first send).
+    The lower rank binds a free port and publishes the link's address under ``key`` in
+    the job's store; the higher rank reads it and connects. A hello message from the
+    connecting side proves the link before any tensor goes over it.
     """
     if rank == peer:
         raise ConfigError(f"a p2p channel needs two ranks, got rank={rank} and peer={peer}")
-    socket = _zmq_socket(timeout_s)
-    channel = ZmqChannel(socket, peer, timeout_s)
+    links = get_transport(transport)
+    if rank < peer:
+        channel = LinkChannel(links.bind_link(bind_addr, send_timeout_s=timeout_s), peer, timeout_s)
+    else:
+        try:
+            store.wait([key], timedelta(seconds=timeout_s))
+        except RuntimeError:
+            raise CommTimeout(f"rank {peer} did not publish p2p address {key!r} within {timeout_s}s") from None
+        channel = LinkChannel(links.connect_link(store.get(key).decode(), send_timeout_s=timeout_s), peer, timeout_s)
     try:
         if rank < peer:
-            port = socket.bind_to_random_port(f"tcp://{bind_addr}")
-            store.set(key, f"tcp://{bind_addr}:{port}")
+            store.set(key, channel.address)
             channel.recv(expected_tag=-1)
         else:
-            try:
-                store.wait([key], timedelta(seconds=timeout_s))
-            except RuntimeError:
-                raise CommTimeout(f"rank {peer} did not publish p2p address {key!r} within {timeout_s}s") from None
-            socket.connect(store.get(key).decode())
             channel.send(torch.zeros(0), tag=-1)
     except BaseException:
         channel.close()
@@ -217,10 +189,10 @@ def open_zmq_channel(store: dist.Store, key: str, *, rank: int, peer: int, bind_
 
 def open_channel(transport: str, store: dist.Store | None, key: str, *, rank: int, peer: int,
                  bind_addr: str = "127.0.0.1", timeout_s: float = 60.0) -> Channel:
-    """A :class:`Channel` to ``peer`` over ``transport`` (``zmq`` or ``gloo``).
+    """A :class:`Channel` to ``peer`` over ``transport`` (``zmq``, ``inproc`` or ``gloo``).
 
     Both ranks call this with the same ``key``; ``gloo`` needs the default process
-    group, ``zmq`` needs ``store`` to exchange its address.
+    group, the message transports need ``store`` to exchange the link's address.
     """
     check_choice("transport", transport, TRANSPORTS)
     if transport == "gloo":
@@ -228,5 +200,5 @@ def open_channel(transport: str, store: dist.Store | None, key: str, *, rank: in
             raise ConfigError("transport='gloo' needs the default process group; call init_process_group first")
         return GlooChannel(peer, timeout_s)
     if store is None:
-        raise ConfigError("transport='zmq' needs the job's store to exchange addresses")
-    return open_zmq_channel(store, key, rank=rank, peer=peer, bind_addr=bind_addr, timeout_s=timeout_s)
+        raise ConfigError(f"transport={transport!r} needs the job's store to exchange addresses")
+    return open_link_channel(transport, store, key, rank=rank, peer=peer, bind_addr=bind_addr, timeout_s=timeout_s)

@@ -26,61 +26,46 @@ from typing import Sequence
 import torch
 
 from paratrain.errors import ConfigError
-from paratrain.kvstore.base import Handle, KVStore
-from paratrain.parallel.base import GradientSync
-
-ASYNC_KINDS = ("dist_async", "dist_ssp")
-
-
-def server_optimizer_spec(optimizer: str, optimizer_params: dict) -> dict:
-    """The server spec for a torch-style optimizer name and its parameters."""
-    name = optimizer.lower()
-    if name not in ("sgd", "adam"):
-        raise ConfigError(f"optimizer={optimizer!r} cannot run on the parameter servers; choose sgd or adam, "
-                          f"or pass update_on_kvstore=False (dist_sync only)")
-    params = dict(optimizer_params)
-    if params.pop("dampening", 0) or params.pop("maximize", False) or params.pop("amsgrad", False):
-        raise ConfigError(f"optimizer params {optimizer_params} use options the server {name} lacks "
-                          f"(dampening, maximize, amsgrad)")
-    return {"type": name, **params}
-
+from paratrain.kvstore.base import Handle, ServerKVStore
+from paratrain.optimizers import server_optimizer_spec
+from paratrain.parallel.base import GradientSync, start_from_store
+from paratrain.strategies import SERVER_KVSTORE_TYPES, kvstore_spec
 
 class ParameterServerSync(GradientSync):
     """Pushes gradients to the servers and pulls weights (or summed gradients) back."""
 
-    def __init__(self, kv: KVStore, optimizer: str, optimizer_params: dict,
+    def __init__(self, kv: ServerKVStore, optimizer: str | None, optimizer_params: dict,
                  update_on_kvstore: bool | None = None):
         super().__init__()
-        if kv.type not in ("dist_sync", *ASYNC_KINDS):
-            raise ConfigError(f"ParameterServerSync needs a dist_* kvstore, got {kv.type!r}")
+        if kv.type not in SERVER_KVSTORE_TYPES:
+            raise ConfigError(f"ParameterServerSync needs a kvstore of type {', '.join(SERVER_KVSTORE_TYPES)}, "
+                              f"got {kv.type!r}")
         if update_on_kvstore is None:
             update_on_kvstore = True
-        if not update_on_kvstore and kv.type in ASYNC_KINDS:
+        if not update_on_kvstore and kvstore_spec(kv.type).asynchronous:
             raise ConfigError(f"update_on_kvstore=False is for dist_sync only; {kv.type} applies each push on "
                               f"arrival and needs the optimizer on the servers")
         self.kv = kv
         self.updates_on_server = bool(update_on_kvstore)
+        if self.updates_on_server and optimizer is None:
+            raise ConfigError("this optimizer class has no registered name, so no server rule runs it; register it "
+                              "(paratrain.optimizers.register_optimizer) or pass update_on_kvstore=False (dist_sync)")
         self._spec = server_optimizer_spec(optimizer, optimizer_params) if self.updates_on_server else None
         if self._spec is not None:
             kv.set_optimizer(self._spec)
         self.params: list[torch.nn.Parameter] = []
-        self.timeline = None
         self._pending: list[Handle] = []
         self._in_flight: dict[int, Handle] = {}   # key -> pushpull sent from a hook this step
         self._index: dict[int, int] = {}
-        self._hooks: list = []
         if not self.updates_on_server:
             kv.push_scale = 1.0   # summed gradients come back; reduce scales them here
 
     def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
         """One key per parameter; every worker starts from rank 0's values."""
         self.params = list(params)
-        for index, param in enumerate(self.params):
-            self.kv.init(index, param.detach().cpu())
-        for index, param in enumerate(self.params):
-            self.kv.pull(index, out=param.data)
+        start_from_store(self.kv, self.params)
         self._index = {id(param): index for index, param in enumerate(self.params)}
-        self._hooks = [param.register_post_accumulate_grad_hook(self._on_grad_ready) for param in self.params]
+        self._hook_gradients(self.params, self._on_grad_ready)
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         if not self._sync_enabled:
@@ -138,16 +123,13 @@ class ParameterServerSync(GradientSync):
             self.kv.set_optimizer(self._spec)
 
     def _record(self, name: str, start: float) -> None:
-        if self.timeline is not None:  # start and end on time.perf_counter, as the timeline wants
-            self.timeline.complete(name, "comm", start, time.perf_counter())
+        self.timeline.complete(name, "comm", start, time.perf_counter())
 
     @property
     def bytes_sent(self) -> int:
         return self.kv.bytes_sent
 
     def close(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        super().close()
         self._pending = []
         self._in_flight = {}

@@ -40,9 +40,28 @@ def _write_back(weight: torch.Tensor, master: torch.Tensor) -> None:
 
 
 class ServerOptimizer(abc.ABC):
-    """Updates one key slice in place from the summed gradient."""
+    """Updates one key slice in place from the summed gradient.
+
+    Subclasses are dataclasses whose fields are the rule's hyperparameters; register
+    one under a name with :func:`paratrain.optimizers.register_optimizer` (a server
+    imports the modules named in ``PARATRAIN_SERVER_IMPORTS`` at start-up, so a rule of
+    your own reaches the servers without editing them).
+    """
 
     type: ClassVar[str]
+    #: torch.optim options that a worker's optimizer may carry only at these values,
+    #: since this rule has no equivalent (``maximize``, SGD's ``dampening``, ...).
+    torch_defaults_only: ClassVar[dict[str, Any]] = {"maximize": False}
+
+    @classmethod
+    def from_params(cls, params: dict) -> "ServerOptimizer":
+        """The rule with these hyperparameters (a spec without its ``type``);
+        unknown names are refused, naming the allowed ones."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise ConfigError(f"optimizer {cls.type!r} got unknown option(s) {unknown}; allowed: {sorted(fields)}")
+        return cls(**params)
 
     @abc.abstractmethod
     def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0) -> None:
@@ -63,6 +82,14 @@ class SGD(ServerOptimizer):
     weight_decay: float = 0.0
     rescale_grad: float = 1.0
     type: ClassVar[str] = "sgd"
+    torch_defaults_only: ClassVar[dict[str, Any]] = {"maximize": False, "dampening": 0, "nesterov": False}
+
+    @classmethod
+    def from_params(cls, params: dict) -> "SGD":
+        params = dict(params)
+        if params.pop("nesterov", False):
+            raise ConfigError("nesterov=True is not supported by the server SGD")
+        return super().from_params(params)
 
     def __post_init__(self) -> None:
         _check_number("lr", self.lr)
@@ -101,6 +128,14 @@ class Adam(ServerOptimizer):
     weight_decay: float = 0.0
     rescale_grad: float = 1.0
     type: ClassVar[str] = "adam"
+    torch_defaults_only: ClassVar[dict[str, Any]] = {"maximize": False, "amsgrad": False}
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Adam":
+        params = dict(params)
+        if "betas" in params:   # torch's spelling
+            params["beta1"], params["beta2"] = params.pop("betas")
+        return super().from_params(params)
 
     def __post_init__(self) -> None:
         _check_number("lr", self.lr)
@@ -128,32 +163,3 @@ class Adam(ServerOptimizer):
         bias2 = 1 - self.beta2 ** step
         denom = (exp_avg_sq.sqrt() / bias2 ** 0.5).add_(self.eps)
         _write_back(weight, master.addcdiv_(exp_avg, denom, value=-self.lr / bias1))
-
-
-OPTIMIZERS: dict[str, type[ServerOptimizer]] = {"sgd": SGD, "adam": Adam}
-
-
-def build_optimizer(spec: Any) -> ServerOptimizer:
-    """A server optimizer from a spec dict (``{"type": "sgd", "lr": 0.1}``), a
-    :class:`ServerOptimizer`, or a name with default hyperparameters."""
-    if isinstance(spec, ServerOptimizer):
-        return spec
-    if isinstance(spec, str):
-        spec = {"type": spec}
-    if not isinstance(spec, dict):
-        raise ConfigError(f"optimizer spec {spec!r} must be a dict like {{'type': 'sgd', 'lr': 0.1}}, "
-                          f"a name ({', '.join(OPTIMIZERS)}) or a ServerOptimizer")
-    params = dict(spec)
-    name = str(params.pop("type", "")).lower()
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer type={name!r} is not supported on servers; choose one of: "
-                          f"{', '.join(OPTIMIZERS)}")
-    if "betas" in params and name == "adam":  # torch spelling
-        params["beta1"], params["beta2"] = params.pop("betas")
-    if params.pop("nesterov", False):
-        raise ConfigError("nesterov=True is not supported by the server SGD")
-    fields = {f.name for f in dataclasses.fields(OPTIMIZERS[name])}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise ConfigError(f"optimizer {name!r} got unknown option(s) {unknown}; allowed: {sorted(fields)}")
-    return OPTIMIZERS[name](**params)

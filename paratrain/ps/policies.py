@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from paratrain.errors import ConfigError
+from paratrain.strategies import SERVER_KVSTORE_TYPES
 
 #: (state, grad, scale); ``grad`` may be a read-only view of a received frame.
 ApplyFn = Callable[["SliceState", torch.Tensor, float], None]
@@ -72,6 +73,10 @@ class UpdatePolicy(abc.ABC):
 
     def depart(self, worker: int) -> None:
         """``worker`` said goodbye: policies that wait for workers may stop waiting for it."""
+
+    def apply_ready(self, state: SliceState, apply: ApplyFn) -> None:
+        """Apply whatever became due without a new push (a worker departed, so a round
+        that waited for it may now be complete). Default: nothing is ever held back."""
 
 
 class SyncPolicy(UpdatePolicy):
@@ -178,9 +183,6 @@ class StalenessPolicy(AsyncPolicy):
                 if state.pushes[rank] < floor and rank not in self.departed]
 
 
-POLICY_NAMES = ("dist_sync", "dist_async", "dist_ssp")
-
-
 def build_policy(name: str, staleness: int = 0, backup_workers: int = 0) -> UpdatePolicy:
     """The policy for a kvstore type name."""
     if backup_workers and name != "dist_sync":
@@ -191,4 +193,4 @@ def build_policy(name: str, staleness: int = 0, backup_workers: int = 0) -> Upda
         return AsyncPolicy()
     if name == "dist_ssp":
         return StalenessPolicy(staleness)
-    raise ConfigError(f"kvstore mode={name!r} is not known; choose one of: {', '.join(POLICY_NAMES)}")
+    raise ConfigError(f"kvstore mode={name!r} is not known; choose one of: {', '.join(SERVER_KVSTORE_TYPES)}")

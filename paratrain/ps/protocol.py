@@ -2,7 +2,8 @@
 
 A message is a list of frames: a fixed 116-byte header packed with :mod:`struct`,
 the key's name (UTF-8), and an optional payload. Tensor payloads are the raw bytes
-of a contiguous slice, sent and received without copies; control payloads are
+of a contiguous slice in the one tensor wire format (:mod:`paratrain.comm.wire`: dtype
+codes, bytes), sent and received without copies; control payloads are
 small UTF-8 JSON objects. Nothing on the wire is ever unpickled, and every field is
 checked before it is used, so a malformed message is rejected with
 :class:`ProtocolError` instead of crashing or corrupting a server.
@@ -18,14 +19,15 @@ import hashlib
 import hmac
 import json
 import struct
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from paratrain.comm.wire import CODE_DTYPES, ITEMSIZES, dtype_code, view_tensor
+
 MAGIC = b"PTPS"
-VERSION = 1
+VERSION = 2
 MAX_NDIM = 8
 MAX_KEY_BYTES = 256
 MAX_CONTROL_BYTES = 64 * 1024
@@ -33,6 +35,7 @@ NONCE_BYTES = 32
 
 # magic, version, op, dtype, ndim, request_id, offset, length, clock, scale, status, shape[8]
 HEADER = struct.Struct(f"<4sBBBBQQQQdI{MAX_NDIM}q")
+_REQUEST_ID_FIELD = 5
 
 
 class Op(enum.IntEnum):
@@ -65,17 +68,15 @@ STATUS_COMPRESSED = 1
 STATUS_PULL_AFTER = 2
 STATUS_DEFERRED = 4
 
-DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4,
-    torch.int32: 5, torch.int64: 6, torch.uint8: 7, torch.int8: 8,
-}
-CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
-ITEMSIZES = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in DTYPE_CODES}
 _OPS = {int(op): op for op in Op}
 
 
 class ProtocolError(ValueError):
     """A message that does not follow this wire format."""
+
+
+class RequestRejected(ValueError):
+    """A well-formed request the server refuses (unknown key, wrong shape, ...)."""
 
 
 @dataclass
@@ -98,41 +99,11 @@ class Message:
         """The payload as a flat tensor of ``length`` elements (a view, not a copy)."""
         if self.payload is None:
             raise ProtocolError(f"{self.op.name} message carries no tensor")
-        return bytes_to_tensor(self.payload, self.dtype)
+        return view_tensor(self.payload, self.dtype)
 
     def control(self) -> dict:
         """The payload as a JSON object (control messages)."""
         return decode_json(self.payload)
-
-
-def dtype_code(dtype: torch.dtype) -> int:
-    if dtype not in DTYPE_CODES:
-        allowed = ", ".join(str(d) for d in DTYPE_CODES)
-        raise TypeError(f"dtype {dtype} cannot travel to a parameter server; allowed: {allowed}")
-    return DTYPE_CODES[dtype]
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A contiguous CPU tensor's bytes, without a copy (bfloat16 included)."""
-    flat = tensor.detach().reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-# Received frames are read-only and only ever read: torch's warning about viewing a
-# non-writable buffer is silenced for this module's calls (once, not per message:
-# warnings.catch_warnings on every frame cost a parameter server more than decoding).
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
-                        module=__name__)
-
-
-def bytes_to_tensor(buffer: Any, dtype: torch.dtype) -> torch.Tensor:
-    """A flat tensor viewing ``buffer`` (read-only: never write to it)."""
-    view = memoryview(buffer)
-    if view.nbytes == 0:
-        return torch.empty(0, dtype=dtype)
-    return torch.frombuffer(view, dtype=torch.uint8).view(dtype)
 
 
 def encode_json(obj: dict) -> bytes:
@@ -170,6 +141,11 @@ def encode(op: Op, *, key: str = "", request_id: int = 0, dtype: torch.dtype = t
     if payload is not None:
         frames.append(payload)
     return frames
+
+
+def request_id_of(frames: Sequence[Any]) -> int:
+    """The request id of a message made by :func:`encode` (its header's own field)."""
+    return HEADER.unpack(frames[0])[_REQUEST_ID_FIELD]
 
 
 def decode(frames: Sequence[Any], *, max_payload_bytes: int) -> Message:

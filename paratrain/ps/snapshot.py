@@ -5,7 +5,7 @@ died: every key slice (value, optimizer state, clocks, a sync round's queued pus
 the job's mode, optimizer and compression, which workers said goodbye, and per
 worker session the last push applied (so a push resent after a restart is
 acknowledged, not applied twice). It is written with
-:func:`paratrain.train.checkpoint.save_atomic` (temp file, fsync, rename), so a kill at
+:func:`paratrain.atomic.save_torch_atomic` (temp file, fsync, rename), so a kill at
 any instant leaves the previous snapshot loadable, and it holds only tensors and
 plain values (``torch.load(..., weights_only=True)``).
 """
@@ -20,7 +20,7 @@ import torch
 
 from paratrain.errors import ConfigError
 from paratrain.ps.policies import SliceState
-from paratrain.train.checkpoint import save_atomic
+from paratrain.atomic import save_torch_atomic
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def slice_from_dict(saved: dict) -> SliceState:
 def save_snapshot(state: dict, directory: str | os.PathLike, server_rank: int) -> Path:
     """Write ``state`` atomically; returns the file."""
     path = snapshot_path(directory, server_rank)
-    save_atomic(state, path)
+    save_torch_atomic(state, path)
     return path
 
 
@@ -80,13 +80,13 @@ DURABLE_STATS = ("pushes", "acknowledged_pushes", "duplicate_pushes", "rejoins",
 
 
 def snapshot_state(server) -> dict:
-    """Everything a :class:`~paratrain.ps.server.ParameterServer` must keep, as plain values."""
+    """Everything a :class:`~paratrain.ps.parameter_server.ParameterServer` must keep, as plain values."""
     return {
         "keys": {key: slice_to_dict(state) for key, state in server.keys.items()},
         "dtypes": {key: str(dtype).removeprefix("torch.") for key, dtype in server.dtypes.items()},
         "num_workers": server.num_workers,
-        "mode": list(server.mode) if server.mode else None,
-        "backup_workers": server.backup_workers,
+        "mode": [server.terms.mode, server.terms.staleness] if server.terms else None,
+        "backup_workers": server.terms.backup_workers if server.terms else 0,
         "optimizer": server.optimizer.to_spec() if server.optimizer is not None else None,
         "compression": server.compression.to_dict() if server.compression is not None else None,
         "goodbyes": sorted(server.goodbyes),
@@ -103,17 +103,15 @@ def snapshot_state(server) -> dict:
 def restore_state(server, saved: dict) -> None:
     """Put a snapshot back into a freshly started server."""
     from paratrain.comm.codecs import parse_compression
-    from paratrain.ps.optimizer import build_optimizer
-    from paratrain.ps.policies import build_policy
+    from paratrain.optimizers import build_server_optimizer
+    from paratrain.ps.admission import JobTerms, policy_for
 
     server.keys = {key: slice_from_dict(state) for key, state in saved["keys"].items()}
     server.dtypes = {key: getattr(torch, name) for key, name in saved["dtypes"].items()}
-    server.num_workers = saved["num_workers"]
     if saved["mode"] is not None:
-        server.mode = (saved["mode"][0], int(saved["mode"][1]))
-        server.backup_workers = saved["backup_workers"]
-        server.policy = build_policy(*server.mode, backup_workers=server.backup_workers)
-    server.optimizer = build_optimizer(saved["optimizer"]) if saved["optimizer"] is not None else None
+        server.terms = JobTerms(saved["num_workers"], saved["mode"][0], int(saved["mode"][1]), saved["backup_workers"])
+        server.policy = policy_for(server.terms)
+    server.optimizer = build_server_optimizer(saved["optimizer"]) if saved["optimizer"] is not None else None
     server.compression = parse_compression(saved["compression"]) if saved["compression"] is not None else None
     server.goodbyes = set(saved["goodbyes"])
     for rank in server.goodbyes:

@@ -1,10 +1,9 @@
 """The one place a strategy name becomes a :class:`Strategy` object."""
 from __future__ import annotations
 
-from paratrain.errors import ConfigError, check_choice
+from paratrain.errors import ConfigError
+from paratrain.strategies import STRATEGIES, strategy_spec
 from paratrain.train.strategy import Strategy
-
-STRATEGIES = ("local", "allreduce", "dist_sync", "dist_async", "dist_ssp", "local_sgd", "pipeline", "hybrid")
 
 
 def build_strategy(name: str, *, compression=None, accumulate: int = 1, amp: str = "none",
@@ -14,8 +13,8 @@ def build_strategy(name: str, *, compression=None, accumulate: int = 1, amp: str
                    update_on_kvstore: bool | None = None, env=None) -> Strategy:
     """Build a strategy by name with its options; options that do not apply to the
     chosen strategy are rejected, naming the option."""
-    check_choice("strategy", name, STRATEGIES)
-    if name in ("pipeline", "hybrid"):
+    spec = strategy_spec(name)
+    if spec.pipelined:
         for option, value, default in (("compression", compression, None), ("accumulate", accumulate, 1),
                                        ("sync_every", sync_every, None), ("staleness", staleness, None),
                                        ("backup_workers", backup_workers, 0)):
@@ -39,7 +38,7 @@ def build_strategy(name: str, *, compression=None, accumulate: int = 1, amp: str
         raise ConfigError(f"update_on_kvstore=False (the optimizer on the workers) applies to strategy "
                           f"'dist_sync' only, not {name!r}")
     from paratrain.train.data_parallel_strategy import DataParallelStrategy
-    kvstore = "allreduce" if name == "local_sgd" else name
+    kvstore = spec.kvstore
     options = {}
     if staleness is not None:          # 0 is a real bound (lockstep), keep it
         options["staleness"] = staleness

@@ -13,14 +13,12 @@ import torch.distributed as dist
 from paratrain.comm.process_group import connect_store, destroy_process_group, init_process_group
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, check_choice
-from paratrain.kvstore import KVSTORE_TYPES
+from paratrain.strategies import kvstore_spec
+from paratrain.timeline import NULL_TIMELINE
 from paratrain.train.strategy import Strategy, StepResult
 from paratrain.train.trainer import Trainer, param_checksum
 
 AMP_MODES = ("none", "bf16", "fp16")
-# Per-step statistics are summed across workers only where workers move in lockstep;
-# in async modes that collective would make them wait for each other.
-ASYNC_TYPES = ("dist_async", "dist_ssp")
 
 
 @dataclass(kw_only=True)
@@ -34,7 +32,7 @@ class DataParallelConfig:
     update_on_kvstore: bool | None = None   # dist_sync: False runs the optimizer on the workers
 
     def __post_init__(self) -> None:
-        check_choice("kvstore", self.kvstore, KVSTORE_TYPES)
+        kvstore_spec(self.kvstore)
         check_choice("amp", self.amp, AMP_MODES)
         if not isinstance(self.accumulate, int) or self.accumulate < 1:
             raise ConfigError(f"accumulate={self.accumulate!r} must be an integer >= 1")
@@ -55,12 +53,15 @@ class DataParallelStrategy(Strategy):
         self.name = "local_sgd" if self.config.sync_every else self.config.kvstore
         self.data_rank, self.data_world = self.env.rank, self.env.world_size
         self.is_logging_rank = self.env.rank == 0
-        self._lockstep = self.config.kvstore not in ASYNC_TYPES
+        self.spec = kvstore_spec(self.config.kvstore)
+        # Per-step statistics are summed across workers only where workers move in
+        # lockstep; in async modes that collective would make them wait for each other.
+        self._lockstep = self.spec.lockstep
         self._local_samples = 0   # samples this worker trained on (async throughput)
         self._owns_group = False  # setup created the process group: close destroys it
         self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
 
-    def setup(self, model, optimizer, optimizer_params, loss_fn) -> None:
+    def setup(self, model, optimizer, optimizer_params, loss_fn, *, timeline=NULL_TIMELINE) -> None:
         # Async workers share no process group: a dead one must not break the others,
         # and a restarted one must be able to rejoin. They meet in the store instead.
         self._owns_group = self.env.distributed and self._lockstep and init_process_group(self.env)
@@ -71,8 +72,8 @@ class DataParallelStrategy(Strategy):
         self.trainer = Trainer(self.model, optimizer, optimizer_params, kvstore=self.config.kvstore,
                                compression=self.config.compression, sync_every=self.config.sync_every,
                                loss_scaler=scaler, kvstore_options=self.config.kvstore_options,
-                               update_on_kvstore=self.config.update_on_kvstore)
-        self.trainer.timeline = self.timeline
+                               update_on_kvstore=self.config.update_on_kvstore, timeline=timeline)
+        self.timeline = timeline
         self._start_together()
 
     def _start_together(self) -> None:
@@ -168,7 +169,7 @@ class DataParallelStrategy(Strategy):
     def finish(self) -> None:
         # A worker whose batch queue ran dry must tell the servers, or dist_ssp/sync
         # rounds would wait for it until they time out.
-        if self.config.kvstore.startswith("dist_"):
+        if self.spec.uses_servers:
             self.trainer.kvstore.close()
 
     def end_epoch(self) -> None:
@@ -188,8 +189,7 @@ class DataParallelStrategy(Strategy):
             self.model.train()
 
     def _span(self, name: str):
-        timeline = self.trainer.timeline
-        return timeline.span(name, "compute") if timeline is not None else contextlib.nullcontext()
+        return self.timeline.span(name, "compute")
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "trainer": self.trainer.state_dict()}

@@ -6,15 +6,16 @@ reproducible and ``resume`` continues exactly where a checkpoint left off.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from paratrain.atomic import save_torch_atomic
 from paratrain.data.datasets import TensorDataset
 from paratrain.errors import ConfigError
+from paratrain.timeline import NULL_TIMELINE
 from paratrain.train import checkpoint as ckpt
 from paratrain.train.build import build_strategy
 from paratrain.train.callbacks import Callback, FitState
@@ -25,7 +26,7 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
         strategy: str | Strategy = "allreduce", epochs: int = 1, batch_size: int = 64,
         optimizer: Any = "sgd", optimizer_params: dict | None = None, loss_fn: nn.Module | None = None,
         seed: int = 0, callbacks: Sequence[Callback] = (), checkpoint_dir: str | None = None,
-        checkpoint_every: int | None = None, resume: bool = False, timeline=None) -> dict:
+        checkpoint_every: int | None = None, resume: bool = False, timeline=NULL_TIMELINE) -> dict:
     """Train ``model`` on ``train_data`` with ``strategy``; return the run summary.
 
     ``batch_size`` is the *global* batch (split across data-parallel workers).
@@ -35,9 +36,9 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
     if epochs < 1:
         raise ConfigError(f"epochs={epochs} must be >= 1")
     strategy = build_strategy(strategy) if isinstance(strategy, str) else strategy
-    strategy.timeline = timeline
     torch.manual_seed(seed)
-    strategy.setup(model, optimizer, optimizer_params or {"lr": 0.1}, loss_fn or nn.CrossEntropyLoss(reduction="sum"))
+    strategy.setup(model, optimizer, optimizer_params or {"lr": 0.1}, loss_fn or nn.CrossEntropyLoss(reduction="sum"),
+                   timeline=timeline)
     sampler = strategy.make_sampler(len(train_data), batch_size, seed)
     state = FitState(strategy.name, epochs, len(sampler), batch_size)
     if resume:
@@ -48,7 +49,7 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
     for epoch in range(state.epoch, epochs):
         state.epoch, epoch_loss = epoch, StepResult(0.0, 0, 0)
         for global_len, indices in sampler.batches(epoch, state.batch_in_epoch):
-            with _span(timeline, "data", "data"):
+            with timeline.span("data", "data"):
                 inputs, targets = train_data.batch(indices)
             tic, bytes_before = time.perf_counter(), strategy.bytes_sent
             state.last = strategy.train_step(inputs, targets, global_len)
@@ -79,14 +80,9 @@ def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset |
         "param_checksum": strategy.param_checksum(),
     }
     _notify(callbacks, "on_train_end", state)
-    if timeline is not None:
-        timeline.save()
+    timeline.save()
     strategy.close()   # fit set it up, fit releases it (process group, kvstore, channels)
     return state.summary
-
-
-def _span(timeline, name: str, category: str):
-    return timeline.span(name, category) if timeline is not None else contextlib.nullcontext()
 
 
 def _notify(callbacks: Sequence[Callback], hook: str, state: FitState) -> None:
@@ -98,7 +94,7 @@ def _save(strategy: Strategy, state: FitState, directory: str, seed: int) -> Non
     shard = strategy.checkpoint_shard()
     if shard is None:
         return
-    ckpt.save_atomic({"strategy": strategy.state_dict(), "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+    save_torch_atomic({"strategy": strategy.state_dict(), "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                       "step": state.step, "seed": seed, "global_batch": state.global_batch,
                       "rng": ckpt.rng_state()}, ckpt.checkpoint_path(directory, shard))
 

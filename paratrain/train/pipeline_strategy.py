@@ -9,14 +9,12 @@ over its D replicas before every stage steps its own optimizer.
 Where things live: the cut and the schedules are pure functions in
 :mod:`paratrain.parallel.pipeline`; activations travel over
 :mod:`paratrain.parallel.p2p`; the mesh and the replica allreduce are in
-:mod:`paratrain.parallel.hybrid`. This file runs one stage's schedule.
+:mod:`paratrain.parallel.hybrid`; one stage's runtime is
+:mod:`paratrain.parallel.stage_runner`. This file places the model and drives them.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
-import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,180 +24,15 @@ from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError, check_choice
 from paratrain.parallel.hybrid import StageReplicaSync, build_mesh, new_stage_groups
 from paratrain.parallel.p2p import TRANSPORTS, open_channel
-from paratrain.parallel.pipeline import (BALANCE_MODES, FORWARD, SCHEDULES, build_schedule, build_stage_module,
-                                         check_stage_count, gpipe_schedule, resolve_partition, split_by_counts)
+from paratrain.parallel.pipeline import (BALANCE_MODES, SCHEDULES, build_schedule, build_stage_module,
+                                         check_stage_count, resolve_partition, split_by_counts)
+from paratrain.parallel.stage_runner import StageRunner, StepTiming
+from paratrain.timeline import NULL_TIMELINE
 from paratrain.train.strategy import StepResult, Strategy
 
 # Strategies built in one process get distinct store keys for their p2p links; every
 # rank builds them in the same order, so a local counter agrees across ranks.
 _SESSIONS = itertools.count()
-
-
-@dataclass(frozen=True)
-class StepTiming:
-    """Where one stage's time went during the last schedule run."""
-
-    schedule_s: float   # running the action list (forwards, backwards, transfers)
-    wait_s: float       # blocked in a receive: the bubble plus transfer time
-    peak_activation_bytes: int
-
-    @property
-    def idle_fraction(self) -> float:
-        return self.wait_s / self.schedule_s if self.schedule_s > 0 else 0.0
-
-
-class ActivationMeter:
-    """Measures activation bytes alive on this stage: tensors autograd saves for the
-    backward pass (through ``saved_tensors_hooks``) and the stage's own stashed
-    inputs/outputs, counted once per storage, parameters excluded. ``peak`` is the
-    high-water mark since :meth:`reset`."""
-
-    def __init__(self, params) -> None:
-        self._param_storages = {p.untyped_storage().data_ptr() for p in params}
-        self._refs: dict[int, int] = {}
-        self._excluded: set[int] = set()
-        self.live = self.peak = 0
-
-    def reset(self, exclude=()) -> None:
-        """Start a new high-water mark; storages of ``exclude`` (the stage's input
-        batch, which is data rather than activations) are not counted."""
-        self.peak = self.live
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def hold(self, tensor: torch.Tensor):
-        """Wrap ``tensor`` so its storage counts as alive until the wrapper dies."""
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self._param_storages or key in self._excluded or storage.nbytes() == 0:
-            return tensor
-        return _Held(self, tensor, key, storage.nbytes())
-
-    def hooks(self):
-        """Context manager that routes autograd's saved tensors through :meth:`hold`."""
-        return torch.autograd.graph.saved_tensors_hooks(self.hold, _unwrap)
-
-    def _acquire(self, key: int, nbytes: int) -> None:
-        self._refs[key] = self._refs.get(key, 0) + 1
-        if self._refs[key] == 1:
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._refs[key] -= 1
-        if self._refs[key] == 0:
-            del self._refs[key]
-            self.live -= nbytes
-
-
-class _Held:
-    __slots__ = ("meter", "tensor", "key", "nbytes")
-
-    def __init__(self, meter: ActivationMeter, tensor, key: int, nbytes: int) -> None:
-        self.meter, self.tensor, self.key, self.nbytes = meter, tensor, key, nbytes
-        meter._acquire(key, nbytes)
-
-    def __del__(self) -> None:
-        self.meter._release(self.key, self.nbytes)
-
-
-def _unwrap(packed):
-    return packed.tensor if isinstance(packed, _Held) else packed
-
-
-def count_correct(outputs: torch.Tensor, targets: torch.Tensor) -> int:
-    """Correct predictions for class logits ``[N, C]`` and class targets ``[N]``; 0
-    for anything else (regression losses have no accuracy)."""
-    if outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point():
-        return int((outputs.argmax(1) == targets).sum())
-    return 0
-
-
-class StageRunner:
-    """Runs one stage's action list: receive, compute, send, stash for backward."""
-
-    def __init__(self, module, stage: int, num_stages: int, previous, following, loss_fn) -> None:
-        self.module, self.stage, self.num_stages = module, stage, num_stages
-        self.previous, self.following, self.loss_fn = previous, following, loss_fn
-        self.meter = ActivationMeter(list(module.parameters()))
-        self.timeline = None   # a paratrain Timeline: spans per forward, backward and wait
-        self._wait_s = 0.0
-
-    def span(self, name: str, category: str):
-        """A timeline span, or nothing when no timeline is attached."""
-        return self.timeline.span(name, category) if self.timeline is not None else contextlib.nullcontext()
-
-    @property
-    def is_last(self) -> bool:
-        return self.stage == self.num_stages - 1
-
-    def run(self, actions, micro_inputs, micro_targets) -> tuple[float, int, StepTiming]:
-        """Execute ``actions``; returns (loss sum, correct, timing). Loss and correct
-        are this stage's: non-zero only on the last stage."""
-        self._wait_s, loss_sum, correct = 0.0, 0.0, 0
-        stash: dict[int, tuple] = {}
-        self.meter.reset(exclude=micro_inputs[:1] if self.previous is None else ())
-        start = time.perf_counter()
-        for action in actions:
-            m = action.micro_batch
-            if action.kind == FORWARD:
-                x, y = self._forward(m, micro_inputs[m], grad_enabled=True)
-                if self.is_last:
-                    with self.span(f"loss {m}", "compute"):
-                        loss = self.loss_fn(y, micro_targets[m])
-                        loss_sum += loss.item()
-                        correct += count_correct(y, micro_targets[m])
-                    y = loss
-                stash[m] = (self.meter.hold(x), self.meter.hold(y))
-            else:
-                x, y = (_unwrap(t) for t in stash.pop(m))
-                self._backward(m, x, y)
-        for channel in (self.previous, self.following):
-            if channel is not None:
-                channel.flush()
-        timing = StepTiming(time.perf_counter() - start, self._wait_s, self.meter.peak)
-        return loss_sum, correct, timing
-
-    @torch.no_grad()
-    def run_forward_only(self, micro_inputs, micro_targets) -> tuple[float, int]:
-        """Forward every micro-batch (evaluation); loss and correct on the last stage."""
-        loss_sum, correct = 0.0, 0
-        for action in gpipe_schedule(self.num_stages, len(micro_targets), self.stage):
-            if action.kind != FORWARD:
-                continue
-            m = action.micro_batch
-            _, y = self._forward(m, micro_inputs[m], grad_enabled=False)
-            if self.is_last:
-                loss_sum += self.loss_fn(y, micro_targets[m]).item()
-                correct += count_correct(y, micro_targets[m])
-        return loss_sum, correct
-
-    def _forward(self, m: int, local_input, grad_enabled: bool):
-        if self.previous is None:
-            x = local_input
-        else:
-            x = self._recv(self.previous, m)
-            if grad_enabled and x.is_floating_point():
-                x.requires_grad_(True)
-        with self.meter.hooks(), self.span(f"forward {m}", "compute"):
-            y = self.module(x)
-        if self.following is not None:
-            self.following.send(y.detach(), tag=m)
-        return x, y
-
-    def _backward(self, m: int, x, y) -> None:
-        grad = None if self.is_last else self._recv(self.following, m)
-        with self.span(f"backward {m}", "compute"):
-            y.backward(grad)
-        if self.previous is not None:
-            grad = x.grad if x.grad is not None else torch.zeros_like(x)
-            self.previous.send(grad, tag=m)
-
-    def _recv(self, channel, m: int) -> torch.Tensor:
-        start = time.perf_counter()
-        with self.span(f"recv {m} from rank {channel.peer}", "wait"):
-            tensor = channel.recv(expected_tag=m)
-        self._wait_s += time.perf_counter() - start
-        return tensor
 
 
 class PipelineStrategy(Strategy):
@@ -236,10 +69,10 @@ class PipelineStrategy(Strategy):
         self._owns_group = False
         self._batch_size: int | None = None   # the configured global batch, once validated
 
-    def validate(self, global_batch: int, world_size: int | None = None, model=None) -> None:
+    def validate(self, global_batch: int, world_size: int | None = None, model_factory=None) -> None:
         """Raise :class:`ConfigError` unless ``global_batch`` splits into D replica
         shares of M equal micro-batches (and, if given, ``world_size`` is S*D and
-        ``model`` is an ``nn.Sequential`` with at least S layers). Starts nothing.
+        ``model_factory()`` is an ``nn.Sequential`` with at least S layers). Starts nothing.
 
         Call it with the configured batch size before training; ``train_step`` calls
         it on the first step otherwise. Later, shorter batches (an epoch's tail) are
@@ -247,8 +80,8 @@ class PipelineStrategy(Strategy):
         """
         if world_size is not None:
             build_mesh(self.mesh.stages, self.mesh.replicas, 0, world_size)
-        if model is not None:
-            resolve_partition(model, self.mesh.stages, "uniform")   # type and layer count only
+        if model_factory is not None:
+            resolve_partition(model_factory(), self.mesh.stages, "uniform")   # type and layer count only
         per_step = self.mesh.replicas * self.micro_batches
         if not isinstance(global_batch, int) or global_batch < 1 or global_batch % per_step:
             raise ConfigError(
@@ -258,8 +91,8 @@ class PipelineStrategy(Strategy):
 
     # ----------------------------------------------------------------- setup
 
-    def setup(self, model, optimizer, optimizer_params, loss_fn) -> None:
-        from paratrain.train.trainer import build_optimizer
+    def setup(self, model, optimizer, optimizer_params, loss_fn, *, timeline=NULL_TIMELINE) -> None:
+        from paratrain.optimizers import build_worker_optimizer
         if not isinstance(model, torch.nn.Sequential):
             raise TypeError(f"pipeline stages split an nn.Sequential, got {type(model).__name__}")
         check_stage_count(len(model), self.mesh.stages)   # before any process waits on a peer
@@ -277,11 +110,11 @@ class PipelineStrategy(Strategy):
         self.sync.attach(list(self.module.parameters()))
         # A stage may hold only parameter-free layers (a ReLU of its own): it just relays.
         params = list(self.module.parameters())
-        self.optimizer = build_optimizer(params, optimizer, optimizer_params) if params else None
+        self.optimizer = build_worker_optimizer(params, optimizer, optimizer_params) if params else None
         self._lr = float(dict(optimizer_params).get("lr", 0.0))
         previous, following = self._open_links()
-        self.runner = StageRunner(self.module, self.stage, self.mesh.stages, previous, following, loss_fn)
-        self.runner.timeline = self.timeline   # fit sets it before setup
+        self.runner = StageRunner(self.module, self.stage, self.mesh.stages, previous, following, loss_fn,
+                                  timeline=timeline)
 
     def _agree_on_partition(self, model) -> list[int]:
         sample = self.sample_input

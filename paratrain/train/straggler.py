@@ -4,14 +4,14 @@
 ``factor`` times as long as (real work + ``base_delay_s``), by sleeping. The base delay
 stands in for compute that does not shrink when other processes sleep: on a machine
 with fewer cores than processes, a slowed worker frees CPU for the fast ones, and
-only a wall-clock delay keeps "2x faster" meaning 2x. It wraps any strategy and
-changes nothing else.
+only a wall-clock delay keeps "2x faster" meaning 2x.
 """
 from __future__ import annotations
 
 import time
 
 from paratrain.errors import ConfigError
+from paratrain.timeline import NULL_TIMELINE
 from paratrain.train.strategy import Strategy
 
 
@@ -32,20 +32,13 @@ def parse_stragglers(spec: str | None) -> dict[int, float]:
     return result
 
 
-class Straggler:
-    """Wraps a strategy (``inner``): the same object in every respect except that each
-    ``train_step`` is stretched by ``factor``."""
+class Straggler(Strategy):
+    """Wraps a strategy (``inner``) and stretches each of its ``train_step`` calls by
+    ``factor``; every other part of the :class:`Strategy` contract is the inner one's,
+    delegated explicitly."""
 
     def __init__(self, inner: Strategy, factor: float = 1.0, base_delay_s: float = 0.0) -> None:
-        object.__setattr__(self, "inner", inner)
-        object.__setattr__(self, "factor", factor)
-        object.__setattr__(self, "base_delay_s", base_delay_s)
-
-    def __getattr__(self, name):            # everything but train_step is the inner strategy's
-        return getattr(self.inner, name)
-
-    def __setattr__(self, name, value):     # e.g. fit sets .timeline on the real strategy
-        setattr(self.inner, name, value)
+        self.inner, self.factor, self.base_delay_s = inner, factor, base_delay_s
 
     def train_step(self, inputs, targets, global_batch):
         start = time.perf_counter()
@@ -53,3 +46,54 @@ class Straggler:
         work = time.perf_counter() - start
         time.sleep(max(0.0, self.factor * (work + self.base_delay_s) - work))
         return result
+
+    # -- the rest is the inner strategy's -----------------------------------------
+
+    name = property(lambda self: self.inner.name)
+    data_rank = property(lambda self: self.inner.data_rank)
+    data_world = property(lambda self: self.inner.data_world)
+    is_logging_rank = property(lambda self: self.inner.is_logging_rank)
+    bytes_sent = property(lambda self: self.inner.bytes_sent)
+    lr = property(lambda self: self.inner.lr)
+
+    def setup(self, model, optimizer, optimizer_params, loss_fn, *, timeline=NULL_TIMELINE) -> None:
+        self.inner.setup(model, optimizer, optimizer_params, loss_fn, timeline=timeline)
+
+    def evaluate(self, inputs, targets):
+        return self.inner.evaluate(inputs, targets)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+    def validate(self, global_batch, world_size, model_factory) -> None:
+        self.inner.validate(global_batch, world_size, model_factory)
+
+    def end_epoch(self) -> None:
+        self.inner.end_epoch()
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def make_sampler(self, dataset_len: int, global_batch: int, seed: int):
+        return self.inner.make_sampler(dataset_len, global_batch, seed)
+
+    def job_totals(self, steps: int, samples: int, seconds: float):
+        return self.inner.job_totals(steps, samples, seconds)
+
+    def checkpoint_shard(self):
+        return self.inner.checkpoint_shard()
+
+    def resume_shard(self) -> str:
+        return self.inner.resume_shard()
+
+    def full_model_state(self) -> dict:
+        return self.inner.full_model_state()
+
+    def param_checksum(self) -> str:
+        return self.inner.param_checksum()
+
+    def close(self) -> None:
+        self.inner.close()

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from paratrain.timeline import NULL_TIMELINE
 
 
 @dataclass
@@ -39,13 +41,12 @@ class Strategy(abc.ABC):
     data_world: int = 1
     #: True on the process that prints progress and writes metrics.
     is_logging_rank: bool = True
-    #: A paratrain.train.timeline.Timeline (or None), set by fit before setup.
-    timeline = None
 
     @abc.abstractmethod
     def setup(self, model: torch.nn.Module, optimizer: str, optimizer_params: dict,
-              loss_fn: Any) -> None:
-        """Place the model (split, replicate, hook) and build optimizers."""
+              loss_fn: Any, *, timeline=NULL_TIMELINE) -> None:
+        """Place the model (split, replicate, hook) and build optimizers; record
+        spans into ``timeline`` (a :class:`paratrain.timeline.Timeline`)."""
 
     @abc.abstractmethod
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, global_batch: int) -> StepResult:
@@ -62,6 +63,11 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
+
+    def validate(self, global_batch: int, world_size: int, model_factory: Callable[[], torch.nn.Module]) -> None:
+        """Raise :class:`~paratrain.errors.ConfigError` if this strategy cannot train
+        ``model_factory()`` at ``global_batch`` on ``world_size`` processes. Called
+        before any process starts; must start nothing. Default: nothing to check."""
 
     def end_epoch(self) -> None:
         """Called on every rank after an epoch's last step, before its checkpoint and
@@ -104,7 +110,13 @@ class Strategy(abc.ABC):
 
     @property
     def bytes_sent(self) -> int:
+        """Bytes this process has put on the wire so far."""
         return 0
+
+    @property
+    @abc.abstractmethod
+    def lr(self) -> float:
+        """The learning rate the last step used (progress and metrics)."""
 
     def close(self) -> None:
         pass

@@ -21,36 +21,11 @@ from torch import nn
 from paratrain import kvstore as kvstore_module
 from paratrain.errors import ConfigError, check_choice
 from paratrain.kvstore.base import KVStore
+from paratrain.optimizers import build_worker_optimizer, optimizer_name
 from paratrain.parallel import build_gradient_sync
 from paratrain.parallel.base import nearest_power_of_two
 from paratrain.parallel.data_parallel import broadcast_buffers
-
-OPTIMIZERS = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "rmsprop": torch.optim.RMSprop,
-    "adagrad": torch.optim.Adagrad,
-}
-
-
-def build_optimizer(params: Iterable[nn.Parameter], optimizer: Any, optimizer_params: dict | None) -> torch.optim.Optimizer:
-    """A torch optimizer from a name (``"sgd"``...), an optimizer class, or an instance."""
-    if isinstance(optimizer, torch.optim.Optimizer):
-        if optimizer_params:
-            raise ConfigError("optimizer_params must be empty when an optimizer instance is given")
-        return optimizer
-    if isinstance(optimizer, str):
-        check_choice("optimizer", optimizer.lower(), tuple(OPTIMIZERS))
-        optimizer = OPTIMIZERS[optimizer.lower()]
-    if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
-        raise TypeError(f"optimizer={optimizer!r}: give a name ({', '.join(OPTIMIZERS)}), "
-                        "a torch.optim.Optimizer subclass or an instance")
-    try:
-        return optimizer(list(params), **(optimizer_params or {}))
-    except TypeError as exc:
-        raise ConfigError(f"optimizer_params {optimizer_params!r} rejected by {optimizer.__name__}: {exc}") from None
-
+from paratrain.timeline import NULL_TIMELINE
 
 def unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     """Trainable parameters, each once (tied weights appear once), in order."""
@@ -83,7 +58,8 @@ class Trainer:
 
     def __init__(self, params, optimizer: Any = "sgd", optimizer_params: dict | None = None,
                  kvstore: str | KVStore = "local", *, compression=None, sync_every: int | None = None,
-                 update_on_kvstore: bool | None = None, loss_scaler=None, kvstore_options: dict | None = None):
+                 update_on_kvstore: bool | None = None, loss_scaler=None, kvstore_options: dict | None = None,
+                 timeline=NULL_TIMELINE):
         module = params if isinstance(params, nn.Module) else None
         param_list = list(module.parameters() if module is not None else params)
         if isinstance(optimizer, torch.optim.Optimizer) and not param_list:
@@ -95,14 +71,16 @@ class Trainer:
         frozen = [p for p in param_list if not p.requires_grad]
         self.kvstore = kvstore if isinstance(kvstore, KVStore) else kvstore_module.create(kvstore, **(kvstore_options or {}))
         self.sync = build_gradient_sync(
-            self.kvstore, optimizer=optimizer if isinstance(optimizer, str) else "sgd",
-            optimizer_params=dict(optimizer_params or {}), compression=compression,
-            sync_every=sync_every, update_on_kvstore=update_on_kvstore, buffers=self._buffers)
-        self.optimizer = build_optimizer(self._params, optimizer, optimizer_params)
+            self.kvstore, optimizer=optimizer_name(optimizer),
+            optimizer_params=dict(optimizer.defaults if isinstance(optimizer, torch.optim.Optimizer)
+                                  else optimizer_params or {}), compression=compression,
+            sync_every=sync_every, update_on_kvstore=update_on_kvstore, buffers=self._buffers,
+            timeline=timeline)
+        self.optimizer = build_worker_optimizer(self._params, optimizer, optimizer_params)
         self.loss_scaler = loss_scaler
         self.sync.attach(self._params)
         broadcast_buffers(frozen + self._buffers)   # frozen weights too: every replica starts equal
-        self.timeline = None
+        self.timeline = timeline
         self.num_update = 0
 
     @property
@@ -155,10 +133,9 @@ class Trainer:
         if loss_scale != 1.0 and not self.sync.linear:
             raise ConfigError(f"loss_scale={loss_scale}: this gradient sync needs summed gradients; "
                               "back-propagate the summed loss (see Trainer.loss_scale_for)")
-        self.sync.timeline = self.timeline
-        with self._span("gradient wait", "wait"):
+        with self.timeline.span("gradient wait", "wait"):
             self.sync.reduce(1.0 / total / loss_scale)
-        with self._span("optimizer", "compute"):
+        with self.timeline.span("optimizer", "compute"):
             # With a server-side optimizer the servers already updated; after_step
             # pulls the new weights.
             if not self.sync.updates_on_server:
@@ -177,9 +154,6 @@ class Trainer:
             self.loss_scaler.update()
         else:
             self.optimizer.step()
-
-    def _span(self, name: str, category: str):
-        return self.timeline.span(name, category) if self.timeline is not None else contextlib.nullcontext()
 
     def param_checksum(self) -> str:
         return param_checksum(self._params)

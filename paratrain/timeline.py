@@ -22,11 +22,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import threading
 import time
 from typing import Any, Iterator
 
+from paratrain.atomic import write_json_atomic
 from paratrain.errors import check_choice
 
 CATEGORIES = ("compute", "comm", "data", "wait")
@@ -50,24 +50,6 @@ def timeline_path(path: str, rank: int) -> str:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
         raise ValueError(f"rank={rank!r} must be an integer >= 0")
     return path if rank == 0 else f"{path}.rank{rank}"
-
-
-def _write_json_atomically(path: str, payload: dict) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place, so a
-    reader (or a crash mid-write) never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = os.path.join(directory, f".timeline-{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask decide the mode, as for any ordinary file
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, separators=(",", ":"))
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
-        raise
 
 
 class Timeline:
@@ -158,7 +140,7 @@ class Timeline:
     def save(self) -> str:
         """Write the trace to :attr:`path` atomically; may be called more than once.
         Returns the path written."""
-        _write_json_atomically(self.path, self.to_dict())
+        write_json_atomic(self.path, self.to_dict())
         return self.path
 
     # -- internals -------------------------------------------------------------
@@ -209,9 +191,8 @@ class NullTimeline:
     def __init__(self, path: str | None = None, rank: int = 0, **_: Any) -> None:
         self.rank = rank
 
-    @contextlib.contextmanager
-    def span(self, name: str, cat: str, *, thread: str | None = None, **args: Any) -> Iterator[None]:
-        yield
+    def span(self, name: str, cat: str, *, thread: str | None = None, **args: Any):
+        return _NOTHING
 
     def complete(self, name: str, cat: str, start_s: float, end_s: float, *,
                  tid: int | str | None = None, **args: Any) -> None:
@@ -225,6 +206,11 @@ class NullTimeline:
 
     def save(self) -> None:
         return None
+
+
+_NOTHING = contextlib.nullcontext()
+#: The timeline every component records into unless it is given a real one.
+NULL_TIMELINE = NullTimeline()
 
 
 def build_timeline(path: str | None, rank: int) -> Timeline | NullTimeline:
@@ -244,14 +230,14 @@ def merge_timelines(path: str, out_path: str) -> str:
         with open(timeline_path(path, rank)) as handle:
             events.extend(json.load(handle)["traceEvents"])
         rank += 1
-    _write_json_atomically(out_path, {"traceEvents": events, "displayTimeUnit": "ms",
+    write_json_atomic(out_path, {"traceEvents": events, "displayTimeUnit": "ms",
                                       "otherData": {"ranks": rank}})
     return out_path
 
 
-if __name__ == "__main__":  # python -m paratrain.train.timeline FILE OUT
+if __name__ == "__main__":  # python -m paratrain.timeline FILE OUT
     import sys
 
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m paratrain.train.timeline FILE OUT  (merge FILE, FILE.rank1, ... into OUT)")
+        sys.exit("usage: python -m paratrain.timeline FILE OUT  (merge FILE, FILE.rank1, ... into OUT)")
     print(merge_timelines(sys.argv[1], sys.argv[2]))
