@@ -1,9 +1,11 @@
 """The ``paratrain`` command: ``train``, ``launch``, ``server`` and ``report``.
 
-``paratrain train`` validates everything it can, then either runs in this process (one
-worker, no servers), or launches its workers (``--workers N``, ``--servers M``), each of
-which runs ``python -m paratrain.cli train`` again with the torchrun environment. Under
-``torchrun`` (``RANK`` set) it is a worker directly, so the same command serves both.
+``paratrain train`` resolves its options into one typed config (:mod:`paratrain.config`:
+flags, a ``--config`` TOML file, defaults), validates everything it can, then either runs
+in this process (one worker, no servers), or launches its workers (``--workers N``,
+``--servers M``), each of which runs ``python -m paratrain.cli train --config`` with the
+resolved config and the torchrun environment. Under ``torchrun`` (``RANK`` set) it is a
+worker directly, so the same command serves both.
 """
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ import json
 import os
 import sys
 import tempfile
+import typing
 from pathlib import Path
 
+from paratrain import config as config_module
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError
-from paratrain.strategies import strategy_spec
-from paratrain.train.straggler import Straggler, parse_stragglers
 
 EXIT_USAGE = 2
 
@@ -41,126 +43,78 @@ def _positive(name: str, *, zero_ok: bool = False):
     return parse
 
 
-def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    from paratrain.data import DATASETS
-    from paratrain.models import MODELS
-    from paratrain.train import STRATEGIES
-    job = parser.add_argument_group("job")
-    job.add_argument("--workers", type=_positive("--workers"), default=None,
-                     help="worker processes (default 2; stages*replicas for pipeline/hybrid)")
-    job.add_argument("--servers", type=_positive("--servers", zero_ok=True), default=None,
-                     help="parameter-server processes (default 1 for dist_*, else 0)")
-    job.add_argument("--strategy", choices=STRATEGIES, default="allreduce")
-    job.add_argument("--model", choices=MODELS, default="cnn")
-    job.add_argument("--dataset", choices=DATASETS, default="digits")
-    job.add_argument("--epochs", type=_positive("--epochs"), default=8)
-    job.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="global batch size")
-    job.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
-    job.add_argument("--lr", type=float, default=0.05)
-    job.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    job.add_argument("--seed", type=int, default=0)
-    comm = parser.add_argument_group("communication")
-    comm.add_argument("--compression", default=None, help="fp16 | bf16 | 2bit[:threshold] | topk[:ratio] | powersgd[:rank]")
-    comm.add_argument("--accumulate", type=_positive("--accumulate"), default=1, help="micro-batches per step")
-    comm.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    comm.add_argument("--sync-every", type=_positive("--sync-every"), default=None, help="local SGD period H")
-    comm.add_argument("--staleness", type=_positive("--staleness", zero_ok=True), default=None, help="dist_ssp bound")
-    comm.add_argument("--backup-workers", type=_positive("--backup-workers", zero_ok=True), default=0,
-                      help="dist_sync: apply a round once N-b workers pushed; late gradients are dropped")
-    comm.add_argument("--stages", type=_positive("--stages"), default=None)
-    comm.add_argument("--micro-batches", type=_positive("--micro-batches"), default=None)
-    comm.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b")
-    comm.add_argument("--replicas", type=_positive("--replicas"), default=1)
-    out = parser.add_argument_group("output and resilience")
-    out.add_argument("--checkpoint-dir", default=None)
-    out.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"), default=None, help="steps")
-    out.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
-    out.add_argument("--max-restarts", type=_positive("--max-restarts", zero_ok=True), default=0)
-    out.add_argument("--server-snapshot-dir", default=None,
-                     help="parameter servers snapshot here; with --max-restarts a dead server resumes from it")
-    out.add_argument("--server-snapshot-every", type=_positive("--server-snapshot-every"), default=None,
-                     help="snapshot after at most this many applied pushes (default 100)")
-    out.add_argument("--log-dir", default=None, help="metrics.jsonl and TensorBoard events")
-    out.add_argument("--timeline", default=None, help="Chrome trace file (rank r writes FILE.rank<r>)")
-    out.add_argument("--log-interval", type=_positive("--log-interval"), default=50, help="Speedometer period")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
-    out.add_argument("--bind", default=None, help="address parameter servers bind to")
-    out.add_argument("--straggler", default=None, metavar="RANK:FACTOR[,...]",
-                     help="simulate slow workers: each step of RANK takes FACTOR times as long")
-    out.add_argument("--step-delay", type=float, default=0.0, metavar="SECONDS",
-                     help="simulated extra compute per step on every worker (for straggler studies)")
-    out.add_argument("--json", action="store_true", help="print the summary as one JSON line, last")
-    out.add_argument("--summary-file", default=None, help=argparse.SUPPRESS)
+def _choices(annotation) -> tuple | None:
+    """The allowed values of a ``Literal`` (or ``Optional[Literal]``) option."""
+    for part in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(part) is typing.Literal:
+            return typing.get_args(part)
+    return None
 
 
-def _resolve(args: argparse.Namespace, env: DistEnv) -> None:
-    """Fill defaults that depend on other flags and check what argparse cannot."""
-    spec = strategy_spec(args.strategy)
-    pipelined = spec.pipelined
-    if args.workers is None:
-        args.workers = env.world_size if env.launched else (
-            (args.stages or 2) * (args.replicas if args.strategy == "hybrid" else 1) if pipelined else 2)
-    if args.servers is None:
-        args.servers = 1 if spec.uses_servers else 0
-    if spec.uses_servers and args.servers < 1 and not env.launched:
-        raise ConfigError(f"--strategy {args.strategy} needs --servers >= 1; got --servers {args.servers}")
-    if args.servers and not spec.uses_servers:
-        raise ConfigError(f"--servers {args.servers} applies to dist_sync|dist_async|dist_ssp, not --strategy {args.strategy}")
-    if args.replicas != 1 and args.strategy != "hybrid":
-        raise ConfigError(f"--replicas {args.replicas} applies to --strategy hybrid only")
-    data_world = args.replicas if pipelined else args.workers
-    if args.batch_size % data_world:
-        raise ConfigError(f"--batch-size {args.batch_size} is not divisible by the {data_world} data-parallel "
-                          f"workers; use a multiple of {data_world}")
-    if (args.resume or args.checkpoint_every) and not args.checkpoint_dir:
-        raise ConfigError("--resume and --checkpoint-every need --checkpoint-dir")
-    if args.resume and not any(Path(args.checkpoint_dir).glob("*.pt")):
-        raise ConfigError(f"--resume: no checkpoint in --checkpoint-dir {args.checkpoint_dir!r}")
-    strategy = _build_plain_strategy(args, DistEnv(world_size=args.workers))   # validates options, starts nothing
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option of the config tree (:mod:`paratrain.config`), grouped by its
+    section. Flags keep their text: the tree's validation turns it into a value, so
+    flags and TOML files are checked alike."""
+    groups = {}
+    for name, section in config_module.FIELD_SECTIONS.items():
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
+        info = config_module.field_info(name)
+        default = "" if info.default in (None, False) else f" (default {info.default})"
+        options = {"dest": name, "default": argparse.SUPPRESS, "help": (info.description or "") + default}
+        if info.annotation is bool:
+            options["action"] = "store_true"
+        elif _choices(info.annotation):
+            options["choices"] = _choices(info.annotation)
+        else:
+            options["metavar"] = name.upper()
+        group.add_argument(config_module.flag(name), **options)
+    parser.add_argument("--config", default=None, metavar="FILE.toml", help="read options from a TOML file "
+                        "(flags given here override it)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+
+
+def build_run_config(args: argparse.Namespace, env: DistEnv):
+    """The resolved :class:`~paratrain.config.RunConfig` of ``paratrain train``:
+    defaults, then ``--config``, then the flags given."""
+    given = vars(args)
+    sections = config_module.read_toml(args.config) if args.config else {}
+    values = {name: given[name] for name in config_module.FIELD_SECTIONS if name in given}
+    config = config_module.parse_run_config(values, sections=sections)
+    return config_module.resolve_run_config(config, launched_world=env.world_size if env.launched else None)
+
+
+def _check_before_launch(config) -> None:
+    """What can be checked only with the data, the model and the file system, before
+    anything starts."""
+    from paratrain.data import build_dataset
+    from paratrain.models import build_model
+    config_module.check_paths(config)
+    resilience = config.resilience
+    if resilience.resume and not any(Path(resilience.checkpoint_dir).glob("*.pt")):
+        raise ConfigError(f"--resume: no checkpoint in --checkpoint-dir {resilience.checkpoint_dir!r}")
+    train, _ = build_dataset(config.data.dataset)
+    config_module.check_batch(config, len(train))
 
     def model_factory():
-        from paratrain.data import build_dataset
-        from paratrain.models import build_model
-        train, _ = build_dataset(args.dataset)
-        return build_model(args.model, train.sample_shape, train.num_classes, seed=args.seed)
-    strategy.validate(args.batch_size, args.workers, model_factory)
-    if (args.server_snapshot_dir or args.server_snapshot_every) and not spec.uses_servers:
-        raise ConfigError(f"--server-snapshot-dir/--server-snapshot-every apply to dist_sync|dist_async|dist_ssp, "
-                          f"not --strategy {args.strategy}")
-    if args.server_snapshot_dir and args.strategy == "dist_sync" and args.max_restarts:
-        raise ConfigError("--server-snapshot-dir with --strategy dist_sync --max-restarts: a dist_sync group "
-                          "restarts from the workers' checkpoint with fresh servers; server snapshots are for "
-                          "dist_async|dist_ssp")
-    if args.server_snapshot_every and not args.server_snapshot_dir:
-        raise ConfigError(f"--server-snapshot-every {args.server_snapshot_every} needs --server-snapshot-dir")
-    if args.backup_workers and (args.strategy != "dist_sync" or args.backup_workers >= args.workers):
-        raise ConfigError(f"--backup-workers {args.backup_workers} needs --strategy dist_sync and fewer than "
-                          f"--workers {args.workers}; got --strategy {args.strategy}")
-    if args.step_delay < 0:
-        raise ConfigError(f"--step-delay {args.step_delay}: must be >= 0 seconds")
-    slow = parse_stragglers(args.straggler)
-    if any(rank >= args.workers for rank in slow):
-        raise ConfigError(f"--straggler {args.straggler!r} names a rank >= --workers {args.workers}")
+        return build_model(config.model.model, train.sample_shape, train.num_classes, seed=config.job.seed)
+    # Builds the strategy (its own checks) and validates it against the model; starts nothing.
+    _build_strategy(config, DistEnv(world_size=config.job.workers)).validate(
+        config.job.batch_size, config.job.workers, model_factory)
 
 
-def _build_strategy(args: argparse.Namespace, env: DistEnv):
-    strategy = _build_plain_strategy(args, env)
-    factor = parse_stragglers(args.straggler).get(env.rank, 1.0)
-    return Straggler(strategy, factor, args.step_delay) if factor != 1.0 or args.step_delay else strategy
-
-
-def _build_plain_strategy(args: argparse.Namespace, env: DistEnv):
+def _build_strategy(config, env: DistEnv):
     from paratrain.train import build_strategy
-    return build_strategy(args.strategy, compression=args.compression, accumulate=args.accumulate, amp=args.amp,
-                          sync_every=args.sync_every, staleness=args.staleness, stages=args.stages,
-                          micro_batches=args.micro_batches, schedule=args.schedule, replicas=args.replicas,
-                          backup_workers=args.backup_workers, env=env,
-                          # A dist_sync group restarts from the workers' checkpoint with fresh
-                          # servers, so the optimizer and its state must live on the workers.
-                          update_on_kvstore=False if args.strategy == "dist_sync" and args.max_restarts else None)
+    from paratrain.train.straggler import Straggler
+    # A dist_sync group restarts from the workers' checkpoint with fresh servers, so the
+    # optimizer and its state must live on the workers.
+    workers_optimize = config.job.strategy == "dist_sync" and config.resilience.max_restarts > 0
+    strategy = build_strategy(config, env=env, update_on_kvstore=False if workers_optimize else None)
+    factor = config_module.parse_stragglers(config.output.straggler).get(env.rank, 1.0)
+    step_delay = config.output.step_delay
+    return Straggler(strategy, factor, step_delay) if factor != 1.0 or step_delay else strategy
 
 
-def run_worker(args: argparse.Namespace, env: DistEnv) -> dict:
+def run_worker(config, env: DistEnv) -> dict:
     """One worker's whole job: data, model, strategy, callbacks, fit."""
     import torch
     from paratrain.data import build_dataset
@@ -168,51 +122,67 @@ def run_worker(args: argparse.Namespace, env: DistEnv) -> dict:
     from paratrain.timeline import build_timeline
     from paratrain.train import MetricsLogger, ProgressBar, Speedometer, fit
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")) if env.launched else torch.get_num_threads())
-    train, heldout = build_dataset(args.dataset)
-    model = build_model(args.model, train.sample_shape, train.num_classes, seed=args.seed)
-    callbacks = [ProgressBar(enabled=not args.no_progress and sys.stderr.isatty()), Speedometer(args.log_interval)]
-    if args.log_dir:
-        callbacks.append(MetricsLogger(args.log_dir))
-    timeline = build_timeline(args.timeline, env.rank)
-    optimizer_params = {"lr": args.lr}
-    if args.optimizer == "sgd":
-        optimizer_params["momentum"] = args.momentum
-    return fit(model, train, heldout=heldout, strategy=_build_strategy(args, env), epochs=args.epochs,
-               batch_size=args.batch_size, optimizer=args.optimizer, optimizer_params=optimizer_params,
-               seed=args.seed, callbacks=callbacks, checkpoint_dir=args.checkpoint_dir,
-               checkpoint_every=args.checkpoint_every,
-               resume=args.resume or (env.restart_count > 0 and _has_checkpoint(args)), timeline=timeline)
+    job, optim, output, resilience = config.job, config.optim, config.output, config.resilience
+    train, heldout = build_dataset(config.data.dataset)
+    model = build_model(config.model.model, train.sample_shape, train.num_classes, seed=job.seed)
+    callbacks = [ProgressBar(enabled=not output.no_progress and sys.stderr.isatty()),
+                 Speedometer(output.log_interval)]
+    if output.log_dir:
+        callbacks.append(MetricsLogger(output.log_dir))
+    optimizer_params = {"lr": optim.lr}
+    if optim.momentum is not None:
+        optimizer_params["momentum"] = optim.momentum
+    resume = resilience.resume or (env.restart_count > 0 and _has_checkpoint(resilience.checkpoint_dir))
+    return fit(model, train, heldout=heldout, strategy=_build_strategy(config, env), epochs=job.epochs,
+               batch_size=job.batch_size, optimizer=optim.optimizer, optimizer_params=optimizer_params,
+               seed=job.seed, callbacks=callbacks, checkpoint_dir=resilience.checkpoint_dir,
+               checkpoint_every=resilience.checkpoint_every, resume=resume,
+               timeline=build_timeline(output.timeline, env.rank))
 
 
-def _has_checkpoint(args: argparse.Namespace) -> bool:
-    return bool(args.checkpoint_dir) and any(Path(args.checkpoint_dir).glob("*.pt"))
+def _has_checkpoint(directory: str | None) -> bool:
+    return bool(directory) and any(Path(directory).glob("*.pt"))
 
 
 def _train(args: argparse.Namespace) -> int:
     env = read_env()
-    _resolve(args, env)
-    if env.launched or (args.workers == 1 and args.servers == 0):
-        summary = run_worker(args, env)
+    config = build_run_config(args, env)
+    if args.print_config:
+        print(config_module.to_toml(config), end="", flush=True)
+        return 0
+    if not env.launched:
+        _check_before_launch(config)
+    if env.launched or (config.job.workers == 1 and config.job.servers == 0):
+        summary = run_worker(config, env)
         if env.rank == 0:
-            if args.summary_file:
-                Path(args.summary_file).write_text(json.dumps(summary))
-            elif args.json:
+            if env.summary_file:
+                Path(env.summary_file).write_text(json.dumps(summary))
+            elif config.output.json_summary:
                 print(json.dumps(summary), flush=True)
         return 0
+    return _launch_workers(config)
+
+
+def _launch_workers(config) -> int:
+    """Run the job's workers (and servers) on this machine; each reads the resolved
+    config this process wrote, so they all run exactly what was checked here."""
     from paratrain.launch import LaunchConfig, launch
+    job, resilience = config.job, config.resilience
     with tempfile.TemporaryDirectory(prefix="paratrain-") as tmp:
-        summary_file = Path(tmp) / "summary.json"
-        worker_argv = [sys.executable, "-m", "paratrain.cli", *sys.argv[1:], "--summary-file", str(summary_file)]
+        config_file, summary_file = Path(tmp) / "run.toml", Path(tmp) / "summary.json"
+        config_file.write_text(config_module.to_toml(config))
+        worker_argv = [sys.executable, "-m", "paratrain.cli", "train", "--config", str(config_file)]
         # Async workers carry on without a dead peer, so only the dead one restarts;
         # lockstep strategies restart the whole group from the last checkpoint.
-        policy = "worker" if strategy_spec(args.strategy).asynchronous else "group"
-        server_args = () if not args.server_snapshot_dir else (
-            "--snapshot-dir", args.server_snapshot_dir, "--snapshot-every", str(args.server_snapshot_every or 100))
-        status = launch(worker_argv, LaunchConfig(num_workers=args.workers, num_servers=args.servers,
-                                                  max_restarts=args.max_restarts, restart_policy=policy,
-                                                  bind=args.bind, server_args=server_args,
-                                                  server_restarts=args.max_restarts if server_args else 0))
-        if status == 0 and args.json and summary_file.exists():
+        policy = "worker" if config.spec.asynchronous else "group"
+        server_args = () if not resilience.server_snapshot_dir else (
+            "--snapshot-dir", resilience.server_snapshot_dir, "--snapshot-every", str(resilience.server_snapshot_every))
+        status = launch(worker_argv, LaunchConfig(num_workers=job.workers, num_servers=job.servers,
+                                                  max_restarts=resilience.max_restarts, restart_policy=policy,
+                                                  bind=config.comm.bind, server_args=server_args,
+                                                  server_restarts=resilience.max_restarts if server_args else 0,
+                                                  extra_env={"PARATRAIN_SUMMARY_FILE": str(summary_file)}))
+        if status == 0 and config.output.json_summary and summary_file.exists():
             print(summary_file.read_text(), flush=True)   # unprefixed, and the last line
     return status
 
@@ -243,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="paratrain", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser("train", help="train a reference model (defaults: digits, CNN, 2 workers)")
-    _add_train_args(train)
+    add_config_flags(train)
     launch = commands.add_parser("launch", help="run a script as N workers with the torchrun environment")
     launch.add_argument("-n", "--nproc", type=_positive("-n"), default=1, help="workers on this node")
     launch.add_argument("--servers", type=_positive("--servers", zero_ok=True), default=0)

@@ -22,6 +22,7 @@ job from these variables, and nothing else in paratrain reads ``os.environ`` for
 | ``PARATRAIN_STORE_HOSTED`` | launcher | ``1``: paratrain's launcher hosts the TCP store; every rank is a client |
 | ``PARATRAIN_TIMEOUT`` | user | seconds any network wait may take (default 60) |
 | ``PARATRAIN_REJOIN`` | launcher | ``1``: this worker was restarted alone and rejoins a running async job |
+| ``PARATRAIN_SUMMARY_FILE`` | launcher | ``paratrain train``: rank 0 writes the run's summary (JSON) here for the launcher to print |
 | ``PARATRAIN_SERVER_IMPORTS`` | user / launcher | comma-separated modules a parameter server imports at start-up (to register update rules: ``paratrain.optimizers.register_optimizer``) |
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ class DistEnv:
     timeout_s: float = DEFAULT_TIMEOUT_S
     rejoin: bool = False
     server_imports: tuple[str, ...] = ()
+    summary_file: str = ""
     launched: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -123,5 +125,6 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         rejoin=environ.get("PARATRAIN_REJOIN", "") == "1",
         server_imports=tuple(name.strip() for name in environ.get("PARATRAIN_SERVER_IMPORTS", "").split(",")
                              if name.strip()),
+        summary_file=environ.get("PARATRAIN_SUMMARY_FILE", ""),
         launched="RANK" in environ,
     )

@@ -107,7 +107,7 @@ def test_launcher_stops_the_others_when_a_worker_is_killed(tmp_path):
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--epochs", "x"], "--epochs 'x': must be an integer"),
     (["--compression", "3bit"], "3bit"),
-    (["--servers", "2"], "--servers 2 applies to dist_sync"),
+    (["--servers", "2"], "--servers 2 applies to --strategy dist_sync"),
     (["--accumulate", "0"], "--accumulate 0: must be >= 1"),
     (["--strategy", "dist_sync", "--servers", "1", "--max-restarts", "1", "--server-snapshot-dir", "{tmp}/snap"],
      "restarts from the workers' checkpoint with fresh servers"),

@@ -1,49 +1,48 @@
-"""The one place a strategy name becomes a :class:`Strategy` object."""
+"""The one place a strategy becomes a :class:`Strategy` object.
+
+Which options go with which strategy is decided by :mod:`paratrain.config` (its
+``APPLIES`` table); this module only turns a resolved configuration into objects.
+"""
 from __future__ import annotations
 
+from paratrain.config import RunConfig, parse_run_config, resolve_run_config
+from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError
-from paratrain.strategies import STRATEGIES, strategy_spec
+from paratrain.strategies import STRATEGIES
 from paratrain.train.strategy import Strategy
 
+__all__ = ["STRATEGIES", "build_strategy"]
 
-def build_strategy(name: str, *, compression=None, accumulate: int = 1, amp: str = "none",
-                   sync_every: int | None = None, staleness: int | None = None,
-                   stages: int | None = None, micro_batches: int | None = None,
-                   schedule: str = "1f1b", replicas: int = 1, backup_workers: int = 0,
-                   update_on_kvstore: bool | None = None, env=None) -> Strategy:
-    """Build a strategy by name with its options; options that do not apply to the
-    chosen strategy are rejected, naming the option."""
-    spec = strategy_spec(name)
+
+def build_strategy(strategy: str | RunConfig = "allreduce", *, env: DistEnv | None = None,
+                   update_on_kvstore: bool | None = None, **options) -> Strategy:
+    """A strategy from a resolved :class:`~paratrain.config.RunConfig`, or from a
+    strategy name and its options (``sync_every=4``, ``stages=2``, ...), which are
+    checked by the same rules as the CLI's flags. ``update_on_kvstore=False`` runs the
+    optimizer on the workers under ``dist_sync``."""
+    env = env or read_env()
+    if isinstance(strategy, RunConfig):
+        if options:
+            raise ConfigError(f"build_strategy got a RunConfig and options {sorted(options)}; put them in the config")
+        config = strategy
+    else:
+        config = resolve_run_config(parse_run_config({"strategy": strategy, **options}),
+                                    launched_world=env.world_size)
+    spec, parallel = config.spec, config.parallel
     if spec.pipelined:
-        for option, value, default in (("compression", compression, None), ("accumulate", accumulate, 1),
-                                       ("sync_every", sync_every, None), ("staleness", staleness, None),
-                                       ("backup_workers", backup_workers, 0)):
-            if value != default:
-                raise ConfigError(f"{option}={value!r} does not apply to strategy {name!r}")
         from paratrain.train.pipeline_strategy import PipelineStrategy
-        return PipelineStrategy(stages=stages or 2, micro_batches=micro_batches or 4, schedule=schedule,
-                                replicas=replicas if name == "hybrid" else 1, env=env)
-    for option, value in (("stages", stages), ("micro_batches", micro_batches)):
-        if value is not None:
-            raise ConfigError(f"{option}={value!r} applies to strategies 'pipeline' and 'hybrid', not {name!r}")
-    if name == "local_sgd" and sync_every is None:
-        sync_every = 8
-    if name != "local_sgd" and sync_every is not None:
-        raise ConfigError(f"sync_every={sync_every} applies to strategy 'local_sgd' only, not {name!r}")
-    if staleness is not None and name != "dist_ssp":
-        raise ConfigError(f"staleness={staleness} applies to strategy 'dist_ssp' only, not {name!r}")
-    if backup_workers and name != "dist_sync":
-        raise ConfigError(f"backup_workers={backup_workers} applies to strategy 'dist_sync' only, not {name!r}")
-    if update_on_kvstore is False and name != "dist_sync":
+        return PipelineStrategy(stages=parallel.stages, micro_batches=parallel.micro_batches,
+                                schedule=parallel.schedule, replicas=parallel.replicas, env=env)
+    if update_on_kvstore is False and spec.name != "dist_sync":
         raise ConfigError(f"update_on_kvstore=False (the optimizer on the workers) applies to strategy "
-                          f"'dist_sync' only, not {name!r}")
+                          f"'dist_sync' only, not {spec.name!r}")
+    kvstore_options = {}
+    if spec.name == "dist_ssp":
+        kvstore_options["staleness"] = parallel.staleness
+    if parallel.backup_workers:
+        kvstore_options["backup_workers"] = parallel.backup_workers
     from paratrain.train.data_parallel_strategy import DataParallelStrategy
-    kvstore = spec.kvstore
-    options = {}
-    if staleness is not None:          # 0 is a real bound (lockstep), keep it
-        options["staleness"] = staleness
-    if backup_workers:
-        options["backup_workers"] = backup_workers
-    return DataParallelStrategy(kvstore=kvstore, accumulate=accumulate, amp=amp, compression=compression,
-                                sync_every=sync_every, kvstore_options=options or None,
-                                update_on_kvstore=update_on_kvstore, env=env)
+    return DataParallelStrategy(kvstore=spec.kvstore, accumulate=config.optim.accumulate, amp=config.optim.amp,
+                                compression=config.comm.compression, sync_every=parallel.sync_every,
+                                kvstore_options=kvstore_options or None, update_on_kvstore=update_on_kvstore,
+                                env=env)

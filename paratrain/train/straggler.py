@@ -4,32 +4,15 @@
 ``factor`` times as long as (real work + ``base_delay_s``), by sleeping. The base delay
 stands in for compute that does not shrink when other processes sleep: on a machine
 with fewer cores than processes, a slowed worker frees CPU for the fast ones, and
-only a wall-clock delay keeps "2x faster" meaning 2x.
+only a wall-clock delay keeps "2x faster" meaning 2x. ``--straggler`` is parsed by
+:func:`paratrain.config.parse_stragglers`.
 """
 from __future__ import annotations
 
 import time
 
-from paratrain.errors import ConfigError
 from paratrain.timeline import NULL_TIMELINE
 from paratrain.train.strategy import Strategy
-
-
-def parse_stragglers(spec: str | None) -> dict[int, float]:
-    """``"1:3,2:1.5"`` -> ``{1: 3.0, 2: 1.5}`` (rank: slowdown factor >= 1)."""
-    if not spec:
-        return {}
-    result = {}
-    for item in spec.split(","):
-        rank_text, sep, factor_text = item.partition(":")
-        try:
-            rank, factor = int(rank_text), float(factor_text)
-        except ValueError:
-            raise ConfigError(f"--straggler {spec!r}: use RANK:FACTOR[,RANK:FACTOR], e.g. 3:2.5") from None
-        if not sep or rank < 0 or factor < 1:
-            raise ConfigError(f"--straggler {item!r}: rank must be >= 0 and factor >= 1")
-        result[rank] = factor
-    return result
 
 
 class Straggler(Strategy):

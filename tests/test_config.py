@@ -1,0 +1,166 @@
+"""The one typed config (paratrain.config): flags generated from it, TOML round trips,
+and every option/strategy rule it declares refused in one line. In-process: these
+exercise parsing and validation, which start nothing."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+
+import pytest
+
+from paratrain import cli
+from paratrain import config as cfg
+from paratrain.strategies import STRATEGIES
+
+#: The option surface, frozen: a new option must be added here on purpose (and to docs).
+OPTIONS = sorted("""
+workers servers strategy epochs batch_size seed model dataset optimizer lr momentum accumulate amp
+stages micro_batches schedule replicas sync_every staleness backup_workers compression bind
+checkpoint_dir checkpoint_every resume max_restarts server_snapshot_dir server_snapshot_every
+log_dir timeline log_interval no_progress json straggler step_delay
+""".split())
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:   # argparse's own errors
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def train_flags() -> set[str]:
+    parser = cli.build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    return {option for action in train._actions for option in action.option_strings if option.startswith("--")}
+
+
+def test_the_option_surface_is_frozen_and_every_flag_is_in_the_tree():
+    assert sorted(cfg.FIELD_SECTIONS) == OPTIONS
+    assert train_flags() == {cfg.flag(name) for name in OPTIONS} | {"--help", "--config", "--print-config"}
+
+
+@pytest.mark.parametrize("argv", [
+    (), ("--strategy", "dist_ssp", "--workers", "4", "--staleness", "3", "--compression", "2bit:0.5"),
+    ("--strategy", "hybrid", "--stages", "2", "--replicas", "2", "--schedule", "gpipe"),
+    ("--strategy", "local_sgd", "--sync-every", "4", "--optimizer", "adam", "--lr", "0.001"),
+    ("--strategy", "dist_sync", "--servers", "2", "--backup-workers", "1", "--checkpoint-dir", "ck", "--json"),
+])
+def test_print_config_round_trips(tmp_path, argv):
+    code, printed, err = run_cli("train", *argv, "--print-config")
+    assert code == 0, err
+    path = tmp_path / "run.toml"
+    path.write_text(printed)
+    code, again, err = run_cli("train", "--config", str(path), "--print-config")
+    assert code == 0, err
+    assert again == printed
+    resolved = cfg.resolve_run_config(cfg.parse_run_config(sections=cfg.read_toml(path)))
+    assert cfg.to_toml(resolved) == printed
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[job]\nepochs = 3\nbatch_size = 32\n[optim]\nlr = 0.2\n')
+    code, printed, err = run_cli("train", "--config", str(path), "--lr", "0.5", "--print-config")
+    assert code == 0, err
+    assert "epochs = 3" in printed and "batch_size = 32" in printed and "lr = 0.5" in printed
+
+
+def _strategy_where(name: str, fits: bool) -> str | None:
+    base = cfg.parse_run_config({})
+    for strategy in STRATEGIES:
+        candidate = base.model_copy(update={"job": base.job.model_copy(update={"strategy": strategy})})
+        if cfg.applies(name, candidate) == fits:
+            return strategy
+    return None
+
+
+VALUES = {"servers": "1", "server_snapshot_dir": "snap", "server_snapshot_every": "5", "backup_workers": "1",
+          "staleness": "1", "sync_every": "4", "stages": "2", "micro_batches": "2", "schedule": "gpipe",
+          "replicas": "2", "compression": "fp16", "accumulate": "2", "bind": "127.0.0.1", "amp": "bf16"}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in cfg.APPLIES if n != "momentum"))
+def test_every_option_is_refused_where_the_tree_says_it_does_not_apply(name):
+    strategy = _strategy_where(name, fits=False)
+    assert strategy is not None, f"{name} applies everywhere: drop it from APPLIES"
+    code, _, err = run_cli("train", "--strategy", strategy, cfg.flag(name), VALUES[name], "--print-config")
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"{cfg.flag(name)} " in err and f"applies to --strategy {cfg.APPLIES[name].says}, not to" in err
+    fits = _strategy_where(name, fits=True)
+    extra = ("--workers", "4", "--stages", "2", "--replicas", "2") if fits == "hybrid" else ()
+    extra += ("--server-snapshot-dir", "snap") if name == "server_snapshot_every" else ()
+    code, _, err = run_cli("train", "--strategy", fits, cfg.flag(name), VALUES[name], *extra, "--print-config")
+    assert code == 0, (fits, err)
+
+
+def test_momentum_applies_to_sgd_only():
+    code, _, err = run_cli("train", "--optimizer", "adam", "--momentum", "0.5", "--print-config")
+    assert code == 2 and "--momentum 0.5 applies to --optimizer sgd | rmsprop, not to --optimizer adam" in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (("--lr", "nan"), "--lr nan: must be a finite number"),
+    (("--lr", "inf"), "--lr inf: must be a finite number"),
+    (("--lr", "-1"), "--lr -1: must be > 0"),
+    (("--momentum", "nan"), "--momentum nan: must be a finite number"),
+    (("--momentum", "2"), "--momentum 2: must be < 1"),
+    (("--momentum", "-1"), "--momentum -1: must be >= 0"),
+    (("--seed", str(2**70)), f"--seed {2**70}: must be <= {2**63 - 1}"),
+    (("--workers", "100000"), "--workers 100000: must be <= 64"),
+    (("--servers", "100000", "--strategy", "dist_sync"), "--servers 100000: must be <= 64"),
+    (("--step-delay", "inf"), "--step-delay inf: must be a finite number"),
+    (("--straggler", "0:inf"), "factor a finite number >= 1"),
+    (("--straggler", "0:nan"), "factor a finite number >= 1"),
+    (("--straggler", "1:2,1:3"), "names rank 1 twice"),
+    (("--straggler", "5:2"), "names rank 5, but --workers is 2"),
+    (("--checkpoint-dir", ""), "--checkpoint-dir '': must not be empty"),
+    (("--log-dir", ""), "--log-dir '': must not be empty"),
+    (("--strategy", "local", "--workers", "2"), "--strategy local trains in one process"),
+    (("--strategy", "dist_sync", "--compression", "powersgd"), "which powersgd cannot do"),
+    (("--strategy", "dist_async", "--optimizer", "adamw"), "has no server rule"),
+    (("--schedule", "gpipe"), "--schedule 'gpipe' applies to --strategy pipeline | hybrid, not to --strategy allreduce"),
+    (("--bind", "127.0.0.1"), "--bind '127.0.0.1' applies to"),
+    (("--strategy", "pipeline", "--amp", "bf16"), "--amp 'bf16' applies to"),
+])
+def test_odd_values_are_one_line_exit_2(argv, fragment):
+    code, out, err = run_cli("train", *argv, "--print-config")
+    assert code == 2 and not out, (out, err)
+    assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[jobs]\nepochs = 2\n", "section [jobs] is not known"),
+    ("[job]\nepochz = 2\n", "config key 'job.epochz' is not an option"),
+    ("[job]\nepochs = 'two'\n", "--epochs 'two': must be an integer"),
+    ("epochs = 2\n", "must be a [section] table"),
+    ("[job\n", "is not valid TOML"),
+])
+def test_bad_config_files_are_one_line(tmp_path, text, fragment):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    code, _, err = run_cli("train", "--config", str(path), "--print-config")
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_paths_that_cannot_be_written_are_refused(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for name, value, fragment in (("checkpoint_dir", str(a_file), "is a file, not a folder"),
+                                  ("log_dir", "/proc/x", "cannot be written"),
+                                  ("timeline", str(tmp_path), "is a folder; give a file name")):
+        with pytest.raises(cfg.ConfigError, match=fragment):
+            cfg.check_paths(cfg.resolve_run_config(cfg.parse_run_config({name: value})))
+
+
+def test_fit_keywords_are_options_of_the_tree_or_python_only():
+    from paratrain import fit
+    python_only = {"model", "train_data", "heldout", "optimizer_params", "loss_fn", "callbacks", "timeline"}
+    keywords = set(inspect.signature(fit).parameters)
+    renamed = {"strategy", "epochs", "batch_size", "optimizer", "seed", "checkpoint_dir", "checkpoint_every", "resume"}
+    assert keywords - python_only <= set(cfg.FIELD_SECTIONS), keywords - python_only - set(cfg.FIELD_SECTIONS)
+    assert renamed <= keywords
