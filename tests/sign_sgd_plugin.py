@@ -15,8 +15,9 @@ class SignSGD(ServerOptimizer):
     lr: float = 0.1
     type: ClassVar[str] = "sign_sgd"
 
-    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0) -> None:
-        weight.sub_(torch.sign(grad * scale) * self.lr)
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0,
+               lr: float | None = None) -> None:
+        weight.sub_(torch.sign(grad * scale) * (self.lr if lr is None else lr))
 
 
 register_optimizer("sign_sgd", server=SignSGD)

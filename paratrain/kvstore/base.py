@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import itertools
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -61,6 +62,21 @@ def copy_out(result: torch.Tensor, out: TensorOrList) -> None:
         if target.shape != result.shape:
             raise ConfigError(f"out has shape {tuple(target.shape)}, the key holds {tuple(result.shape)}")
         target.copy_(result)
+
+
+_NAMESPACES = itertools.count()
+
+
+def claim_key_namespace() -> int:
+    """A fresh key namespace in this process, for one Trainer's parameters. Workers
+    create their Trainers in the same order, so they agree on it; the first one
+    (namespace 0) keeps plain integer keys."""
+    return next(_NAMESPACES)
+
+
+def namespaced(namespace: int, key: Key) -> Key:
+    """``key`` inside ``namespace``: itself in namespace 0, ``"<namespace>/<key>"`` after."""
+    return key if namespace == 0 else f"{namespace}/{key}"
 
 
 def check_key(key: Any) -> Key:
@@ -154,6 +170,7 @@ class ServerKVStore(KVStore):
                  block: bool = True, *, defer_scale: bool = False) -> Handle: ...
 
     @abc.abstractmethod
-    def commit(self, scale: float) -> Handle:
-        """Apply this worker's deferred pushes since the last commit, scaled by ``scale``."""
+    def commit(self, scale: float, *, lr: float | None = None) -> Handle:
+        """Apply this worker's deferred pushes since the last commit, scaled by
+        ``scale``, with learning rate ``lr`` (None: the server rule's own)."""
 

@@ -140,7 +140,7 @@ class DistKVStore(ServerKVStore):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise TypeError(f"init value for key {key!r} must be a float tensor, got {type(value).__name__}")
         dtype_code(value.dtype)
-        flat = value.detach().cpu().reshape(-1).contiguous()
+        flat = to_host(value.detach().reshape(-1))
         info = _KeyInfo(tuple(value.shape), value.dtype,
                         plan_key(key, flat.numel(), self.num_servers, self.config.bigarray_bound))
         if flat.numel() == 0:
@@ -169,7 +169,7 @@ class DistKVStore(ServerKVStore):
         if self._optimizer is None and self.type != "dist_sync":
             raise ConfigError(f"{self.type} applies pushes on the servers as they arrive and needs a server "
                               f"optimizer: call kv.set_optimizer(...) before pushing")
-        flat = total.detach().to("cpu", info.dtype).reshape(-1).contiguous()
+        flat = to_host(total.detach().to(dtype=info.dtype).reshape(-1))
         flags = (protocol.STATUS_PULL_AFTER if pull_after else 0) | (protocol.STATUS_DEFERRED if defer_scale else 0)
         with self._connection.lock:
             if defer_scale:
@@ -177,14 +177,16 @@ class DistKVStore(ServerKVStore):
                     self._deferred[part.server] = self._deferred.get(part.server, 0) + 1
             return [self._send_push(key, info, part, flat[part.start:part.stop], flags) for part in info.slices]
 
-    def commit(self, scale: float) -> Handle:
+    def commit(self, scale: float, *, lr: float | None = None) -> Handle:
         """Give the servers the scale of the pushes sent with ``defer_scale=True``
         since the last commit (pushes from backward hooks, sent before the batch
         size was known); they apply them now, in order, and answer their pulls.
-        Until then this worker may only send more deferred pushes (or close)."""
+        ``lr``: the learning rate the servers' rule uses for them (default: the
+        rule's own). Until then this worker may only send more deferred pushes (or close)."""
+        payload = protocol.encode_json({"lr": lr}) if lr is not None else None
         with self._connection.lock:
             deferred, self._deferred = self._deferred, {}
-            requests = [self._connection.request(server, Op.COMMIT, scale=scale, clock=count)
+            requests = [self._connection.request(server, Op.COMMIT, scale=scale, clock=count, payload=payload)
                         for server, count in sorted(deferred.items())]
         return Handle(lambda timeout: self._collect(requests, "commit", timeout), "commit of deferred pushes")
 
@@ -320,7 +322,8 @@ class DistKVStore(ServerKVStore):
         direct = isinstance(out, torch.Tensor) and out.dtype == info.dtype and out.is_contiguous() \
             and tuple(out.shape) == info.shape and out.device.type == "cpu"
         # Straight into ``out`` when its layout allows: one copy from the received frame.
-        flat = out.view(-1) if direct else torch.empty(math.prod(info.shape), dtype=info.dtype)
+        flat = out.view(-1) if direct else torch.empty(math.prod(info.shape), dtype=info.dtype,
+                                                       pin_memory=torch.cuda.is_available())
         for (server, request_id), part in zip(requests, info.slices):
             message = replies[request_id]
             if message.op != Op.DATA or message.offset != part.start or message.length != part.length \
@@ -331,6 +334,16 @@ class DistKVStore(ServerKVStore):
         self.last_min_clock[key] = min(replies[r].clock for _, r in requests)
         if not direct:
             copy_out(flat.view(info.shape), out)
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy for the wire: a GPU tensor goes through pinned host memory
+    (one DMA copy; ZeroMQ then sends it without another); a CPU tensor is itself."""
+    if tensor.device.type == "cpu":
+        return tensor.contiguous()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor)
+    return host
 
 
 def server_addresses(env: DistEnv) -> list[str]:

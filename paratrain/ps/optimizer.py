@@ -64,10 +64,12 @@ class ServerOptimizer(abc.ABC):
         return cls(**params)
 
     @abc.abstractmethod
-    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0) -> None:
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0,
+               lr: float | None = None) -> None:
         """``weight``: the slice (any float dtype); ``grad``: float32 (read only), to
         be multiplied by ``scale * rescale_grad``; ``state``: this slice's optimizer
-        state, created on first use."""
+        state, created on first use; ``lr``: this step's learning rate (None: the
+        rule's own ``lr``)."""
 
     def to_spec(self) -> dict:
         return {"type": self.type, **dataclasses.asdict(self)}
@@ -97,12 +99,14 @@ class SGD(ServerOptimizer):
         _check_number("weight_decay", self.weight_decay)
         _check_number("rescale_grad", self.rescale_grad, low_inclusive=False)
 
-    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0) -> None:
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0,
+               lr: float | None = None) -> None:
+        lr = self.lr if lr is None else lr
         master = weight.float()
         multiplier = self.rescale_grad * scale
         if not (self.weight_decay or self.momentum):
             # Plain SGD: one pass over the weights, the rescale folded into alpha.
-            _write_back(weight, master.add_(grad, alpha=-self.lr * multiplier))
+            _write_back(weight, master.add_(grad, alpha=-lr * multiplier))
             return
         step = grad * multiplier if multiplier != 1.0 else grad
         if self.weight_decay:
@@ -114,7 +118,7 @@ class SGD(ServerOptimizer):
             else:
                 buf.mul_(self.momentum).add_(step)
             step = buf
-        _write_back(weight, master.add_(step, alpha=-self.lr))
+        _write_back(weight, master.add_(step, alpha=-lr))
 
 
 @dataclass
@@ -145,7 +149,9 @@ class Adam(ServerOptimizer):
         _check_number("weight_decay", self.weight_decay)
         _check_number("rescale_grad", self.rescale_grad, low_inclusive=False)
 
-    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0) -> None:
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0,
+               lr: float | None = None) -> None:
+        lr = self.lr if lr is None else lr
         master = weight.float()
         multiplier = self.rescale_grad * scale
         g = grad * multiplier if multiplier != 1.0 else grad
@@ -162,4 +168,4 @@ class Adam(ServerOptimizer):
         bias1 = 1 - self.beta1 ** step
         bias2 = 1 - self.beta2 ** step
         denom = (exp_avg_sq.sqrt() / bias2 ** 0.5).add_(self.eps)
-        _write_back(weight, master.addcdiv_(exp_avg, denom, value=-self.lr / bias1))
+        _write_back(weight, master.addcdiv_(exp_avg, denom, value=-lr / bias1))

@@ -10,6 +10,7 @@ workers that were missing.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -326,12 +327,15 @@ class ParameterServer:
         self._apply_push(peer, rank, message, state, grad, message.scale)
 
     def _apply_push(self, peer: bytes, rank: int, message: Message, state: SliceState, grad: torch.Tensor,
-                    scale: float) -> None:
+                    scale: float, lr: float | None = None) -> None:
         session = self.sessions.get(peer)
         # A push resent after this server restarted may already be in its snapshot.
         fresh = session is None or message.request_id > self.last_push.get(session, 0)
         if fresh:
-            self.policy.on_push(state, rank, grad, scale, self._apply)
+            # A sync round is applied by the push that completes it, with that push's
+            # rate: lockstep workers all send the same rate for a round.
+            apply = self._apply if lr is None else functools.partial(self._apply, lr=lr)
+            self.policy.on_push(state, rank, grad, scale, apply)
             self.stats["pushes"] += 1
             if session is not None:
                 self.last_push[session] = message.request_id
@@ -343,13 +347,18 @@ class ParameterServer:
 
     def _on_commit(self, peer: bytes, rank: int, message: Message) -> None:
         """Apply this peer's deferred pushes, in the order they came, with the scale
-        the COMMIT carries; ``clock`` must count them (else none is applied)."""
+        (and learning rate, if given) the COMMIT carries; ``clock`` must count them
+        (else none is applied)."""
+        lr = message.control().get("lr")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                               or lr < 0):
+            raise RequestRejected(f"COMMIT with lr={lr!r}: the learning rate must be a finite number >= 0")
         held = self.deferred.pop(peer, [])
         if message.clock != len(held):
             raise RequestRejected(f"COMMIT of {message.clock} deferred push(es), but {len(held)} arrived; "
                                   f"none applied")
         for push, grad in held:
-            self._apply_push(peer, rank, push, self.keys[push.key], grad, message.scale)
+            self._apply_push(peer, rank, push, self.keys[push.key], grad, message.scale, lr)
         self._acknowledge(lambda: self._ok(peer, message.request_id), fresh=False)
 
     def _answer_push(self, peer: bytes, rank: int, message: Message) -> None:
@@ -378,7 +387,7 @@ class ParameterServer:
         for reply in held:
             reply()
 
-    def _apply(self, state: SliceState, grad: torch.Tensor, scale: float) -> None:
+    def _apply(self, state: SliceState, grad: torch.Tensor, scale: float, lr: float | None = None) -> None:
         if self.optimizer is None:
             # Only dist_sync gets here: the round's sum (a fresh tensor, or a lone
             # push's received frame, never written) becomes the value, without a copy
@@ -389,7 +398,7 @@ class ParameterServer:
             state.value = converted
             state.lent = None
             return
-        self.optimizer.update(state.writable_value(), grad, state.optimizer_state, scale)
+        self.optimizer.update(state.writable_value(), grad, state.optimizer_state, scale, lr=lr)
 
     def _on_pull(self, peer: bytes, rank: int, message: Message) -> None:
         state = self._state_for(message)

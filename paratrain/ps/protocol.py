@@ -58,12 +58,13 @@ class Op(enum.IntEnum):
 
 
 TENSOR_OPS = (Op.INIT, Op.PUSH, Op.DATA)
-CONTROL_OPS = (Op.HELLO, Op.AUTH, Op.SET_OPTIMIZER, Op.SET_COMPRESSION, Op.ERROR, Op.CHALLENGE)
+CONTROL_OPS = (Op.HELLO, Op.AUTH, Op.SET_OPTIMIZER, Op.SET_COMPRESSION, Op.ERROR, Op.CHALLENGE, Op.COMMIT)
 #: ``status`` bits of a PUSH: the payload is compressed with the job's codec; the
 #: push also asks for the value (pushpull: one round trip, answered as a pull); the
 #: push's scale is not known yet (sent from a backward hook): the server holds it,
 #: unapplied and unanswered, until this worker's ``COMMIT`` brings the scale
-#: (``scale`` field) and the number of held pushes it covers (``clock`` field).
+#: (``scale`` field), the number of held pushes it covers (``clock`` field) and,
+#: optionally, the step's learning rate (JSON payload ``{"lr": ...}``).
 STATUS_COMPRESSED = 1
 STATUS_PULL_AFTER = 2
 STATUS_DEFERRED = 4
