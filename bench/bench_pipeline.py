@@ -93,6 +93,7 @@ def transport_worker(rank: int, port: int, args: dict, queue) -> None:
 def pipeline_worker(rank: int, port: int, args: dict, queue) -> None:
     from paratrain.comm.process_group import init_process_group
     from paratrain.train.pipeline_strategy import PipelineStrategy
+    from paratrain.train.strategy import TrainSpec
     torch.set_num_threads(1)
     env = _env(rank, 2, port)
     init_process_group(env)
@@ -101,13 +102,13 @@ def pipeline_worker(rank: int, port: int, args: dict, queue) -> None:
     results = {}
     for schedule, micro in args["configs"]:
         strategy = PipelineStrategy(stages=2, micro_batches=micro, schedule=schedule, balance="uniform", env=env)
-        strategy.setup(build_model(args["width"], args["blocks"]), "sgd", {"lr": 0.01},
-                       nn.CrossEntropyLoss(reduction="sum"))
+        strategy.setup(build_model(args["width"], args["blocks"]),
+                       TrainSpec(optimizer="sgd", optimizer_params={"lr": 0.01}))
         steps = []
         for step in range(args["warmup"] + args["repeats"]):
             dist.barrier()   # both stages start each step together
             start = time.perf_counter()
-            strategy.train_step(x, y, args["batch"])
+            strategy.train_step((x, y), args["batch"])
             if step >= args["warmup"]:
                 timing = strategy.last_timing
                 steps.append((time.perf_counter() - start, timing.schedule_s, timing.wait_s,

@@ -121,6 +121,7 @@ def run_worker(config, env: DistEnv) -> dict:
     from paratrain.models import build_model
     from paratrain.timeline import build_timeline
     from paratrain.train import MetricsLogger, ProgressBar, Speedometer, fit
+    from paratrain.train.schedules import build_lr_schedule
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")) if env.launched else torch.get_num_threads())
     job, optim, output, resilience = config.job, config.optim, config.output, config.resilience
     train, heldout = build_dataset(config.data.dataset)
@@ -133,10 +134,16 @@ def run_worker(config, env: DistEnv) -> dict:
     if optim.momentum is not None:
         optimizer_params["momentum"] = optim.momentum
     resume = resilience.resume or (env.restart_count > 0 and _has_checkpoint(resilience.checkpoint_dir))
+    total_steps = job.epochs * -(-len(train) // job.batch_size)
+    scheduler = None if optim.lr_schedule == "constant" and not optim.warmup_steps else (
+        lambda opt: build_lr_schedule(opt, kind=optim.lr_schedule, warmup_steps=optim.warmup_steps,
+                                      total_steps=total_steps))
     return fit(model, train, heldout=heldout, strategy=_build_strategy(config, env), epochs=job.epochs,
                batch_size=job.batch_size, optimizer=optim.optimizer, optimizer_params=optimizer_params,
                seed=job.seed, callbacks=callbacks, checkpoint_dir=resilience.checkpoint_dir,
-               checkpoint_every=resilience.checkpoint_every, resume=resume,
+               checkpoint_every=resilience.checkpoint_every, resume=resume, amp=optim.amp,
+               max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
+               num_workers=config.data.loader_workers, pin_memory=config.data.pin_memory,
                timeline=build_timeline(output.timeline, env.rank))
 
 
@@ -152,8 +159,17 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if not env.launched:
         _check_before_launch(config)
+    servers = []
+    if config.spec.uses_servers and env.under_torchrun and env.num_servers == 0:
+        from paratrain.launch import start_servers_under_torchrun
+        env, servers = start_servers_under_torchrun(env, config.job.servers, _server_args(config))
     if env.launched or (config.job.workers == 1 and config.job.servers == 0):
-        summary = run_worker(config, env)
+        try:
+            summary = run_worker(config, env)
+        finally:
+            if servers:   # they exit once every worker said goodbye
+                from paratrain.launch import wait_children
+                wait_children(servers, timeout_s=env.timeout_s)
         if env.rank == 0:
             if env.summary_file:
                 Path(env.summary_file).write_text(json.dumps(summary))
@@ -161,6 +177,12 @@ def _train(args: argparse.Namespace) -> int:
                 print(json.dumps(summary), flush=True)
         return 0
     return _launch_workers(config)
+
+
+def _server_args(config) -> tuple:
+    resilience = config.resilience
+    return () if not resilience.server_snapshot_dir else (
+        "--snapshot-dir", resilience.server_snapshot_dir, "--snapshot-every", str(resilience.server_snapshot_every))
 
 
 def _launch_workers(config) -> int:
@@ -175,8 +197,7 @@ def _launch_workers(config) -> int:
         # Async workers carry on without a dead peer, so only the dead one restarts;
         # lockstep strategies restart the whole group from the last checkpoint.
         policy = "worker" if config.spec.asynchronous else "group"
-        server_args = () if not resilience.server_snapshot_dir else (
-            "--snapshot-dir", resilience.server_snapshot_dir, "--snapshot-every", str(resilience.server_snapshot_every))
+        server_args = _server_args(config)
         status = launch(worker_argv, LaunchConfig(num_workers=job.workers, num_servers=job.servers,
                                                   max_restarts=resilience.max_restarts, restart_policy=policy,
                                                   bind=config.comm.bind, server_args=server_args,
@@ -197,11 +218,6 @@ def _launch(args: argparse.Namespace) -> int:
     script = args.script
     argv = [sys.executable, "-m", script[2:]] if script.startswith("-m") else [sys.executable, script]
     return launch(argv + args.script_args, config)
-
-
-def _server(args: argparse.Namespace) -> int:
-    from paratrain.ps.server import run
-    return run(args.server_args)
 
 
 def _report(argv: list[str]) -> int:
@@ -225,8 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--bind", default=None)
     launch.add_argument("script", nargs="?", help="script.py, or -mmodule")
     launch.add_argument("script_args", nargs=argparse.REMAINDER)
-    server = commands.add_parser("server", help="run one parameter server (reads PARATRAIN_* variables)")
-    server.add_argument("server_args", nargs=argparse.REMAINDER, help="--snapshot-dir DIR, --snapshot-every N, ...")
+    commands.add_parser("server", help="run one parameter server (reads PARATRAIN_* variables)", add_help=False)
     commands.add_parser("report", help="plots and a summary from one or more --log-dir folders", add_help=False)
     return parser
 
@@ -235,9 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         return _report(argv[1:])
+    if argv[:1] == ["server"]:   # the server parses its own arguments
+        from paratrain.ps.server import run
+        return run(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": _train, "launch": _launch, "server": _server}
+    handlers = {"train": _train, "launch": _launch}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:   # user error: one line, no traceback

@@ -39,6 +39,7 @@ MAX_LOCAL_PROCESSES = int(os.environ.get("PARATRAIN_MAX_LOCAL_PROCESSES", "64"))
 MAX_SEED = 2**63 - 1
 AMP_MODES = ("none", "bf16", "fp16")
 SCHEDULES = ("gpipe", "1f1b")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 class Section(BaseModel):
@@ -68,6 +69,9 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     dataset: str = _opt("digits", "digits | synthetic, or package.module:factory", min_length=1)
+    loader_workers: int = _opt(0, "DataLoader worker processes per training process (fit's num_workers)",
+                               ge=0, le=MAX_LOCAL_PROCESSES)
+    pin_memory: bool = _opt(False, "pinned host memory for batches (faster copies to a GPU)")
 
 
 class OptimConfig(Section):
@@ -76,6 +80,9 @@ class OptimConfig(Section):
     momentum: Optional[float] = _opt(None, "SGD momentum (default 0.9)", ge=0, lt=1)
     accumulate: int = _opt(1, "micro-batches per step (communicate once per step)", ge=1, le=1 << 16)
     amp: Literal[AMP_MODES] = _opt("none", "mixed precision: bf16 (CPU/GPU) or fp16 (GPU, loss scaling)")
+    max_grad_norm: Optional[float] = _opt(None, "clip by the global norm of the aggregated gradient", gt=0, le=1e9)
+    lr_schedule: Literal[LR_SCHEDULES] = _opt("constant", "learning rate over the run, after the warm-up")
+    warmup_steps: int = _opt(0, "linear warm-up steps from 0 to --lr", ge=0, le=1 << 30)
 
 
 class ParallelConfig(Section):

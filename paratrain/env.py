@@ -19,6 +19,7 @@ job from these variables, and nothing else in paratrain reads ``os.environ`` for
 | ``PARATRAIN_SECRET`` | launcher | job secret that parameter-server clients must present |
 | ``PARATRAIN_BIND`` | user / launcher | address servers bind to (default ``127.0.0.1``) |
 | ``TORCHELASTIC_USE_AGENT_STORE`` | torchrun | ``True``: the agent hosts the TCP store; every rank is a client |
+| ``TORCHELASTIC_RUN_ID`` | torchrun | the job's id (names the folder where a torchrun job's rank 0 leaves the secret for its servers) |
 | ``PARATRAIN_STORE_HOSTED`` | launcher | ``1``: paratrain's launcher hosts the TCP store; every rank is a client |
 | ``PARATRAIN_TIMEOUT`` | user | seconds any network wait may take (default 60) |
 | ``PARATRAIN_REJOIN`` | launcher | ``1``: this worker was restarted alone and rejoins a running async job |
@@ -77,6 +78,7 @@ class DistEnv:
     rejoin: bool = False
     server_imports: tuple[str, ...] = ()
     summary_file: str = ""
+    run_id: str = ""
     launched: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +92,11 @@ class DistEnv:
             raise ValueError(f"PARATRAIN_NUM_SERVERS={self.num_servers} must be >= 0")
         if self.timeout_s <= 0:
             raise ValueError(f"PARATRAIN_TIMEOUT={self.timeout_s} must be > 0")
+
+    @property
+    def under_torchrun(self) -> bool:
+        """Started by torchrun (its agent hosts the store), not by paratrain's launcher."""
+        return self.launched and bool(self.run_id) and not self.secret
 
     @property
     def distributed(self) -> bool:
@@ -126,5 +133,6 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         server_imports=tuple(name.strip() for name in environ.get("PARATRAIN_SERVER_IMPORTS", "").split(",")
                              if name.strip()),
         summary_file=environ.get("PARATRAIN_SUMMARY_FILE", ""),
+        run_id=environ.get("TORCHELASTIC_RUN_ID", ""),
         launched="RANK" in environ,
     )

@@ -128,6 +128,17 @@ def _stop_all(children: Sequence[_Child]) -> None:
         child.reader.join(timeout=1.0)
 
 
+def wait_children(children: Sequence[_Child], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for ``children`` to end by themselves; stop the rest."""
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    _stop_all(children)
+
+
 class Launcher:
     """Runs one job: servers once, workers once per attempt."""
 
@@ -271,3 +282,54 @@ def launch(worker_argv: Sequence[str], config: LaunchConfig) -> int:
         return launcher.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def start_servers_under_torchrun(env, num_servers: int, server_args: Sequence[str] = ()):
+    """Make ``torchrun ... paratrain train --strategy dist_* --servers M`` one command:
+    global rank 0 starts the M parameter servers as its children (they die with it) and
+    every rank learns the job's secret, which never goes through the store. On one
+    machine rank 0 leaves it in a folder only this user can read (mode 0700), named by
+    the job's run id and port; across machines, export ``PARATRAIN_SECRET`` on every
+    node. Returns the environment this worker now runs with and the started servers."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    if env.local_world_size != env.world_size and not os.environ.get("PARATRAIN_SECRET"):
+        raise ConfigError("torchrun across machines with parameter servers: export the same PARATRAIN_SECRET "
+                          "(e.g. `openssl rand -hex 32`) on every node, so the servers can tell the job's "
+                          "workers from anyone else")
+    folder = Path(tempfile.gettempdir()) / f"paratrain-{os.getuid()}" / f"torchrun-{env.run_id}-{env.master_port}"
+    secret = os.environ.get("PARATRAIN_SECRET") or _share_secret(folder, is_creator=env.rank == 0,
+                                                                 timeout_s=env.timeout_s)
+    os.environ.update(PARATRAIN_SECRET=secret, PARATRAIN_NUM_SERVERS=str(num_servers))
+    servers = []
+    if env.rank == 0:
+        base = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        for index in range(num_servers):
+            child_env = dict(base, PARATRAIN_ROLE="server", PARATRAIN_SERVER_RANK=str(index))
+            servers.append(_Child(f"server{index}", [sys.executable, "-m", "paratrain.ps.server", *server_args],
+                                  child_env))
+    return dataclasses.replace(env, secret=secret, num_servers=num_servers), servers
+
+
+def _share_secret(folder, *, is_creator: bool, timeout_s: float) -> str:
+    """The creator writes a fresh secret into ``folder`` (mode 0700, file 0600); the
+    others wait (bounded) for it and read it."""
+    path = folder / "secret"
+    if is_creator:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        secret = secrets.token_hex(32)
+        tmp = folder / f".secret.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret)
+        os.replace(tmp, path)
+        return secret
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"rank 0 did not leave the job's secret at {path} within {timeout_s}s")
+        time.sleep(0.05)
+    return path.read_text().strip()

@@ -135,7 +135,8 @@ def test_default_job_reaches_095_with_speedometer_metrics_and_tensorboard(tmp_pa
     assert wall < 120, f"default job took {wall:.0f}s"
     speed_lines = [l for l in result.stdout.splitlines() if "Speed:" in l]
     assert speed_lines and all(
-        re.fullmatch(r"\[rank0\]: Epoch\[\d+\] Batch \[\d+-\d+\]\tSpeed: \d+\.\d\d samples/sec\taccuracy=\d\.\d{6}\tcomm_MB=\S+", l)
+        re.fullmatch(r"\[rank0\]: Epoch\[\d+\] Batch \[\d+-\d+\]\tSpeed: \d+\.\d\d samples/sec\taccuracy=\d\.\d{6}"
+                     r"\tloss=\d+\.\d{6}\tcomm_MB=\S+", l)
         for l in speed_lines), speed_lines[:3]
     records = [json.loads(l) for l in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in records]

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from paratrain.train.pipeline_strategy import PipelineStrategy, assemble_stage_states
+from paratrain.train.strategy import TrainSpec
 
 STEPS = 5
 LR = {"lr": 0.1, "momentum": 0.9}
@@ -92,7 +93,7 @@ def _run_strategy(env, run: dict, x, y) -> dict:
                                 balance=run.get("balance", "params"), transport=run.get("transport", "zmq"),
                                 sample_input=x[:8] if run.get("balance") == "time" else None, env=env)
     model = make_model(seed=run.get("seed", 0))
-    strategy.setup(model, "sgd", LR, nn.CrossEntropyLoss(reduction="sum"))
+    strategy.setup(model, TrainSpec(optimizer="sgd", optimizer_params=LR))
     if "resume_from" in run:
         strategy.load_state_dict(torch.load(run["resume_from"].format(stage=strategy.stage)))
     batch, first = run["batch"], run.get("start_step", 0)
@@ -100,14 +101,17 @@ def _run_strategy(env, run: dict, x, y) -> dict:
     peaks, losses = [], []
     for step in range(first, first + run["steps"]):
         begin = step * batch + strategy.data_rank * share   # this replica's contiguous slice
-        result = strategy.train_step(x[begin:begin + share], y[begin:begin + share], batch)
+        result = strategy.train_step((x[begin:begin + share], y[begin:begin + share]), batch)
         peaks.append(strategy.last_timing.peak_activation_bytes)
         losses.append(result.loss)
     if run.get("tail"):   # an epoch's short last batch: uneven micro-batches
         begin, share = (first + run["steps"]) * batch, run["tail"] // strategy.data_world
         begin += strategy.data_rank * share
-        losses.append(strategy.train_step(x[begin:begin + share], y[begin:begin + share], run["tail"]).loss)
-    held_out = strategy.evaluate(x[-run["held_out"]:], y[-run["held_out"]:]) if run.get("held_out") else None
+        losses.append(strategy.train_step((x[begin:begin + share], y[begin:begin + share]), run["tail"]).loss)
+    held_out = None
+    if run.get("held_out"):   # this replica's share of the held-out set, as fit cuts it
+        mine = torch.arange(run["held_out"]).tensor_split(strategy.data_world)[strategy.data_rank]
+        held_out = strategy.evaluate([(x[-run["held_out"]:][mine], y[-run["held_out"]:][mine])])
     out = {"stage": strategy.stage, "replica": strategy.data_rank, "peak": max(peaks), "losses": losses,
            "full_state": strategy.full_model_state(), "checksum": strategy.param_checksum(),
            "shard": strategy.checkpoint_shard(), "state": strategy.state_dict(), "counts": strategy.counts,
@@ -123,12 +127,12 @@ def _run_with_peer_gone(env, run: dict, x, y) -> dict:
     from paratrain.errors import CommTimeout
     env = dataclasses.replace(env, timeout_s=2.0)
     strategy = PipelineStrategy(stages=2, micro_batches=2, schedule=run["schedule"], env=env)
-    strategy.setup(make_model(), "sgd", LR, nn.CrossEntropyLoss(reduction="sum"))
+    strategy.setup(make_model(), TrainSpec(optimizer="sgd", optimizer_params=LR))
     out = {"stage": strategy.stage}
     if strategy.stage == 0:
         start = time.monotonic()
         try:
-            strategy.train_step(x[:8], y[:8], 8)
+            strategy.train_step((x[:8], y[:8]), 8)
         except CommTimeout as error:
             out.update(error=str(error), seconds=time.monotonic() - start)
     strategy.close()

@@ -20,6 +20,7 @@ from paratrain.parallel.pipeline import (Action, balance_by_cost, build_schedule
                                          simulate_schedules, split_by_counts, theoretical_bubble)
 from paratrain.parallel.stage_runner import ActivationMeter
 from paratrain.train.pipeline_strategy import PipelineStrategy, assemble_stage_states
+from paratrain.train.strategy import TrainSpec
 
 
 def tiny_model() -> nn.Sequential:
@@ -238,7 +239,7 @@ def test_strategy_rejects_bad_configuration_without_touching_the_network():
     # More stages than layers fails in setup before any process waits for a peer.
     strategy = PipelineStrategy(stages=8, micro_batches=2, env=_env(8))
     with pytest.raises(ConfigError, match="stages=8 is more than the model's 5 layers"):
-        strategy.setup(tiny_model(), "sgd", {"lr": 0.1}, nn.CrossEntropyLoss(reduction="sum"))
+        strategy.setup(tiny_model(), TrainSpec(optimizer="sgd", optimizer_params={"lr": 0.1}))
     strategy = PipelineStrategy(stages=2, micro_batches=4, replicas=2, env=_env(4))
     with pytest.raises(ConfigError, match=r"batch size 12 must be a positive multiple of replicas=2 x micro_batches=4"):
         strategy.validate(12, 4)
@@ -253,22 +254,22 @@ def test_strategy_rejects_bad_configuration_without_touching_the_network():
 def test_single_stage_pipeline_trains_and_checks_micro_batches():
     """S=1 needs no peers: the micro-batch check in train_step and the step itself."""
     strategy = PipelineStrategy(stages=1, micro_batches=3, env=_env(1))
-    strategy.setup(tiny_model(), "sgd", {"lr": 0.1}, nn.CrossEntropyLoss(reduction="sum"))
+    strategy.setup(tiny_model(), TrainSpec(optimizer="sgd", optimizer_params={"lr": 0.1}))
     x, y = torch.randn(10, 8), torch.randint(0, 4, (10,))
     with pytest.raises(ConfigError, match="batch size 10 must be a positive multiple of replicas=1 x micro_batches=3"):
-        strategy.train_step(x, y, 10)
+        strategy.train_step((x, y), 10)
     before = {k: v.clone() for k, v in strategy.full_model_state().items()}
-    result = strategy.train_step(x[:9], y[:9], 9)
+    result = strategy.train_step((x[:9], y[:9]), 9)
     assert result.samples == 9 and result.loss > 0
     after = strategy.full_model_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # An epoch's short tail is cut into nearly equal micro-batches, not rejected...
-    assert strategy.train_step(x[:4], y[:4], 4).samples == 4
-    assert strategy.train_step(x[:2], y[:2], 2).samples == 2   # fewer samples than micro-batches
+    assert strategy.train_step((x[:4], y[:4]), 4).samples == 4
+    assert strategy.train_step((x[:2], y[:2]), 2).samples == 2   # fewer samples than micro-batches
     with pytest.raises(ConfigError, match="global batch 12 is larger than the validated batch size 9"):
-        strategy.train_step(torch.randn(12, 8), torch.randint(0, 4, (12,)), 12)
+        strategy.train_step((torch.randn(12, 8), torch.randint(0, 4, (12,))), 12)
     assert assemble_stage_states([strategy.state_dict()]).keys() == after.keys()
-    evaluation = strategy.evaluate(x, y)
+    evaluation = strategy.evaluate([(x, y)])
     assert evaluation.samples == 10
     strategy.close()
 

@@ -183,6 +183,11 @@ def test_two_worker_allreduce_run_has_a_track_per_rank_and_comm_overlapping_back
         # (one or more buckets per step: the MLP's 4 MB weight closes a bucket of its own)
         overlapped = [b for b in backward if any(b["ts"] < c["ts"] < b["ts"] + b["dur"] for c in comm)]
         assert len(overlapped) == len(backward), (len(overlapped), len(backward))
-        # and it is still in flight, or finishing, after that backward ends (not nested in it)
-        assert any(c["ts"] + c["dur"] > b["ts"] + b["dur"]
-                   for c in comm for b in backward if b["ts"] < c["ts"] < b["ts"] + b["dur"])
+        # and, as in DDP, the step's sums are complete when its backward returns (so
+        # whatever reads the gradients next sees them on every rank): the comm spans end
+        # within their backward, whose last part is the "gradient wait" for the buckets
+        waits = [s for s in mine if s["name"] == "gradient wait"]
+        for b in backward:
+            inside = [c for c in comm if b["ts"] < c["ts"] < b["ts"] + b["dur"]]
+            assert all(c["ts"] + c["dur"] <= b["ts"] + b["dur"] + 1.0 for c in inside), (b, inside)
+            assert any(b["ts"] <= w["ts"] and w["ts"] + w["dur"] <= b["ts"] + b["dur"] + 1.0 for w in waits), b

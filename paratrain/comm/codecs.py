@@ -172,7 +172,7 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     memory layout (element i of a block in byte i // 4, the first of each byte in the
     high bits; words little-endian as on x86). Pads with zero codes."""
     flat = codes.reshape(-1)
-    fields = torch.zeros(_round_up(flat.numel(), CODES_PER_WORD), dtype=torch.uint8)
+    fields = torch.zeros(_round_up(flat.numel(), CODES_PER_WORD), dtype=torch.uint8, device=flat.device)
     # +1 -> 0b11, -1 -> 0b10, 0 -> 0b00, without branching per element
     fields[: flat.numel()] = (flat != 0).to(torch.uint8) * 2 + (flat > 0).to(torch.uint8)
     per_byte = fields.view(-1, 4)
@@ -200,7 +200,7 @@ def unpack_2bit(words: torch.Tensor, numel: int) -> torch.Tensor:
     if numel > words.numel() * CODES_PER_WORD:
         raise ValueError(f"2bit payload of {words.numel()} words cannot hold {numel} codes")
     packed_bytes = words.contiguous().view(torch.uint8).long()
-    return _BYTE_TO_CODES[packed_bytes].reshape(-1)[:numel]
+    return _BYTE_TO_CODES.to(words.device)[packed_bytes].reshape(-1)[:numel]
 
 
 def encode_2bit(grad: torch.Tensor, residual: torch.Tensor, threshold: float
@@ -212,7 +212,7 @@ def encode_2bit(grad: torch.Tensor, residual: torch.Tensor, threshold: float
 
 def decode_2bit(words: torch.Tensor, numel: int, threshold: float) -> torch.Tensor:
     """The fp32 gradient a 2bit payload stands for (entries are -t, 0 or +t)."""
-    table = _BYTE_TO_CODES.float() * threshold
+    table = _BYTE_TO_CODES.to(words.device).float() * threshold
     return table[words.contiguous().view(torch.uint8).long()].reshape(-1)[:numel]
 
 
@@ -242,7 +242,7 @@ def encode_topk(grad: torch.Tensor, residual: torch.Tensor, ratio: float
 
 def decode_topk(indices: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
     """The dense fp32 gradient of ``numel`` entries that a topk payload stands for."""
-    out = torch.zeros(numel, dtype=torch.float32)
+    out = torch.zeros(numel, dtype=torch.float32, device=values.device)
     out[indices.long()] = values.float()
     return out
 
@@ -346,10 +346,10 @@ def encode(config: CompressionConfig, grad: torch.Tensor, state: CodecState | No
         indices, values, residual = encode_topk(flat, residual, config.ratio)
         return [pack_topk(indices, values)], replace(state, residual=residual)
     rows, cols = matrix_shape(flat.numel())
-    q = state.q if state.q is not None else initial_q(cols, min(config.rank, rows, cols), config.seed)
-    padded = torch.zeros(rows * cols)
+    q = state.q if state.q is not None else initial_q(cols, min(config.rank, rows, cols), config.seed).to(flat.device)
+    padded = torch.zeros(rows * cols, device=flat.device)
     padded[: flat.numel()] = flat + residual
-    p, q_next, new_residual = encode_powersgd(padded.view(rows, cols), torch.zeros(rows, cols), q)
+    p, q_next, new_residual = encode_powersgd(padded.view(rows, cols), torch.zeros(rows, cols, device=flat.device), q)
     return [p, q_next], replace(state, residual=new_residual.reshape(-1)[: flat.numel()], q=q_next)
 
 

@@ -16,9 +16,12 @@ from paratrain.env import DistEnv
 from paratrain.errors import CommTimeout
 
 
-def default_backend() -> str:
-    """``nccl`` when CUDA is available, else ``gloo``."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def default_backend(local_world_size: int = 1) -> str:
+    """``nccl`` when every local worker has a GPU of its own, else ``gloo`` (NCCL
+    refuses two ranks on one GPU; gloo moves the tensors through the host)."""
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size:
+        return "nccl"
+    return "gloo"
 
 
 _STORES: dict[tuple, dist.Store] = {}
@@ -53,7 +56,7 @@ def init_process_group(env: DistEnv, backend: str | None = None) -> bool:
     """
     if not env.distributed or dist.is_initialized():
         return False
-    backend = backend or default_backend()
+    backend = backend or default_backend(env.local_world_size)
     store = connect_store(env)
     global _GROUP_TIMEOUT_S
     _GROUP_TIMEOUT_S = env.timeout_s
@@ -70,12 +73,29 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def broadcast_tensors(tensors, src: int = 0, group=None) -> None:
+    """Copy rank ``src``'s values of ``tensors`` (frozen weights, BatchNorm statistics)
+    to every worker of ``group``, in place; nothing outside a process group."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        for tensor in tensors:
+            dist.broadcast(tensor, src=src, group=group)
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a tensor must live for a collective on ``group``: the current GPU under
+    NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_ints(value: int) -> list[int]:
     """Every rank's ``value``, in rank order (``[value]`` outside a process group)."""
     if not dist.is_initialized():
         return [value]
-    values = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(values, torch.tensor([value], dtype=torch.int64))
+    device = collective_device()
+    values = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(values, torch.tensor([value], dtype=torch.int64, device=device))
     return [int(v) for v in values]
 
 

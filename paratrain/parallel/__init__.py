@@ -36,7 +36,8 @@ def _choose_sync(kv: KVStore, *, optimizer, optimizer_params, compression, sync_
         from paratrain.parallel.ps_sync import ParameterServerSync
         if compression is not None:
             kv.set_gradient_compression(compression)
-        return ParameterServerSync(kv, optimizer, optimizer_params, update_on_kvstore=update_on_kvstore)
+        return ParameterServerSync(kv, optimizer, optimizer_params, update_on_kvstore=update_on_kvstore,
+                                   buffers=buffers)
     if kv.type == "allreduce":
         return _allreduce_sync(kv, compression, timeout_s)
     if compression is not None:

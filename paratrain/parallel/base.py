@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from paratrain.comm.process_group import broadcast_tensors
 from paratrain.timeline import NULL_TIMELINE
 
 
@@ -24,13 +25,13 @@ def nearest_power_of_two(value: float) -> float:
     return 2.0 ** round(math.log2(value))
 
 
-def start_from_store(kv, params: Sequence[torch.nn.Parameter]) -> None:
-    """One KVStore key per parameter (its index in model order): initialise every key,
-    then pull every value back, so every worker starts from the store's (rank 0's)."""
-    for index, param in enumerate(params):
-        kv.init(index, param.detach().cpu().clone())
-    for index, param in enumerate(params):
-        kv.pull(index, out=param.data)
+def start_from_store(kv, keys: Sequence, params: Sequence[torch.nn.Parameter]) -> None:
+    """One KVStore key per parameter: initialise every key, then pull every value
+    back, so every worker starts from the store's (rank 0's)."""
+    for key, param in zip(keys, params):
+        kv.init(key, param.detach().cpu().clone())
+    for key, param in zip(keys, params):
+        kv.pull(key, out=param.data)
 
 
 class GradientSync(abc.ABC):
@@ -60,6 +61,10 @@ class GradientSync(abc.ABC):
     #: gradients' size (MXNet's 2bit threshold is defined on summed gradients; fp16
     #: casts underflow), or where the gradients leave for servers.
     linear: bool = False
+    #: True when ``p.grad`` holds the aggregated, normalised gradient after ``reduce``
+    #: (so it may be clipped there); False where the servers run the optimizer and the
+    #: aggregate never comes back to the workers.
+    reduced_grads_visible: bool = True
     #: Where communication spans are recorded; :func:`paratrain.parallel.build_gradient_sync`
     #: sets the caller's timeline once.
     timeline = NULL_TIMELINE
@@ -81,6 +86,15 @@ class GradientSync(abc.ABC):
     def reduce(self, scale: float) -> None:
         """Finish aggregation; leave ``global_grad * scale`` in every ``p.grad``."""
 
+    def attach_state(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Make ``tensors`` (frozen weights, buffers) start equal on every worker, with
+        rank 0's values. Default: a broadcast over the process group, if there is one."""
+        broadcast_tensors(tensors)
+
+    def pull_weights(self) -> None:
+        """Bring this worker's parameters to the agreed values (where they live
+        elsewhere: the parameter servers). Default: they already are."""
+
     def after_step(self) -> None:
         """Hook run after the optimizer update (default: nothing)."""
 
@@ -89,7 +103,8 @@ class GradientSync(abc.ABC):
         rank at the end of an epoch). Default: they already do."""
 
     def set_learning_rate(self, lr: float) -> None:
-        """Hook for syncs whose optimizer runs elsewhere (the parameter servers)."""
+        """The learning rate of the coming step, for syncs whose optimizer runs
+        elsewhere (the parameter servers); called before every ``reduce``."""
 
     def zero_grad(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Clear gradients after the update (default: set them to None)."""

@@ -64,7 +64,7 @@ class CastReducer(BucketReducer):
         workers, numel = self.num_workers, flat.numel()
         scale = 1.0 / workers if self.dtype == torch.float16 else 1.0
         chunk = math.ceil(numel / workers)
-        send = torch.zeros(chunk * workers, dtype=self.dtype)
+        send = torch.zeros(chunk * workers, dtype=self.dtype, device=flat.device)
         send[:numel] = codecs.encode_cast(flat.detach(), self.dtype, scale=scale)
         received = torch.empty_like(send)
         if workers == 1:
@@ -80,7 +80,7 @@ class CastReducer(BucketReducer):
             wait_work(work, timeout, f"all_to_all of {self.dtype} bucket {bucket_index}")
             chunk_sum = sum_in_rank_order(received.view(workers, chunk)).to(self.dtype)
             self.bytes_sent += all_gather_bytes(tensor_nbytes(chunk_sum), workers)
-            gathered = torch.empty(chunk * workers, dtype=self.dtype)
+            gathered = torch.empty(chunk * workers, dtype=self.dtype, device=flat.device)
             wait_work(self._all_gather(gathered, chunk_sum), deadline - time.monotonic(),
                       f"all_gather of {self.dtype} chunk sums of bucket {bucket_index}")
             return codecs.decode_cast(gathered[:numel], scale=scale).to(flat.dtype)
@@ -123,7 +123,7 @@ class GatherReducer(BucketReducer):
     def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce:
         payload = self.encode(bucket_index, flat)
         workers, numel = self.num_workers, flat.numel()
-        gathered = torch.empty(workers * payload.numel(), dtype=payload.dtype)
+        gathered = torch.empty(workers * payload.numel(), dtype=payload.dtype, device=payload.device)
         work = self._all_gather(gathered, payload)
         nbytes = tensor_nbytes(payload)
         self.payload_bytes += nbytes
@@ -205,11 +205,11 @@ class PowerSGDReducer(BucketReducer):
         self.shapes[bucket_index] = [tuple(shape) for shape in shapes]
         self.buckets.pop(bucket_index, None)
 
-    def _bucket(self, bucket_index: int, numel: int) -> _PowerSGDBucket:
+    def _bucket(self, bucket_index: int, numel: int, device: torch.device) -> _PowerSGDBucket:
         state = self.buckets.get(bucket_index)
         if state is None or state.residual.numel() != numel:
             segments = plan_segments(self.shapes.get(bucket_index), numel, self.config.rank)
-            state = _PowerSGDBucket(segments, torch.zeros(numel))
+            state = _PowerSGDBucket(segments, torch.zeros(numel, device=device))
             self.buckets[bucket_index] = state
         return state
 
@@ -218,17 +218,18 @@ class PowerSGDReducer(BucketReducer):
         if q is None or not torch.isfinite(q).all() or not q.abs().max() > 0:
             # A zero (or non-finite) gradient leaves a useless Q: start again from the seed.
             rank = min(self.config.rank, segment.rows, segment.cols)
-            q = codecs.initial_q(segment.cols, rank, self.config.seed + 7919 * bucket_index + index)
+            q = codecs.initial_q(segment.cols, rank, self.config.seed + 7919 * bucket_index + index).to(
+                state.residual.device)
         return q
 
     def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce:
-        state = self._bucket(bucket_index, flat.numel())
+        state = self._bucket(bucket_index, flat.numel(), flat.device)
         m_flat = flat.detach().reshape(-1).float() + state.residual
         matrices, p_parts = {}, []
         for index, segment in enumerate(state.segments):
             piece = m_flat[segment.start:segment.start + segment.numel]
             if segment.compressed:
-                matrix = torch.zeros(segment.rows * segment.cols)
+                matrix = torch.zeros(segment.rows * segment.cols, device=flat.device)
                 matrix[:segment.numel] = piece
                 matrices[index] = matrix.view(segment.rows, segment.cols)
                 p_parts.append(codecs.powersgd_p(matrices[index], self._warm_q(state, bucket_index, index, segment)).reshape(-1))
@@ -246,7 +247,7 @@ class PowerSGDReducer(BucketReducer):
 
     def _finish(self, bucket_index: int, state: _PowerSGDBucket, matrices: dict,
                 p_buffer: torch.Tensor, deadline: float) -> torch.Tensor:
-        result = torch.zeros(state.residual.numel())
+        result = torch.zeros(state.residual.numel(), device=state.residual.device)
         new_residual = torch.zeros_like(result)
         ps, q_locals, offset = {}, {}, 0
         for index, segment in enumerate(state.segments):

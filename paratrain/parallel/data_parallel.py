@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from torch.autograd import Variable
 
 from paratrain.comm.accounting import tensor_nbytes
 from paratrain.errors import ConfigError
@@ -77,6 +78,8 @@ class BucketedAllreduceSync(GradientSync):
         self._buckets: list[_Bucket] = []
         self._where: dict[int, tuple[int, int]] = {}   # id(param) -> (bucket, slot)
         self._next_launch = 0
+        self._end_of_backward_queued = False
+        self._summed = False   # every bucket holds its sum (backward ended, reduce is due)
         # Linear reducers: the hooks multiply each gradient by this power of two as they
         # copy it into its bucket (the last step's scale, rounded), so reduce() need not
         # pass over the buckets again when the scale is unchanged. Exact: scaling by a
@@ -139,6 +142,11 @@ class BucketedAllreduceSync(GradientSync):
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         if not self.sync_enabled:
             return
+        if not self._end_of_backward_queued:
+            # As DDP: when this backward ends, wait for every bucket, so whatever reads
+            # or changes the gradients after it (clipping) sees the sums on every rank.
+            Variable._execution_engine.queue_callback(self._finish_backward)
+            self._end_of_backward_queued = True
         index, slot = self._where[id(param)]
         bucket = self._buckets[index]
         if bucket.pending is not None or slot in bucket.ready:
@@ -162,25 +170,38 @@ class BucketedAllreduceSync(GradientSync):
             bucket.pending = self.reducer.launch(self._next_launch, bucket.flat)
             self._next_launch += 1
 
-    def reduce(self, scale: float) -> None:
-        for bucket in self._buckets:   # parameters whose hooks never fired this step
+    def _finish_backward(self) -> None:
+        self._end_of_backward_queued = False
+        with self.timeline.span("gradient wait", "wait"):
+            self._sum_buckets()
+
+    def _sum_buckets(self) -> None:
+        """Launch what is left (parameters whose hooks never fired this step give
+        zeros), wait for every bucket and leave each sum in it."""
+        for bucket in self._buckets:
             for slot in range(len(bucket.params)):
                 if slot not in bucket.ready:
                     self._fill(bucket, slot)
         self._launch_ready()
-        remaining = scale / self._prescale   # exact: _prescale is a power of two
         for index, bucket in enumerate(self._buckets):
             summed = bucket.pending.wait(self.timeout_s)
-            done_s = time.perf_counter()
-            self.timeline.complete(f"allreduce bucket {index}", "comm", bucket.launch_s, done_s,
+            self.timeline.complete(f"allreduce bucket {index}", "comm", bucket.launch_s, time.perf_counter(),
                                    tid="comm", bytes=tensor_nbytes(bucket.flat))
             if summed is not bucket.flat:   # a compressed reducer returns a new tensor
                 bucket.flat.copy_(summed)
+        self._summed = True
+
+    def reduce(self, scale: float) -> None:
+        if not self._summed:   # no hook fired (every parameter unused), or sync was off
+            self._sum_buckets()
+        remaining = scale / self._prescale   # exact: _prescale is a power of two
+        for bucket in self._buckets:
             if remaining != 1.0:
                 bucket.flat.mul_(remaining)   # every param.grad is a view of it
             bucket.ready.clear()
             bucket.pending = None
         self._next_launch = 0
+        self._summed = False
         if self.linear and scale > 0:
             self._prescale = nearest_power_of_two(scale)
 
@@ -201,10 +222,3 @@ class LocalSync(GradientSync):
         if scale != 1.0:
             grads = [param.grad for param in self._params if param.grad is not None]
             torch._foreach_mul_(grads, scale)   # one fused pass, as torch.optim does
-
-
-def broadcast_buffers(buffers: Sequence[torch.Tensor], src: int = 0) -> None:
-    """Copy rank ``src``'s buffers (BatchNorm statistics, ...) to every worker."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        for buffer in buffers:
-            dist.broadcast(buffer, src=src)

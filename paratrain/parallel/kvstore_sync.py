@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from paratrain.kvstore.base import KVStore
+from paratrain.kvstore.base import KVStore, claim_key_namespace, namespaced
 from paratrain.parallel.base import GradientSync, start_from_store
 
 
@@ -20,20 +20,23 @@ class KVStoreSync(GradientSync):
     def __init__(self, kv: KVStore) -> None:
         super().__init__()
         self.kv = kv
+        self._namespace = claim_key_namespace()
         self._params: list[torch.nn.Parameter] = []
+        self._keys: list = []
 
     def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Initialise every key and start every worker from the store's values."""
         self._params = list(params)
-        start_from_store(self.kv, self._params)
+        self._keys = [namespaced(self._namespace, index) for index in range(len(self._params))]
+        start_from_store(self.kv, self._keys, self._params)
 
     def reduce(self, scale: float) -> None:
         start = time.perf_counter()
         handles = []
-        for index, param in enumerate(self._params):
+        for key, param in zip(self._keys, self._params):
             if param.grad is None:   # unused this step: it still takes part in the sum
                 param.grad = torch.zeros_like(param)
-            handles.append(self.kv.pushpull(index, param.grad, out=param.grad, block=False))
+            handles.append(self.kv.pushpull(key, param.grad, out=param.grad, block=False))
         for handle in handles:
             handle.wait(None)
         if scale != 1.0:

@@ -86,23 +86,20 @@ def _unwrap(packed):
     return packed.tensor if isinstance(packed, _Held) else packed
 
 
-def count_correct(outputs: torch.Tensor, targets: torch.Tensor) -> int:
-    """Correct predictions for class logits ``[N, C]`` and class targets ``[N]``; 0
-    for anything else (regression losses have no accuracy)."""
-    if outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point():
-        return int((outputs.argmax(1) == targets).sum())
-    return 0
-
-
 class StageRunner:
-    """Runs one stage's action list: receive, compute, send, stash for backward."""
+    """Runs one stage's action list: receive, compute, send, stash for backward.
+
+    On the last stage, ``loss_fn(outputs, micro_batch) -> (loss, report)`` gives the
+    loss to back-propagate and a report of it (whatever the caller wants to add up);
+    the runner returns the reports, one per micro-batch, in order."""
 
     def __init__(self, module, stage: int, num_stages: int, previous, following, loss_fn, *,
-                 timeline=NULL_TIMELINE) -> None:
+                 timeline=NULL_TIMELINE, device: torch.device | str = "cpu") -> None:
         self.module, self.stage, self.num_stages = module, stage, num_stages
         self.previous, self.following, self.loss_fn = previous, following, loss_fn
         self.meter = ActivationMeter(list(module.parameters()))
         self.timeline = timeline   # spans per forward, backward and wait
+        self.device = torch.device(device)   # where received tensors go (the module's device)
         self._wait_s = 0.0
 
     def span(self, name: str, category: str):
@@ -113,10 +110,10 @@ class StageRunner:
     def is_last(self) -> bool:
         return self.stage == self.num_stages - 1
 
-    def run(self, actions, micro_inputs, micro_targets) -> tuple[float, int, StepTiming]:
-        """Execute ``actions``; returns (loss sum, correct, timing). Loss and correct
-        are this stage's: non-zero only on the last stage."""
-        self._wait_s, loss_sum, correct = 0.0, 0.0, 0
+    def run(self, actions, micro_inputs, micro_batches) -> tuple[list, StepTiming]:
+        """Execute ``actions``; returns the last stage's loss reports (none elsewhere)
+        and the timing."""
+        self._wait_s, reports = 0.0, []
         stash: dict[int, tuple] = {}
         self.meter.reset(exclude=micro_inputs[:1] if self.previous is None else ())
         start = time.perf_counter()
@@ -126,10 +123,8 @@ class StageRunner:
                 x, y = self._forward(m, micro_inputs[m], grad_enabled=True)
                 if self.is_last:
                     with self.span(f"loss {m}", "compute"):
-                        loss = self.loss_fn(y, micro_targets[m])
-                        loss_sum += loss.item()
-                        correct += count_correct(y, micro_targets[m])
-                    y = loss
+                        y, report = self.loss_fn(y, micro_batches[m])
+                        reports.append(report)
                 stash[m] = (self.meter.hold(x), self.meter.hold(y))
             else:
                 x, y = (_unwrap(t) for t in stash.pop(m))
@@ -138,21 +133,20 @@ class StageRunner:
             if channel is not None:
                 channel.flush()
         timing = StepTiming(time.perf_counter() - start, self._wait_s, self.meter.peak)
-        return loss_sum, correct, timing
+        return reports, timing
 
     @torch.no_grad()
-    def run_forward_only(self, micro_inputs, micro_targets) -> tuple[float, int]:
-        """Forward every micro-batch (evaluation); loss and correct on the last stage."""
-        loss_sum, correct = 0.0, 0
-        for action in gpipe_schedule(self.num_stages, len(micro_targets), self.stage):
+    def run_forward_only(self, micro_inputs, micro_batches) -> list:
+        """Forward every micro-batch (evaluation); the last stage's loss reports."""
+        reports = []
+        for action in gpipe_schedule(self.num_stages, len(micro_batches), self.stage):
             if action.kind != FORWARD:
                 continue
             m = action.micro_batch
             _, y = self._forward(m, micro_inputs[m], grad_enabled=False)
             if self.is_last:
-                loss_sum += self.loss_fn(y, micro_targets[m]).item()
-                correct += count_correct(y, micro_targets[m])
-        return loss_sum, correct
+                reports.append(self.loss_fn(y, micro_batches[m])[1])
+        return reports
 
     def _forward(self, m: int, local_input, grad_enabled: bool):
         if self.previous is None:
@@ -180,4 +174,4 @@ class StageRunner:
         with self.span(f"recv {m} from rank {channel.peer}", "wait"):
             tensor = channel.recv(expected_tag=m)
         self._wait_s += time.perf_counter() - start
-        return tensor
+        return tensor if tensor.device == self.device else tensor.to(self.device)

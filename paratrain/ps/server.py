@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from paratrain.comm.process_group import connect_store
     from paratrain.env import read_env
 
-    parser = argparse.ArgumentParser(prog="python -m paratrain.ps.server", description="run one parameter server")
+    parser = argparse.ArgumentParser(prog="paratrain server", description="run one parameter server (started by "
+                                     "the launcher with PARATRAIN_ROLE=server and the job's PARATRAIN_* variables)")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_BYTES >> 20,
                         help="largest message accepted; bigger ones drop the connection")
     parser.add_argument("--snapshot-dir", default=None,

@@ -42,7 +42,7 @@ def build_strategy(strategy: str | RunConfig = "allreduce", *, env: DistEnv | No
     if parallel.backup_workers:
         kvstore_options["backup_workers"] = parallel.backup_workers
     from paratrain.train.data_parallel_strategy import DataParallelStrategy
-    return DataParallelStrategy(kvstore=spec.kvstore, accumulate=config.optim.accumulate, amp=config.optim.amp,
+    return DataParallelStrategy(kvstore=spec.kvstore, accumulate=config.optim.accumulate,
                                 compression=config.comm.compression, sync_every=parallel.sync_every,
                                 kvstore_options=kvstore_options or None, update_on_kvstore=update_on_kvstore,
                                 env=env)

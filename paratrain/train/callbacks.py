@@ -2,7 +2,10 @@
 
 ``fit`` calls ``on_train_begin``, then ``on_step_end`` after every optimizer step,
 ``on_epoch_end`` after each held-out evaluation, and ``on_train_end``. Each receives
-the :class:`FitState`; only the logging rank (rank 0) gets progress callbacks.
+the :class:`FitState`. Callbacks run on every rank, so one that changes the training
+(the learning rate through ``state.strategy.optimizer``) changes it everywhere; the
+ones that only report (``rank_zero_only = True``: progress bar, Speedometer, metrics)
+run on the logging rank alone.
 """
 from __future__ import annotations
 
@@ -13,17 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from paratrain.train.strategy import StepResult
+from typing import Any, Sequence
+
+from paratrain.train.objective import StepResult
 
 
 @dataclass
 class FitState:
     """Where a run stands; owned by ``fit`` and read by callbacks."""
 
-    strategy: str
+    strategy_name: str
     epochs: int
-    steps_per_epoch: int
+    steps_per_epoch: int | None    # None for an IterableDataset
     global_batch: int
+    strategy: Any = None           # the Strategy (its ``optimizer``, ``is_logging_rank``)
     epoch: int = 0
     batch_in_epoch: int = 0        # batches of the current epoch already done
     step: int = 0                  # optimizer steps done in total
@@ -41,16 +47,41 @@ class FitState:
 
 
 class Callback:
+    """A hook into ``fit``; every method does nothing unless overridden."""
+
+    #: True for callbacks that only report: they run on the logging rank alone.
+    rank_zero_only: bool = False
+
     def on_train_begin(self, state: FitState) -> None: ...
     def on_step_end(self, state: FitState) -> None: ...
     def on_epoch_end(self, state: FitState) -> None: ...
     def on_train_end(self, state: FitState) -> None: ...
 
 
+def notify(callbacks: Sequence[Callback], hook: str, state: FitState) -> None:
+    """Call ``hook`` of each callback meant for this rank."""
+    logging_rank = state.strategy is None or state.strategy.is_logging_rank
+    for callback in callbacks:
+        if logging_rank or not callback.rank_zero_only:
+            getattr(callback, hook)(state)
+
+
+def describe(result: StepResult, *, digits: int = 4) -> dict[str, float]:
+    """What a step or an evaluation reports: loss, accuracy where it applies, and the
+    user's metrics (means over the samples)."""
+    values = {} if result.accuracy is None else {"accuracy": round(result.accuracy, digits + 2)}
+    values["loss"] = round(result.loss, digits + 2)
+    values.update({name: round(value, digits + 2) for name, value in result.metric_means().items()})
+    return values
+
+
 class Speedometer(Callback):
-    """MXNet's Speedometer: every ``frequent`` batches, one line with the global speed
-    and the training accuracy, e.g. ``Epoch[0] Batch [0-50]\\tSpeed: 4298.37
-    samples/sec\\taccuracy=0.996630\\tcomm_MB=0.51`` (MB this rank sent per batch)."""
+    """MXNet's Speedometer: every ``frequent`` batches, one line with the global speed,
+    the training accuracy (where it applies), loss and your metrics over those batches,
+    e.g. ``Epoch[0] Batch [0-50]\tSpeed: 4298.37 samples/sec\taccuracy=0.996630\t
+    loss=0.031200\tcomm_MB=0.51`` (MB this rank sent per batch)."""
+
+    rank_zero_only = True
 
     def __init__(self, frequent: int = 50, stream: TextIO | None = None) -> None:
         self.frequent = frequent
@@ -58,22 +89,26 @@ class Speedometer(Callback):
         self._reset(0)
 
     def _reset(self, batch: int) -> None:
-        self._first_batch, self._samples, self._correct, self._bytes = batch, 0, 0, 0
+        self._first_batch, self._totals, self._bytes = batch, StepResult(0.0, 0), 0
         self._tic = time.perf_counter()
 
     def on_step_end(self, state: FitState) -> None:
         if state.batch_in_epoch == 1:
             self._reset(0)
-        self._samples += state.last.samples
-        self._correct += state.last.correct
+        last, totals = state.last, self._totals
+        totals.loss_sum, totals.samples = totals.loss_sum + last.loss_sum, totals.samples + last.samples
+        if last.correct is not None:
+            totals.correct = (totals.correct or 0) + last.correct
+        for name, value in last.metrics.items():
+            totals.metrics[name] = totals.metrics.get(name, 0.0) + value
         self._bytes += state.step_bytes
         batch = state.batch_in_epoch
         if batch % self.frequent == 0 or batch == state.steps_per_epoch:
             elapsed = max(time.perf_counter() - self._tic, 1e-9)
             batches = max(batch - self._first_batch, 1)
+            reported = "\t".join(f"{name}={value:.6f}" for name, value in describe(totals).items())
             line = (f"Epoch[{state.epoch}] Batch [{self._first_batch}-{batch}]\t"
-                    f"Speed: {self._samples / elapsed:.2f} samples/sec\t"
-                    f"accuracy={self._correct / max(self._samples, 1):.6f}\t"
+                    f"Speed: {totals.samples / elapsed:.2f} samples/sec\t{reported}\t"
                     f"comm_MB={self._bytes / batches / 1e6:.4f}")
             print(line, file=self.stream or sys.stdout, flush=True)
             self._reset(batch)
@@ -81,6 +116,8 @@ class Speedometer(Callback):
 
 class ProgressBar(Callback):
     """A tqdm bar per epoch with loss and samples/sec (rank 0, on stderr)."""
+
+    rank_zero_only = True
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -94,7 +131,8 @@ class ProgressBar(Callback):
             self._bar = tqdm(total=state.steps_per_epoch, initial=state.batch_in_epoch - 1,
                              desc=f"epoch {state.epoch}", leave=False, dynamic_ncols=True, file=sys.stderr)
         speed = state.last.samples / max(state.step_seconds, 1e-9)
-        self._bar.set_postfix(loss=f"{state.last.loss:.4f}", samples_per_sec=f"{speed:.0f}", refresh=False)
+        postfix = {name: f"{value:.4f}" for name, value in describe(state.last).items()}
+        self._bar.set_postfix(samples_per_sec=f"{speed:.0f}", refresh=False, **postfix)
         self._bar.update(1)
         if state.batch_in_epoch == state.steps_per_epoch:
             self._close()
@@ -102,9 +140,8 @@ class ProgressBar(Callback):
     def on_epoch_end(self, state: FitState) -> None:
         self._close()
         if self.enabled and state.heldout is not None:
-            print(f"epoch {state.epoch}: held-out loss {state.heldout.loss:.4f} "
-                  f"accuracy {state.heldout.correct / max(state.heldout.samples, 1):.4f}",
-                  file=sys.stderr, flush=True)
+            reported = " ".join(f"{name} {value:.4f}" for name, value in describe(state.heldout).items())
+            print(f"epoch {state.epoch}: held-out {reported}", file=sys.stderr, flush=True)
 
     def on_train_end(self, state: FitState) -> None:
         self._close()
@@ -118,6 +155,8 @@ class ProgressBar(Callback):
 class MetricsLogger(Callback):
     """Per-step and per-epoch metrics to ``log_dir/metrics.jsonl`` and TensorBoard
     (``log_dir/tb``, when the tensorboard package is installed)."""
+
+    rank_zero_only = True
 
     def __init__(self, log_dir: str | Path, tensorboard: bool = True) -> None:
         self.log_dir = Path(log_dir)
@@ -141,16 +180,14 @@ class MetricsLogger(Callback):
     def on_step_end(self, state: FitState) -> None:
         last = state.last
         self._write({"kind": "train", "step": state.step, "epoch": state.epoch,
-                     "wall_s": round(state.wall_s, 4), "loss": last.loss,
-                     "accuracy": last.correct / max(last.samples, 1),
+                     "wall_s": round(state.wall_s, 4), **describe(last, digits=8),
                      "samples_per_sec": last.samples / max(state.step_seconds, 1e-9),
-                     "bytes_sent": state.step_bytes, "lr": state.lr, "strategy": state.strategy}, state.step)
+                     "bytes_sent": state.step_bytes, "lr": state.lr, "strategy": state.strategy_name}, state.step)
 
     def on_epoch_end(self, state: FitState) -> None:
         if state.heldout is not None:
             self._write({"kind": "eval", "step": state.step, "epoch": state.epoch,
-                         "wall_s": round(state.wall_s, 4), "loss": state.heldout.loss,
-                         "accuracy": state.heldout.correct / max(state.heldout.samples, 1)}, state.step)
+                         "wall_s": round(state.wall_s, 4), **describe(state.heldout, digits=8)}, state.step)
 
     def on_train_end(self, state: FitState) -> None:
         if state.summary is not None:

@@ -1,6 +1,7 @@
 """Data parallelism as a :class:`Strategy`: every worker holds the whole model and a
 :class:`~paratrain.Trainer` aggregates gradients through a KVStore (allreduce, the
-parameter server, local SGD). Covers gradient accumulation and mixed precision."""
+parameter server, local SGD). Covers gradient accumulation, mixed precision, clipping
+and LR schedules."""
 from __future__ import annotations
 
 import contextlib
@@ -10,12 +11,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from paratrain.comm.process_group import connect_store, destroy_process_group, init_process_group
+from paratrain.comm.process_group import (collective_device, connect_store, destroy_process_group,
+                                          init_process_group)
+from paratrain.data.batches import batch_len, move_to, split_batch
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, check_choice
 from paratrain.strategies import kvstore_spec
-from paratrain.timeline import NULL_TIMELINE
-from paratrain.train.strategy import Strategy, StepResult
+from paratrain.train.objective import StepResult
+from paratrain.train.strategy import Strategy, TrainSpec
 from paratrain.train.trainer import Trainer, param_checksum
 
 AMP_MODES = ("none", "bf16", "fp16")
@@ -25,7 +28,6 @@ AMP_MODES = ("none", "bf16", "fp16")
 class DataParallelConfig:
     kvstore: str = "allreduce"
     accumulate: int = 1
-    amp: str = "none"
     compression: str | dict | None = None
     sync_every: int | None = None      # local SGD when set
     kvstore_options: dict | None = None
@@ -33,17 +35,31 @@ class DataParallelConfig:
 
     def __post_init__(self) -> None:
         kvstore_spec(self.kvstore)
-        check_choice("amp", self.amp, AMP_MODES)
-        if not isinstance(self.accumulate, int) or self.accumulate < 1:
+        if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) or self.accumulate < 1:
             raise ConfigError(f"accumulate={self.accumulate!r} must be an integer >= 1")
         if self.sync_every is not None and (not isinstance(self.sync_every, int) or self.sync_every < 1):
             raise ConfigError(f"sync_every={self.sync_every!r} must be an integer >= 1")
         if self.compression is not None:   # fail at the edge, before any process starts
             from paratrain.comm.codecs import parse_compression
-            if parse_compression(self.compression).type == "none":
+            if not parse_compression(self.compression).enabled:
                 self.compression = None
-        if self.amp == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("amp='fp16' needs a GPU (dynamic loss scaling); on CPU use amp='bf16'")
+
+
+def select_device(env: DistEnv) -> torch.device:
+    """``cuda:LOCAL_RANK`` (made current, so NCCL and allocations use it) where CUDA is
+    available, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device(f"cuda:{env.local_rank % torch.cuda.device_count()}")
+    torch.cuda.set_device(device)
+    return device
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context for ``amp`` (``none``: nothing)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 class DataParallelStrategy(Strategy):
@@ -59,22 +75,36 @@ class DataParallelStrategy(Strategy):
         self._lockstep = self.spec.lockstep
         self._local_samples = 0   # samples this worker trained on (async throughput)
         self._owns_group = False  # setup created the process group: close destroys it
-        self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
+        self._metric_names: set[str] = set()
+        self.device = torch.device("cpu")
 
-    def setup(self, model, optimizer, optimizer_params, loss_fn, *, timeline=NULL_TIMELINE) -> None:
+    def setup(self, model, spec: TrainSpec) -> None:
+        check_choice("amp", spec.amp, AMP_MODES)
+        if spec.amp == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("amp='fp16' needs a GPU (dynamic loss scaling); on CPU use amp='bf16'")
+        self.device = select_device(self.env)
         # Async workers share no process group: a dead one must not break the others,
         # and a restarted one must be able to rejoin. They meet in the store instead.
         self._owns_group = self.env.distributed and self._lockstep and init_process_group(self.env)
         self.model = model.to(self.device)
         self.model.train()
-        self.loss_fn = loss_fn
-        scaler = torch.amp.GradScaler("cuda") if self.config.amp == "fp16" else None
-        self.trainer = Trainer(self.model, optimizer, optimizer_params, kvstore=self.config.kvstore,
+        self.train_spec, self.objective = spec, spec.objective
+        self.timeline = spec.timeline
+        self.trainer = Trainer(self.model, spec.optimizer, spec.optimizer_params, kvstore=self.config.kvstore,
                                compression=self.config.compression, sync_every=self.config.sync_every,
-                               loss_scaler=scaler, kvstore_options=self.config.kvstore_options,
-                               update_on_kvstore=self.config.update_on_kvstore, timeline=timeline)
-        self.timeline = timeline
+                               loss_scaler=torch.amp.GradScaler("cuda") if spec.amp == "fp16" else None,
+                               kvstore_options=self.config.kvstore_options,
+                               update_on_kvstore=self._update_on_kvstore(spec), timeline=spec.timeline)
+        self.scheduler = spec.build_scheduler(self.trainer.optimizer)
         self._start_together()
+
+    def _update_on_kvstore(self, spec: TrainSpec) -> bool | None:
+        """Under dist_sync, clipping by the global norm needs the aggregated gradient on
+        the workers: the servers then sum and the workers run the optimizer."""
+        if spec.max_grad_norm is not None and self.config.kvstore == "dist_sync" \
+                and self.config.update_on_kvstore is None:
+            return False
+        return self.config.update_on_kvstore
 
     def _start_together(self) -> None:
         """Start-up skew between processes is not a speed difference: begin together.
@@ -82,15 +112,23 @@ class DataParallelStrategy(Strategy):
         if dist.is_initialized():
             dist.barrier()
         elif self.env.distributed:
-            store = connect_store(self.env)
-            arrived = store.add("start/arrived", 1)
-            deadline = time.monotonic() + self.env.timeout_s
-            while arrived < self.env.world_size and not self.env.rejoin:
-                if time.monotonic() > deadline:
-                    raise CommTimeout(f"rank {self.env.rank}: only {arrived} of {self.env.world_size} workers "
-                                      f"arrived within {self.env.timeout_s}s")
-                time.sleep(0.01)
-                arrived = store.add("start/arrived", 0)
+            self._wait_in_store("start/arrived", "arrived", wait=not self.env.rejoin)
+
+    def _wait_in_store(self, key: str, what: str, *, wait: bool = True, required: bool = True) -> int:
+        """Count this worker in at ``key`` of the job's store; wait (bounded) until
+        every worker has (``required``: else raise at the limit). Returns how many had."""
+        store = connect_store(self.env)
+        arrived = store.add(key, 1)
+        deadline = time.monotonic() + self.env.timeout_s
+        while wait and arrived < self.env.world_size:
+            if time.monotonic() > deadline:
+                if not required:
+                    return arrived
+                raise CommTimeout(f"rank {self.env.rank}: only {arrived} of {self.env.world_size} workers "
+                                  f"{what} within {self.env.timeout_s}s")
+            time.sleep(0.01)
+            arrived = store.add(key, 0)
+        return arrived
 
     def job_totals(self, steps: int, samples: int, seconds: float) -> tuple[list[int], float]:
         """Async: workers ran at their own pace, so each posts its real step count,
@@ -114,89 +152,117 @@ class DataParallelStrategy(Strategy):
             total_samples += int(rank_samples)
             longest = max(longest, float(rank_seconds))
         return counts, total_samples / longest if longest else 0.0
+
     def make_sampler(self, dataset_len: int, global_batch: int, seed: int):
         if self._lockstep or not self.env.distributed:
             return super().make_sampler(dataset_len, global_batch, seed)
         from paratrain.data.dispatch import DynamicBatchSampler
         return DynamicBatchSampler(connect_store(self.env), dataset_len, global_batch, self.data_world, seed)
 
-    def _autocast(self):
-        if self.config.amp == "none":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
-    def train_step(self, inputs, targets, global_batch) -> StepResult:
+    def train_step(self, batch, global_batch) -> StepResult:
         # The model is in training mode: setup put it there, evaluate puts it back.
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
-        samples = inputs.shape[0]
-        if self.config.accumulate == 1 or not samples:
-            micro_batches = [(inputs, targets)] if samples else []
-        else:
-            micro_batches = list(zip(inputs.chunk(self.config.accumulate), targets.chunk(self.config.accumulate)))
+        samples = batch_len(batch) if batch is not None else 0
+        micro_batches = split_batch(move_to(batch, self.device), self.config.accumulate) if samples else []
         # The summed loss times a power of two near 1/global batch: bitwise the same
         # update as rescaling the gradients after communication, without that pass
         # (1.0 where a codec needs summed gradients: MXNet's 2bit threshold).
         loss_scale = self.trainer.loss_scale_for(global_batch)
-        loss_sum, correct = 0.0, 0
-        for index, (x, y) in enumerate(micro_batches):
+        scaler, reduction = self.trainer.loss_scaler, self.objective.reduction
+        totals = StepResult(0.0, 0)
+        for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with (contextlib.nullcontext() if last else self.trainer.no_sync()):
-                with self._span("forward"), self._autocast():
-                    output = self.model(x)
-                    loss = self.loss_fn(output.float(), y)
+                with self._span("forward"), autocast(self.device, self.train_spec.amp):
+                    result = self.objective(self.model, micro)
                 with self._span("backward"):
-                    scaler = self.trainer.loss_scaler   # fp16: then loss_scale is 1.0
-                    (scaler.scale(loss) if scaler else loss * loss_scale).backward()
-            loss_sum += loss.item()
-            correct += int((output.argmax(1) == y).sum())
-        self.trainer.step(samples, global_batch_size=global_batch, loss_scale=loss_scale)
+                    summed = result.summed(reduction)   # fp16: the scaler scales, loss_scale is 1.0
+                    (scaler.scale(summed) if scaler else summed * loss_scale).backward()
+            totals.add(result, reduction)
+        self.trainer.step(samples, global_batch_size=global_batch, loss_scale=loss_scale,
+                          max_grad_norm=self.train_spec.max_grad_norm)
+        if self.scheduler is not None:
+            self.scheduler.step()
         self._local_samples += samples
         # After trainer.step, not overlapped with it: a bucket holding a parameter unused
         # on one rank only is launched inside trainer.step there and during backward on
         # the others, so a collective issued in between would pair up differently per rank.
-        return self._totals(loss_sum, correct, samples, reduce=self._lockstep)
+        return self._totals(totals)
 
-    def _totals(self, loss_sum: float, correct: int, samples: int, reduce: bool) -> StepResult:
-        if reduce and dist.is_initialized() and dist.get_world_size() > 1:
-            stats = torch.tensor([loss_sum, float(correct), float(samples)], dtype=torch.float64)
-            dist.all_reduce(stats)
-            loss_sum, correct, samples = stats[0].item(), int(stats[1]), int(stats[2])
-        elif not reduce:   # async: this worker's view, scaled to an estimate of the whole job
-            return StepResult(loss_sum * self.data_world, correct * self.data_world, samples * self.data_world)
-        return StepResult(loss_sum, correct, samples)
+    def _totals(self, totals: StepResult) -> StepResult:
+        """The step's (or evaluation's) totals over the job: summed over workers in
+        lockstep; in async modes this worker's, scaled to an estimate of the job."""
+        if not self._lockstep:
+            return totals.scaled(self.data_world)
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return totals
+        self._metric_names |= set(totals.metrics)
+        totals.metrics = {name: totals.metrics.get(name, 0.0) for name in self._metric_names}
+        vector = torch.tensor(totals.to_vector(), dtype=torch.float64, device=collective_device())
+        dist.all_reduce(vector)
+        return totals.from_vector(vector.tolist(), dist.get_world_size())
+
+    def agree_on_batch(self, local_len: int) -> tuple[bool, int]:
+        """Lockstep workers go on while every one of them has a batch; async ones alone."""
+        if not self._lockstep or not (dist.is_initialized() and dist.get_world_size() > 1):
+            return local_len > 0, local_len * self.data_world
+        counts = torch.tensor([float(local_len > 0), float(local_len)], dtype=torch.float64,
+                              device=collective_device())
+        dist.all_reduce(counts)
+        return int(counts[0]) == dist.get_world_size(), int(counts[1])
 
     def finish(self) -> None:
-        # A worker whose batch queue ran dry must tell the servers, or dist_ssp/sync
-        # rounds would wait for it until they time out.
-        if self.spec.uses_servers:
-            self.trainer.kvstore.close()
+        """Release what others wait on. Parameter-server workers say goodbye, or
+        dist_ssp/sync rounds would wait for them until they time out; async ones first
+        wait (bounded) for every worker to finish and pull the final weights, so the
+        job ends with one model on every rank."""
+        if not self.spec.uses_servers:
+            return
+        if not self._lockstep and self.env.distributed:
+            # A worker that died and was not replaced never finishes: go on without it.
+            self._wait_in_store("finished", "finished", required=False)
+            self.trainer.pull_weights()
+        self.trainer.kvstore.close()
 
     def end_epoch(self) -> None:
         self.trainer.sync.consolidate()
 
+    def eval_shard(self) -> tuple[int, int]:
+        """Lockstep workers share the held-out set; async ones (no collective to sum
+        with) each evaluate all of it."""
+        return (self.data_rank, self.data_world) if self._lockstep else (0, 1)
+
     @torch.no_grad()
-    def evaluate(self, inputs, targets) -> StepResult:
-        """Every worker holds the whole model: evaluate locally, no communication."""
+    def evaluate(self, batches) -> StepResult:
+        """Every worker holds the whole model: evaluate this worker's share locally,
+        then sum the shares."""
         self.model.eval()
+        totals = StepResult(0.0, 0)
         try:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with self._autocast():
-                output = self.model(inputs)
-            loss = self.loss_fn(output.float(), targets).item()
-            return StepResult(loss, int((output.argmax(1) == targets).sum()), len(targets))
+            for batch in batches:
+                if batch is None:
+                    continue
+                with autocast(self.device, self.train_spec.amp):
+                    totals.add(self.objective(self.model, move_to(batch, self.device)), self.objective.reduction)
         finally:
             self.model.train()
+        return self._totals(totals) if self._lockstep else totals
 
     def _span(self, name: str):
         return self.timeline.span(name, "compute")
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "trainer": self.trainer.state_dict()}
+        state = {"model": self.model.state_dict(), "trainer": self.trainer.state_dict()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.trainer.load_state_dict(state["trainer"])
+        if self.scheduler is not None:
+            if "scheduler" not in state:
+                raise ConfigError("the checkpoint holds no LR scheduler state, but this run has a scheduler")
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def full_model_state(self) -> dict:
         return self.model.state_dict()
@@ -211,6 +277,10 @@ class DataParallelStrategy(Strategy):
     @property
     def lr(self) -> float:
         return self.trainer.learning_rate
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.trainer.optimizer
 
     def close(self) -> None:
         """Release the kvstore and the process group this strategy created: a gloo

@@ -1,111 +1,135 @@
 """``fit``: the training loop, readable on one screen.
 
-Per-step work lives in the strategy's ``train_step``; progress, Speedometer, metrics
-and checkpoints are callbacks. Data order comes from a seeded sampler, so a run is
-reproducible and ``resume`` continues exactly where a checkpoint left off.
+Per-step work lives in the strategy's ``train_step``; how a batch becomes a loss in an
+:class:`~paratrain.train.objective.Objective`; loading in
+:mod:`paratrain.data.loading`; progress, Speedometer, metrics and checkpoints are
+callbacks and :mod:`paratrain.train.fit_checkpoint`. Data order comes from a seeded
+sampler, so a run is reproducible and ``resume`` continues exactly where a checkpoint
+left off.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from paratrain.atomic import save_torch_atomic
-from paratrain.data.datasets import TensorDataset
+from paratrain.data.batches import batch_len
+from paratrain.data.loading import LoaderConfig, build_epoch_batches, build_eval_batches
 from paratrain.errors import ConfigError
 from paratrain.timeline import NULL_TIMELINE
-from paratrain.train import checkpoint as ckpt
+from paratrain.train import fit_checkpoint
 from paratrain.train.build import build_strategy
-from paratrain.train.callbacks import Callback, FitState
-from paratrain.train.strategy import StepResult, Strategy
+from paratrain.train.callbacks import Callback, FitState, notify
+from paratrain.train.objective import Objective, StepResult
+from paratrain.train.strategy import Strategy, TrainSpec
 
 
-def fit(model: nn.Module, train_data: TensorDataset, *, heldout: TensorDataset | None = None,
-        strategy: str | Strategy = "allreduce", epochs: int = 1, batch_size: int = 64,
-        optimizer: Any = "sgd", optimizer_params: dict | None = None, loss_fn: nn.Module | None = None,
-        seed: int = 0, callbacks: Sequence[Callback] = (), checkpoint_dir: str | None = None,
-        checkpoint_every: int | None = None, resume: bool = False, timeline=NULL_TIMELINE) -> dict:
+def fit(model: nn.Module, train_data: Any, *, heldout: Any = None, strategy: str | Strategy = "allreduce",
+        epochs: int = 1, batch_size: int = 64, optimizer: Any = "sgd", optimizer_params: dict | None = None,
+        step_fn: Callable | None = None, loss_fn: Callable | None = None, loss_reduction: str | None = None,
+        collate_fn: Callable | None = None, num_workers: int = 0, pin_memory: bool = False,
+        persistent_workers: bool = False, scheduler: Any = None, max_grad_norm: float | None = None,
+        amp: str | None = None, seed: int = 0, callbacks: Sequence[Callback] = (),
+        checkpoint_dir: str | None = None, checkpoint_every: int | None = None, resume: bool = False,
+        timeline=NULL_TIMELINE) -> dict:
     """Train ``model`` on ``train_data`` with ``strategy``; return the run summary.
 
-    ``batch_size`` is the *global* batch (split across data-parallel workers).
-    ``loss_fn`` must sum over the batch (default: cross-entropy, reduction="sum");
-    gradients are normalised by the global batch, as Gluon's ``trainer.step``.
+    ``train_data``/``heldout``: a map-style ``Dataset``, an ``IterableDataset``, a
+    ``DataLoader`` or paratrain's ``TensorDataset``. ``batch_size`` is the GLOBAL batch,
+    split across data-parallel workers. The loss is ``step_fn(model, batch)`` or
+    ``loss_fn(outputs, batch)`` (either may also return ``(loss, {name: value})``), or,
+    with neither, cross-entropy on ``(inputs, targets)`` batches; ``loss_reduction``
+    says whether that loss is a ``"mean"`` or a ``"sum"`` over the batch (default:
+    ``"mean"`` for your functions, ``"sum"`` for the built-in one). Either way the
+    update is that of one process over the whole global batch.
     """
-    if epochs < 1:
-        raise ConfigError(f"epochs={epochs} must be >= 1")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs={epochs!r} must be an integer >= 1")
+    loader = LoaderConfig(collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory,
+                          persistent_workers=persistent_workers)
     strategy = build_strategy(strategy) if isinstance(strategy, str) else strategy
     torch.manual_seed(seed)
-    strategy.setup(model, optimizer, optimizer_params or {"lr": 0.1}, loss_fn or nn.CrossEntropyLoss(reduction="sum"),
-                   timeline=timeline)
-    sampler = strategy.make_sampler(len(train_data), batch_size, seed)
-    state = FitState(strategy.name, epochs, len(sampler), batch_size)
-    if resume:
-        _restore(strategy, state, checkpoint_dir, seed=seed, batch_size=batch_size)
-    callbacks = list(callbacks) if strategy.is_logging_rank else []
-    train_seconds, train_samples, epoch_loss = 0.0, 0, StepResult(0.0, 0, 0)
-    _notify(callbacks, "on_train_begin", state)
-    for epoch in range(state.epoch, epochs):
-        state.epoch, epoch_loss = epoch, StepResult(0.0, 0, 0)
-        for global_len, indices in sampler.batches(epoch, state.batch_in_epoch):
-            with timeline.span("data", "data"):
-                inputs, targets = train_data.batch(indices)
+    strategy.setup(model, TrainSpec(optimizer=optimizer, optimizer_params=optimizer_params or {"lr": 0.1},
+                                    objective=Objective(step_fn=step_fn, loss_fn=loss_fn, reduction=loss_reduction),
+                                    scheduler=scheduler, max_grad_norm=max_grad_norm, amp=amp or "none",
+                                    timeline=timeline))
+    data = build_epoch_batches(train_data, global_batch=batch_size, rank=strategy.data_rank,
+                               world=strategy.data_world, config=loader,
+                               sampler_factory=lambda length: strategy.make_sampler(length, batch_size, seed))
+    eval_rank, eval_world = strategy.eval_shard()
+    evaluation = None if heldout is None else build_eval_batches(heldout, global_batch=batch_size, rank=eval_rank,
+                                                                 world=eval_world, config=loader)
+    state = FitState(strategy.name, epochs, data.steps_per_epoch, batch_size, strategy=strategy)
+    try:
+        if resume:
+            fit_checkpoint.restore(strategy, state, checkpoint_dir, seed=seed)
+        return _train(strategy, state, data, evaluation, callbacks, checkpoint_dir, checkpoint_every, seed, timeline)
+    finally:
+        strategy.close()   # fit set it up, fit releases it (process group, kvstore, channels)
+
+
+def _train(strategy: Strategy, state: FitState, data, evaluation, callbacks, checkpoint_dir, checkpoint_every,
+           seed: int, timeline) -> dict:
+    train_seconds, train_samples, epoch_loss = 0.0, 0, StepResult(0.0, 0)
+    notify(callbacks, "on_train_begin", state)
+    for epoch in range(state.epoch, state.epochs):
+        state.epoch, epoch_loss = epoch, StepResult(0.0, 0)
+        for global_len, batch in _steps(data, strategy, epoch, state.batch_in_epoch, timeline):
             tic, bytes_before = time.perf_counter(), strategy.bytes_sent
-            state.last = strategy.train_step(inputs, targets, global_len)
+            state.last = strategy.train_step(batch, global_len)
             state.step_seconds, state.step_bytes = time.perf_counter() - tic, strategy.bytes_sent - bytes_before
             state.step, state.batch_in_epoch, state.lr = state.step + 1, state.batch_in_epoch + 1, strategy.lr
             train_seconds, train_samples = train_seconds + state.step_seconds, train_samples + state.last.samples
-            epoch_loss = StepResult(epoch_loss.loss_sum + state.last.loss_sum, 0, epoch_loss.samples + state.last.samples)
-            _notify(callbacks, "on_step_end", state)
+            epoch_loss.loss_sum, epoch_loss.samples = epoch_loss.loss_sum + state.last.loss_sum, \
+                epoch_loss.samples + state.last.samples
+            notify(callbacks, "on_step_end", state)
             if checkpoint_dir and checkpoint_every and state.step % checkpoint_every == 0:
-                _save(strategy, state, checkpoint_dir, seed)
+                fit_checkpoint.save(strategy, state, checkpoint_dir, seed)
         strategy.end_epoch()
+        if epoch == state.epochs - 1:
+            strategy.finish()   # before the last checkpoint and evaluation: the final model
         state.epoch, state.batch_in_epoch = epoch + 1, 0   # the checkpoint resumes at the next epoch
         if checkpoint_dir:
-            _save(strategy, state, checkpoint_dir, seed)
+            fit_checkpoint.save(strategy, state, checkpoint_dir, seed)
         state.epoch = epoch
-        state.heldout = strategy.evaluate(heldout.inputs, heldout.targets) if heldout is not None else None
-        _notify(callbacks, "on_epoch_end", state)
-    strategy.finish()
-    steps_per_worker, samples_per_sec = strategy.job_totals(state.step, train_samples, train_seconds)
-    state.summary = {
+        state.heldout = None if evaluation is None else strategy.evaluate(batch for _, batch in evaluation.epoch(0))
+        notify(callbacks, "on_epoch_end", state)
+    state.summary = _summary(strategy, state, epoch_loss, train_samples, train_seconds)
+    notify(callbacks, "on_train_end", state)
+    timeline.save()
+    return state.summary
+
+
+def _steps(data, strategy: Strategy, epoch: int, start_batch: int, timeline):
+    """``(global_len, batch)`` per step; for an IterableDataset the workers agree on
+    each step's length and on when the epoch ends."""
+    batches = iter(data.epoch(epoch, start_batch))
+    while True:
+        with timeline.span("data", "data"):
+            global_len, batch = next(batches, (None, None))
+        if global_len is None:
+            more, global_len = strategy.agree_on_batch(batch_len(batch) if batch is not None else 0)
+            if not more:
+                return
+        yield global_len, batch
+
+
+def _summary(strategy: Strategy, state: FitState, epoch_loss: StepResult, samples: int, seconds: float) -> dict:
+    steps_per_worker, samples_per_sec = strategy.job_totals(state.step, samples, seconds)
+    heldout = state.heldout
+    summary = {
         "strategy": strategy.name,
         "final_loss": epoch_loss.loss if epoch_loss.samples else None,
-        "accuracy": state.heldout.correct / state.heldout.samples if state.heldout else None,
+        "accuracy": heldout.accuracy if heldout is not None else None,
+        "heldout_loss": heldout.loss if heldout is not None else None,
         "samples_per_sec": samples_per_sec,
         "steps": state.step,
         "steps_per_worker": steps_per_worker,
         "wall_s": round(state.wall_s, 3),
         "param_checksum": strategy.param_checksum(),
     }
-    _notify(callbacks, "on_train_end", state)
-    timeline.save()
-    strategy.close()   # fit set it up, fit releases it (process group, kvstore, channels)
-    return state.summary
-
-
-def _notify(callbacks: Sequence[Callback], hook: str, state: FitState) -> None:
-    for callback in callbacks:
-        getattr(callback, hook)(state)
-
-
-def _save(strategy: Strategy, state: FitState, directory: str, seed: int) -> None:
-    shard = strategy.checkpoint_shard()
-    if shard is None:
-        return
-    save_torch_atomic({"strategy": strategy.state_dict(), "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-                      "step": state.step, "seed": seed, "global_batch": state.global_batch,
-                      "rng": ckpt.rng_state()}, ckpt.checkpoint_path(directory, shard))
-
-
-def _restore(strategy: Strategy, state: FitState, directory: str | None, *, seed: int, batch_size: int) -> None:
-    if not directory:
-        raise ConfigError("resume needs a checkpoint directory (--checkpoint-dir)")
-    saved = ckpt.load_checkpoint(ckpt.checkpoint_path(directory, strategy.resume_shard()))
-    for name, current in (("seed", seed), ("global_batch", batch_size)):
-        if saved[name] != current:
-            raise ConfigError(f"cannot resume: checkpoint has {name}={saved[name]}, this run has {name}={current}")
-    strategy.load_state_dict(saved["strategy"])
-    ckpt.set_rng_state(saved["rng"])
-    state.epoch, state.batch_in_epoch, state.step = saved["epoch"], saved["batch_in_epoch"], saved["step"]
+    if heldout is not None:
+        summary.update({f"heldout_{name}": value for name, value in heldout.metric_means().items()})
+    return summary

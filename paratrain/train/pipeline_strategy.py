@@ -19,7 +19,7 @@ import itertools
 import torch
 import torch.distributed as dist
 
-from paratrain.comm.process_group import connect_store, init_process_group
+from paratrain.comm.process_group import collective_device, connect_store, init_process_group
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError, check_choice
 from paratrain.parallel.hybrid import StageReplicaSync, build_mesh, new_stage_groups
@@ -27,8 +27,10 @@ from paratrain.parallel.p2p import TRANSPORTS, open_channel
 from paratrain.parallel.pipeline import (BALANCE_MODES, SCHEDULES, build_schedule, build_stage_module,
                                          check_stage_count, resolve_partition, split_by_counts)
 from paratrain.parallel.stage_runner import StageRunner, StepTiming
-from paratrain.timeline import NULL_TIMELINE
-from paratrain.train.strategy import StepResult, Strategy
+from paratrain.data.batches import move_to, split_batch
+from paratrain.train.data_parallel_strategy import select_device
+from paratrain.train.objective import StepResult
+from paratrain.train.strategy import Strategy, TrainSpec
 
 # Strategies built in one process get distinct store keys for their p2p links; every
 # rank builds them in the same order, so a local counter agrees across ranks.
@@ -91,8 +93,13 @@ class PipelineStrategy(Strategy):
 
     # ----------------------------------------------------------------- setup
 
-    def setup(self, model, optimizer, optimizer_params, loss_fn, *, timeline=NULL_TIMELINE) -> None:
+    def setup(self, model, spec: TrainSpec) -> None:
         from paratrain.optimizers import build_worker_optimizer
+        if spec.objective.uses_model_directly:
+            raise ConfigError("step_fn(model, batch) needs the whole model, which a pipeline splits over processes; "
+                              "give a pipeline loss_fn(outputs, batch) (its batches are (inputs, targets))")
+        if spec.amp != "none":
+            raise ConfigError(f"amp={spec.amp!r} is not available for pipeline stages; use amp='none'")
         if not isinstance(model, torch.nn.Sequential):
             raise TypeError(f"pipeline stages split an nn.Sequential, got {type(model).__name__}")
         check_stage_count(len(model), self.mesh.stages)   # before any process waits on a peer
@@ -103,25 +110,33 @@ class PipelineStrategy(Strategy):
         stage_modules = [build_stage_module(model, b) for b in bounds]
         # Shapes and dtypes of every stage's entries, to decode gathered bytes later.
         self._layouts = [[(k, v.shape, v.dtype) for k, v in m.state_dict().items()] for m in stage_modules]
-        self.module = stage_modules[self.stage]
-        self.loss_fn = loss_fn
+        self.device = select_device(self.env)
+        self.module = stage_modules[self.stage].to(self.device)
+        self.objective, self.max_grad_norm = spec.objective, spec.max_grad_norm
         group = new_stage_groups(self.mesh) if self.env.distributed else None
         self.sync = StageReplicaSync(group, self.mesh.replicas)
         self.sync.attach(list(self.module.parameters()))
         # A stage may hold only parameter-free layers (a ReLU of its own): it just relays.
         params = list(self.module.parameters())
-        self.optimizer = build_worker_optimizer(params, optimizer, optimizer_params) if params else None
-        self._lr = float(dict(optimizer_params).get("lr", 0.0))
+        self.stage_optimizer = build_worker_optimizer(params, spec.optimizer, spec.optimizer_params) \
+            if params else None
+        self.scheduler = spec.build_scheduler(self.stage_optimizer) if self.stage_optimizer is not None else None
+        self._lr = float(dict(spec.optimizer_params).get("lr", 0.0))
         previous, following = self._open_links()
-        self.runner = StageRunner(self.module, self.stage, self.mesh.stages, previous, following, loss_fn,
-                                  timeline=timeline)
+        self.runner = StageRunner(self.module, self.stage, self.mesh.stages, previous, following, self._score,
+                                  timeline=spec.timeline, device=self.device)
+
+    def _score(self, outputs, micro_batch):
+        """The last stage's loss: summed over the micro-batch (backward), and its report."""
+        result = self.objective.loss_of(outputs, micro_batch)
+        return result.summed(self.objective.reduction), result
 
     def _agree_on_partition(self, model) -> list[int]:
         sample = self.sample_input
         if self.balance != "time":
             return resolve_partition(model, self.mesh.stages, self.balance)
         # Timings differ between processes: rank 0 measures, everyone uses its cut.
-        counts = torch.zeros(self.mesh.stages, dtype=torch.int64)
+        counts = torch.zeros(self.mesh.stages, dtype=torch.int64, device=collective_device())
         if self.env.rank == 0:
             counts[:] = torch.tensor(resolve_partition(model, self.mesh.stages, "time", sample_input=sample))
         if self.env.distributed:
@@ -147,56 +162,82 @@ class PipelineStrategy(Strategy):
 
     # ------------------------------------------------------------------ steps
 
-    def train_step(self, inputs, targets, global_batch) -> StepResult:
+    def train_step(self, batch, global_batch) -> StepResult:
         if self._batch_size is None:
             self.validate(global_batch)
         elif global_batch > self._batch_size:
             raise ConfigError(f"global batch {global_batch} is larger than the validated batch size "
                               f"{self._batch_size}; validate the new size first")
         self.module.train()
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        micro_inputs, micro_targets = self._micro_batches(inputs, targets)
-        loss_sum, correct = 0.0, 0
-        if micro_targets:   # an epoch's tail may leave a replica nothing: it still joins the allreduce
-            actions = build_schedule(self.schedule, self.mesh.stages, len(micro_targets), self.stage)
-            loss_sum, correct, self.last_timing = self.runner.run(actions, micro_inputs, micro_targets)
+        if self.stage_optimizer is not None:
+            self.stage_optimizer.zero_grad(set_to_none=True)
+        micro_batches = self._micro_batches(batch)
+        reports = []
+        if micro_batches:   # an epoch's tail may leave a replica nothing: it still joins the allreduce
+            actions = build_schedule(self.schedule, self.mesh.stages, len(micro_batches), self.stage)
+            reports, self.last_timing = self.runner.run(actions, [mb[0] for mb in micro_batches], micro_batches)
         with self.runner.span("allreduce", "comm"):
-            self.sync.reduce(1.0 / global_batch)   # loss_fn sums: normalise by the global batch
-        if self.optimizer is not None:
+            self.sync.reduce(1.0 / global_batch)   # the losses are summed: normalise by the global batch
+        if self.max_grad_norm is not None:
+            self._clip_by_global_norm(self.max_grad_norm)
+        if self.stage_optimizer is not None:
             with self.runner.span("optimizer", "compute"):
-                self.optimizer.step()
-        return self._share_totals(loss_sum, correct, len(targets))
+                self.stage_optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        return self._share_totals(reports)
 
-    def _micro_batches(self, inputs, targets):
-        """M equal micro-batches; for a short batch, at most M nearly equal non-empty
-        ones. Every stage of a replica holds the same slice, so all cut alike."""
-        count = min(self.micro_batches, len(targets))
-        if count == 0:
-            return [], []
-        return list(inputs.tensor_split(count)), list(targets.tensor_split(count))
-
-    def evaluate(self, inputs, targets) -> StepResult:
-        """Totals over the held-out set every rank was given: each replica evaluates
-        its 1/D share in M micro-batches, and the shares are summed."""
-        self.module.eval()
-        share = torch.arange(len(targets)).tensor_split(self.data_world)[self.data_rank]
-        inputs, targets = inputs[share], targets[share]
-        chunks = [c for c in torch.arange(len(targets)).tensor_split(self.micro_batches) if len(c)]
-        loss_sum, correct = self.runner.run_forward_only(
-            [inputs[c] for c in chunks], [targets[c] for c in chunks])
-        return self._share_totals(loss_sum, correct, len(targets))
-
-    def _share_totals(self, loss_sum: float, correct: int, samples: int) -> StepResult:
-        """The last stage of each replica knows its loss; sum over replicas, so
-        every rank returns the same global totals."""
-        if not self.runner.is_last:
-            loss_sum, correct, samples = 0.0, 0, 0
+    def _clip_by_global_norm(self, max_norm: float) -> None:
+        """Clip every stage's gradients by the norm of the whole model's gradient, as
+        ``clip_grad_norm_`` would in one process: the stages' squared norms are summed
+        (over one replica's stages: the replicas' gradients are equal after the sum)."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        squared = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads)
+        total = torch.tensor([squared / self.mesh.replicas], dtype=torch.float64, device=collective_device())
         if self.env.distributed:
-            stats = torch.tensor([loss_sum, float(correct), float(samples)], dtype=torch.float64)
+            dist.all_reduce(total)
+        coefficient = min(1.0, max_norm / (float(total[0]) ** 0.5 + 1e-6))
+        if coefficient < 1.0:
+            torch._foreach_mul_(grads, coefficient)
+
+    def _micro_batches(self, batch) -> list:
+        """M equal micro-batches of this replica's ``(inputs, targets)``; for a short
+        batch, at most M nearly equal non-empty ones. Every stage of a replica holds the
+        same slice, so all cut alike."""
+        if batch is None:
+            return []
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"pipeline batches are (inputs, targets) pairs; got {type(batch).__name__}")
+        return split_batch(move_to(batch, self.device), self.micro_batches)
+
+    def eval_shard(self) -> tuple[int, int]:
+        """Each replica evaluates its share; the stages of a replica share it."""
+        return self.data_rank, self.data_world
+
+    def evaluate(self, batches) -> StepResult:
+        """Totals over the held-out set: each replica evaluates its share (``batches``)
+        in M micro-batches, and the shares are summed."""
+        self.module.eval()
+        reports = []
+        for batch in batches:
+            micro_batches = self._micro_batches(batch)
+            if micro_batches:
+                reports += self.runner.run_forward_only([mb[0] for mb in micro_batches], micro_batches)
+        return self._share_totals(reports)
+
+    def _share_totals(self, reports) -> StepResult:
+        """The last stage of each replica knows its loss; sum over replicas, so every
+        rank returns the same global totals (loss, samples, correct; a loss_fn's own
+        metrics are not gathered across stages)."""
+        totals = StepResult(0.0, 0)
+        for report in reports:
+            totals.add(report, self.objective.reduction)
+        stats = torch.tensor([totals.loss_sum, float(totals.samples), float(totals.correct or 0),
+                              float(totals.correct is not None)], dtype=torch.float64, device=collective_device())
+        if self.env.distributed:
             dist.all_reduce(stats)
-            loss_sum, correct, samples = stats[0].item(), int(stats[1]), int(stats[2])
-        return StepResult(loss_sum, correct, samples)
+        has_correct = stats[3].item() > 0
+        return StepResult(stats[0].item(), int(stats[1]), int(stats[2]) if has_correct else None)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -210,9 +251,12 @@ class PipelineStrategy(Strategy):
         return f"stage{self.stage}"
 
     def state_dict(self) -> dict:
-        return {"stage": self.stage, "stages": self.mesh.stages, "counts": list(self.counts),
-                "model": self.module.state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {}}
+        state = {"stage": self.stage, "stages": self.mesh.stages, "counts": list(self.counts),
+                 "model": self.module.state_dict(),
+                 "optimizer": self.stage_optimizer.state_dict() if self.stage_optimizer is not None else {}}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         layout = (state.get("stage"), state.get("stages"), state.get("counts"))
@@ -221,8 +265,10 @@ class PipelineStrategy(Strategy):
                 f"checkpoint is stage {layout[0]} of {layout[1]} with layer counts {layout[2]}; this rank "
                 f"is stage {self.stage} of {self.mesh.stages} with {list(self.counts)}: resume in the same layout")
         self.module.load_state_dict(state["model"])
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+        if self.stage_optimizer is not None:
+            self.stage_optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def full_model_state(self) -> dict:
         """The whole model's state dict, assembled from every stage (collective: all
@@ -246,19 +292,20 @@ class PipelineStrategy(Strategy):
     def _gather_stage_bytes(self, tensors) -> list[bytes]:
         """Each stage's tensors as concatenated raw bytes, stage 0 first (replica
         0's copy), on every rank."""
+        device = self.device   # NCCL gathers on the GPU
         local = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-                          or [torch.zeros(0, dtype=torch.uint8)])
+                          or [torch.zeros(0, dtype=torch.uint8, device=device)])
         if not self.env.distributed:
-            return [local.numpy().tobytes()]
+            return [local.cpu().numpy().tobytes()]
         world = self.env.world_size
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([local.numel()]))
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([local.numel()], device=device))
         longest = max(int(s) for s in sizes)
-        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
         padded[:local.numel()] = local
-        gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
+        gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
         dist.all_gather(gathered, padded)
-        return [gathered[r][:int(sizes[r])].numpy().tobytes()
+        return [gathered[r][:int(sizes[r])].cpu().numpy().tobytes()
                 for r in (self.mesh.rank_of(0, s) for s in range(self.mesh.stages))]
 
     # ------------------------------------------------------------------ misc
@@ -269,7 +316,11 @@ class PipelineStrategy(Strategy):
 
     @property
     def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else self._lr
+        return float(self.stage_optimizer.param_groups[0]["lr"]) if self.stage_optimizer is not None else self._lr
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.stage_optimizer
 
     def close(self) -> None:
         for channel in self._channels:

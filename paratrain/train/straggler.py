@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import time
 
-from paratrain.timeline import NULL_TIMELINE
-from paratrain.train.strategy import Strategy
+from paratrain.train.strategy import Strategy, TrainSpec
 
 
 class Straggler(Strategy):
@@ -23,9 +22,9 @@ class Straggler(Strategy):
     def __init__(self, inner: Strategy, factor: float = 1.0, base_delay_s: float = 0.0) -> None:
         self.inner, self.factor, self.base_delay_s = inner, factor, base_delay_s
 
-    def train_step(self, inputs, targets, global_batch):
+    def train_step(self, batch, global_batch):
         start = time.perf_counter()
-        result = self.inner.train_step(inputs, targets, global_batch)
+        result = self.inner.train_step(batch, global_batch)
         work = time.perf_counter() - start
         time.sleep(max(0.0, self.factor * (work + self.base_delay_s) - work))
         return result
@@ -38,12 +37,19 @@ class Straggler(Strategy):
     is_logging_rank = property(lambda self: self.inner.is_logging_rank)
     bytes_sent = property(lambda self: self.inner.bytes_sent)
     lr = property(lambda self: self.inner.lr)
+    optimizer = property(lambda self: self.inner.optimizer)
 
-    def setup(self, model, optimizer, optimizer_params, loss_fn, *, timeline=NULL_TIMELINE) -> None:
-        self.inner.setup(model, optimizer, optimizer_params, loss_fn, timeline=timeline)
+    def setup(self, model, spec: TrainSpec) -> None:
+        self.inner.setup(model, spec)
 
-    def evaluate(self, inputs, targets):
-        return self.inner.evaluate(inputs, targets)
+    def evaluate(self, batches):
+        return self.inner.evaluate(batches)
+
+    def eval_shard(self) -> tuple[int, int]:
+        return self.inner.eval_shard()
+
+    def agree_on_batch(self, local_len: int) -> tuple[bool, int]:
+        return self.inner.agree_on_batch(local_len)
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()

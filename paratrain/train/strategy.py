@@ -7,25 +7,58 @@ below, so adding a strategy means adding one class, not a branch in the loop.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 
+from paratrain.errors import ConfigError
 from paratrain.timeline import NULL_TIMELINE
+from paratrain.train.objective import Objective, StepResult
 
 
-@dataclass
-class StepResult:
-    """Totals over the *global* batch of one step, identical on every rank."""
+@dataclass(kw_only=True)
+class TrainSpec:
+    """What a strategy trains with, as ``fit`` hands it over in ``setup``.
 
-    loss_sum: float
-    correct: int
-    samples: int
+    ``optimizer``: a registered name, a ``torch.optim`` class or an instance;
+    ``objective``: how a batch becomes a loss; ``scheduler``: a
+    ``torch.optim.lr_scheduler`` instance (built on the given optimizer instance) or a
+    callable that builds one from the optimizer, stepped after every optimizer step;
+    ``max_grad_norm``: clip by the global norm of the aggregated, normalised gradient;
+    ``amp``: ``none``, ``bf16`` or ``fp16``."""
 
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.samples, 1)
+    optimizer: Any = "sgd"
+    optimizer_params: dict = field(default_factory=lambda: {"lr": 0.1})
+    objective: Objective = field(default_factory=Objective)
+    scheduler: Any = None
+    max_grad_norm: float | None = None
+    amp: str = "none"
+    timeline: Any = NULL_TIMELINE
+
+    def __post_init__(self) -> None:
+        norm = self.max_grad_norm
+        if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float))
+                                 or not 0 < norm < float("inf")):
+            raise ConfigError(f"max_grad_norm={norm!r} must be a finite number > 0 (or None)")
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer):
+        """The scheduler of ``optimizer`` (None without one)."""
+        if self.scheduler is None:
+            return None
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LRScheduler):
+            if self.scheduler.optimizer is not optimizer:
+                raise ConfigError("scheduler is an instance built on another optimizer; give fit the optimizer "
+                                  "instance it was built on, or a callable: scheduler=lambda opt: ...")
+            return self.scheduler
+        if not callable(self.scheduler):
+            raise ConfigError(f"scheduler={self.scheduler!r} must be an LR scheduler or a callable "
+                              f"optimizer -> scheduler")
+        scheduler = self.scheduler(optimizer)
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+            raise TypeError(f"scheduler callable returned {type(scheduler).__name__}, not a "
+                            f"torch.optim.lr_scheduler.LRScheduler")
+        return scheduler
 
 
 class Strategy(abc.ABC):
@@ -43,19 +76,31 @@ class Strategy(abc.ABC):
     is_logging_rank: bool = True
 
     @abc.abstractmethod
-    def setup(self, model: torch.nn.Module, optimizer: str, optimizer_params: dict,
-              loss_fn: Any, *, timeline=NULL_TIMELINE) -> None:
-        """Place the model (split, replicate, hook) and build optimizers; record
-        spans into ``timeline`` (a :class:`paratrain.timeline.Timeline`)."""
+    def setup(self, model: torch.nn.Module, spec: TrainSpec) -> None:
+        """Place the model (split, replicate, hook), build the optimizer and scheduler,
+        and record spans into ``spec.timeline``."""
 
     @abc.abstractmethod
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, global_batch: int) -> StepResult:
+    def train_step(self, batch: Any, global_batch: int) -> StepResult:
         """Run forward, backward and the update for this process's share of one
-        global batch of ``global_batch`` samples."""
+        global batch of ``global_batch`` samples (``batch`` may be None: this worker's
+        share of an epoch's short last batch is empty, yet it takes part)."""
 
     @abc.abstractmethod
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
-        """Loss and correct count over held-out data (every rank gets the totals)."""
+    def evaluate(self, batches: Iterable[Any]) -> StepResult:
+        """Totals over this process's share of the held-out set (``batches``, cut as
+        :meth:`eval_shard` says), summed over the processes that share it: every rank
+        gets the same totals."""
+
+    def eval_shard(self) -> tuple[int, int]:
+        """``(rank, world)``: which share of the held-out set this process evaluates
+        (default: its data-parallel share)."""
+        return self.data_rank, self.data_world
+
+    def agree_on_batch(self, local_len: int) -> tuple[bool, int]:
+        """For an IterableDataset, whose length nobody knows: whether every worker
+        still has a batch, and the step's global length. Default (one worker)."""
+        return local_len > 0, local_len
 
     @abc.abstractmethod
     def state_dict(self) -> dict:
@@ -117,6 +162,11 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def lr(self) -> float:
         """The learning rate the last step used (progress and metrics)."""
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer this process steps (a callback may change its learning rate)."""
+        return None
 
     def close(self) -> None:
         pass

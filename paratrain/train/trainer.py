@@ -24,7 +24,8 @@ from paratrain.kvstore.base import KVStore
 from paratrain.optimizers import build_worker_optimizer, optimizer_name
 from paratrain.parallel import build_gradient_sync
 from paratrain.parallel.base import nearest_power_of_two
-from paratrain.parallel.data_parallel import broadcast_buffers
+from paratrain.comm.process_group import broadcast_tensors
+from paratrain.strategies import SERVER_KVSTORE_TYPES, kvstore_spec
 from paratrain.timeline import NULL_TIMELINE
 
 def unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -79,9 +80,11 @@ class Trainer:
         self.optimizer = build_worker_optimizer(self._params, optimizer, optimizer_params)
         self.loss_scaler = loss_scaler
         self.sync.attach(self._params)
-        broadcast_buffers(frozen + self._buffers)   # frozen weights too: every replica starts equal
+        # Frozen weights too: every replica starts equal (rank 0's values).
+        self.sync.attach_state(frozen + self._buffers)
         self.timeline = timeline
         self.num_update = 0
+        self._reduced = False   # allreduce_grads ran, update is due
 
     @property
     def num_workers(self) -> int:
@@ -92,10 +95,10 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def set_learning_rate(self, lr: float) -> None:
-        """Set the learning rate here and, with a server-side optimizer, on the servers."""
+        """Set the learning rate (MXNet's ``trainer.set_learning_rate``); with a
+        server-side optimizer the servers use it from the next step on."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.sync.set_learning_rate(lr)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -118,23 +121,92 @@ class Trainer:
             return 1.0
         return nearest_power_of_two(1.0 / global_batch_size)
 
-    def step(self, batch_size: int, *, global_batch_size: int | None = None, loss_scale: float = 1.0) -> None:
+    def step(self, batch_size: int, *, global_batch_size: int | None = None, loss_scale: float = 1.0,
+             max_grad_norm: float | None = None) -> None:
         """Aggregate gradients, normalise by the global batch and update.
 
         ``batch_size`` is the number of samples this worker's gradients sum over; the
         global batch is ``batch_size * num_workers`` unless ``global_batch_size`` says
         otherwise (an uneven last batch). ``loss_scale`` is what the summed loss was
         multiplied by before backward (from :meth:`loss_scale_for`; 1.0 for a plain
-        sum). Gradients are zeroed afterwards.
+        sum). ``max_grad_norm`` clips by the global norm of the aggregated, normalised
+        gradient, as one process would (under ``dist_async``/``dist_ssp``, whose
+        updates run on the servers, each worker's gradient is clipped by its own norm
+        before it leaves). Gradients are zeroed afterwards.
         """
+        scale = self._scale(batch_size, global_batch_size, loss_scale)
+        if self.sync.reduced_grads_visible:
+            self._reduce(scale)
+            if max_grad_norm is not None:
+                if self.loss_scaler is not None:   # fp16: clip the true gradients
+                    self.loss_scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self._params, max_grad_norm)
+        else:
+            if max_grad_norm is not None:
+                scale *= self._own_clip_coefficient(scale, max_grad_norm)
+            self._reduce(scale)
+        self._update()
+
+    def allreduce_grads(self, batch_size: int | None = None, *, global_batch_size: int | None = None,
+                        loss_scale: float = 1.0) -> None:
+        """Gluon's first half of :meth:`step`: aggregate the gradients across workers and
+        normalise them by the global batch, so that ``p.grad`` holds on every worker
+        what one process would hold for the whole global batch (clip them here, for
+        instance). Then call :meth:`update`.
+
+        Unlike Gluon, the batch size is given here, not to ``update``: the gradients
+        are already normalised when you see them. With the optimizer on the servers the
+        aggregated gradient never comes back to the workers, so this is refused there
+        (Gluon refuses it too); use ``update_on_kvstore=False`` under ``dist_sync``."""
+        if not self.sync.reduced_grads_visible:
+            raise ConfigError(f"allreduce_grads: with kvstore {self.kvstore.type!r} the optimizer runs on the servers "
+                              f"and the aggregated gradient never reaches the workers; use trainer.step(), or "
+                              f"update_on_kvstore=False (dist_sync)")
+        if batch_size is None and global_batch_size is None:
+            raise ConfigError("allreduce_grads needs batch_size (this worker's samples) or global_batch_size")
+        self._reduce(self._scale(batch_size or 0, global_batch_size, loss_scale))
+
+    def update(self, batch_size: int | None = None) -> None:
+        """Gluon's second half of :meth:`step`: apply the optimizer to the gradients
+        :meth:`allreduce_grads` left, then zero them. ``batch_size`` is accepted for
+        Gluon's signature and ignored (the gradients are normalised already)."""
+        if not self._reduced:
+            raise ConfigError("update() without allreduce_grads() first; or call step(batch_size) for both")
+        self._update()
+
+    def pull_weights(self) -> None:
+        """Make this worker's parameters the servers' current values (``dist_*``; the
+        final weights of an async job once every worker has finished); a no-op where
+        every worker holds the agreed model already."""
+        self.sync.pull_weights()
+
+    def _scale(self, batch_size: int, global_batch_size: int | None, loss_scale: float) -> float:
         total = global_batch_size if global_batch_size is not None else batch_size * self.num_workers
         if total <= 0:
             raise ConfigError(f"batch_size={batch_size} (global {total}) must be > 0")
         if loss_scale != 1.0 and not self.sync.linear:
             raise ConfigError(f"loss_scale={loss_scale}: this gradient sync needs summed gradients; "
                               "back-propagate the summed loss (see Trainer.loss_scale_for)")
+        return 1.0 / total / loss_scale
+
+    def _reduce(self, scale: float) -> None:
+        self.sync.set_learning_rate(self.learning_rate)   # the servers' update uses this step's rate
         with self.timeline.span("gradient wait", "wait"):
-            self.sync.reduce(1.0 / total / loss_scale)
+            self.sync.reduce(scale)
+        self._reduced = True
+
+    def _own_clip_coefficient(self, scale: float, max_grad_norm: float) -> float:
+        """``min(1, max_norm / ||scale * g||)`` of this worker's own gradient, as
+        ``torch.nn.utils.clip_grad_norm_`` computes it."""
+        if self.kvstore.type not in SERVER_KVSTORE_TYPES or kvstore_spec(self.kvstore.type).lockstep:
+            raise ConfigError(f"max_grad_norm with kvstore {self.kvstore.type!r} and the optimizer on the servers: the "
+                              f"global norm of the aggregated gradient is never on one worker; pass "
+                              f"update_on_kvstore=False (the servers sum, the workers clip and step)")
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) * scale
+        return min(1.0, max_grad_norm / (norm + 1e-6))
+
+    def _update(self) -> None:
         with self.timeline.span("optimizer", "compute"):
             # With a server-side optimizer the servers already updated; after_step
             # pulls the new weights.
@@ -144,8 +216,9 @@ class Trainer:
             if self._buffers and self.sync.buffers_follow_rank0:
                 # BatchNorm statistics follow rank 0 after every step (DDP copies them
                 # before every forward), so replicas stay identical.
-                broadcast_buffers(self._buffers)
+                broadcast_tensors(self._buffers)
         self.sync.zero_grad(self._params)
+        self._reduced = False
         self.num_update += 1
 
     def _local_update(self) -> None:

@@ -1,0 +1,29 @@
+"""Named learning-rate schedules for the CLI (``--lr-schedule``, ``--warmup-steps``):
+a linear warm-up from 0, then constant, cosine to 0, or linear to 0 over the run.
+From Python, give ``fit`` any ``torch.optim.lr_scheduler`` instead."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from paratrain.config import LR_SCHEDULES
+from paratrain.errors import check_choice
+
+
+def lr_factor(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> float:
+    """The multiplier of the base learning rate at ``step`` (0-based); pure."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, *, kind: str, warmup_steps: int,
+                      total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` following :func:`lr_factor`, stepped once per optimizer step."""
+    check_choice("lr_schedule", kind, LR_SCHEDULES)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, kind=kind, warmup_steps=warmup_steps, total_steps=total_steps))
