@@ -87,6 +87,100 @@ def test_2bit_unpack_rejects_bad_payload():
         codecs.unpack_2bit(torch.zeros(1, dtype=torch.int32), 17)
 
 
+# --------------------------------------------------------------------------- 2bit, scaled (the default)
+
+def test_scaled_2bit_is_the_least_squares_ternary_of_each_block():
+    # one block of 256: 200 entries near +-1 and 56 near 0.01 -> the scale is about 1
+    generator = torch.Generator().manual_seed(0)
+    big = torch.sign(torch.randn(200, generator=generator)) * (1 + 0.1 * torch.rand(200, generator=generator))
+    grad = torch.cat([big, torch.full((56,), 0.01)])
+    payload, residual = codecs.encode_2bit_scaled(grad, torch.zeros(256))
+    assert payload.numel() == codecs.scaled_2bit_words(256) == 16 + 1
+    decoded = codecs.decode_2bit_scaled(payload, 256)
+    scale = payload[-1:].view(torch.float32).item()
+    assert scale == pytest.approx(big.abs().mean().item(), rel=1e-6)   # the mean of what is sent
+    assert torch.equal(decoded[:200], torch.sign(big) * scale) and torch.all(decoded[200:] == 0)
+    assert torch.allclose(decoded + residual, grad, atol=1e-6)         # nothing lost
+    # no other scale in {-v, 0, v} fits better
+    def error(v):
+        codes = (grad >= v / 2).float() - (grad <= -v / 2).float()
+        return (grad - codes * v).square().sum().item()
+    assert all(error(scale) <= error(scale * f) for f in (0.8, 0.9, 1.1, 1.25))
+
+
+def test_scaled_2bit_follows_the_gradients_scale_per_block():
+    grad = torch.cat([torch.randn(256) * 1e-4, torch.randn(256) * 1e3, torch.zeros(100)])
+    payload, residual = codecs.encode_2bit_scaled(grad, torch.zeros_like(grad))
+    scales = payload[-3:].view(torch.float32)
+    assert 1e-5 < scales[0] < 1e-3 and 1e2 < scales[1] < 1e4 and scales[2] == 0
+    decoded = codecs.decode_2bit_scaled(payload, grad.numel())
+    for block in (slice(0, 256), slice(256, 512)):   # a third or more of each block goes out
+        assert (decoded[block] != 0).float().mean() > 0.3
+    assert torch.all(decoded[512:] == 0) and torch.all(residual[512:] == 0)
+
+
+def test_scaled_2bit_error_feedback_adds_up_and_payload_is_checked():
+    generator = torch.Generator().manual_seed(1)
+    residual, sent, total = torch.zeros(300), torch.zeros(300), torch.zeros(300)
+    for _ in range(5):
+        grad = torch.randn(300, generator=generator)
+        payload, residual = codecs.encode_2bit_scaled(grad, residual)
+        sent += codecs.decode_2bit_scaled(payload, 300)
+        total += grad
+    assert torch.allclose(sent + residual, total, atol=1e-5)
+    with pytest.raises(ValueError, match="int32 words"):
+        codecs.decode_2bit_scaled(payload[:-1], 300)
+
+
+def test_2bit_with_an_explicit_threshold_is_still_mxnets():
+    config = parse_compression("2bit:0.5")
+    state, sent = None, []
+    for push in (0.4, 0.1, 0.2, 0.3):
+        payload, state = codecs.encode(config, torch.tensor([push]), state)
+        assert payload[0].numel() == 1          # no scale travels: the threshold is the job's
+        sent.append(codecs.decode(config, payload, 1).item())
+    assert sent == [0.0, 0.5, 0.0, 0.5]
+
+
+# --------------------------------------------------------------------------- quant
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_rounds_each_block_to_its_scale_and_keeps_the_rest(bits):
+    generator = torch.Generator().manual_seed(bits)
+    grad = torch.randn(1000, generator=generator) * torch.linspace(0.01, 10, 1000)
+    payload, residual = codecs.encode_quant(grad, torch.zeros(1000), bits)
+    assert payload.dtype == torch.int32 and payload.numel() == codecs.quant_words(1000, bits)
+    assert payload.numel() == 4 + 1000 * bits // 32
+    decoded = codecs.decode_quant(payload, 1000, bits)
+    assert torch.allclose(decoded + residual, grad, atol=1e-5)
+    levels = codecs.quant_levels(bits)
+    for block, got in zip(grad.split(codecs.QUANT_BLOCK), decoded.split(codecs.QUANT_BLOCK)):
+        step = block.abs().max().item() / levels
+        assert (got - block).abs().max().item() <= step / 2 + 1e-6    # round to nearest
+    assert decoded.abs().max() == pytest.approx(grad.abs().max().item(), rel=1e-6)
+
+
+def test_quant_packs_4bit_codes_low_nibble_first_and_unpacks_exactly():
+    grad = torch.tensor([7.0, -7.0, 0.0, 1.0, 2.0, 3.0, -1.0, 5.0, 6.0])   # scale 1: codes are the values
+    payload, residual = codecs.encode_quant(grad, torch.zeros(9), 4)
+    assert torch.all(residual == 0)
+    code_bytes = payload[1:].view(torch.uint8).tolist()
+    assert code_bytes[:2] == [(7 + 7) | ((-7 + 7) << 4), (0 + 7) | ((1 + 7) << 4)]
+    assert torch.equal(codecs.decode_quant(payload, 9, 4), grad)
+    with pytest.raises(ValueError, match="int32 words"):
+        codecs.decode_quant(payload, 100, 4)
+
+
+def test_quant_error_feedback_sends_what_rounding_dropped():
+    grad = torch.tensor([1.0] + [0.01] * 255)      # 0.01 rounds to 0 at 4 bits (step 1/7)
+    residual, sent = torch.zeros(256), torch.zeros(256)
+    for _ in range(20):
+        payload, residual = codecs.encode_quant(grad, residual, 4)
+        sent += codecs.decode_quant(payload, 256, 4)
+    assert torch.all(sent[1:] > 0)                  # the residual grew until it was sent
+    assert torch.allclose(sent + residual, grad * 20, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- topk
 
 def test_topk_sends_largest_ratio_and_keeps_the_rest():
@@ -184,8 +278,9 @@ def test_matrix_shape_covers_numel():
 
 # --------------------------------------------------------------------------- one-call API
 
-@pytest.mark.parametrize("spec, ratio", [("none", 1.0), ("fp16", 2.0), ("bf16", 2.0),
-                                         ("2bit", 16.0), ("topk:0.01", 50.0)])
+@pytest.mark.parametrize("spec, ratio", [("none", 1.0), ("fp16", 2.0), ("bf16", 2.0), ("2bit:0.5", 16.0),
+                                         ("2bit", 32 / (2 + 32 / 256)), ("topk:0.01", 50.0),
+                                         ("quant", 32 / (8 + 32 / 256)), ("quant:4", 32 / (4 + 32 / 256))])
 def test_encode_decode_bytes_fall_by_expected_factor(spec, ratio):
     config = parse_compression(spec)
     grad = torch.randn(16000, generator=torch.Generator().manual_seed(5))
@@ -220,7 +315,10 @@ def test_encode_powersgd_payload_is_p_and_q():
     ("none", CompressionConfig()),
     ("fp16", CompressionConfig(type="fp16")),
     ("BF16", CompressionConfig(type="bf16")),
-    ("2bit", CompressionConfig(type="2bit", threshold=0.5)),
+    ("2bit", CompressionConfig(type="2bit", threshold=None)),
+    ({"type": "2bit"}, CompressionConfig(type="2bit")),
+    ("quant", CompressionConfig(type="quant", bits=8)),
+    ("quant:4", CompressionConfig(type="quant", bits=4)),
     ("2bit:0.25", CompressionConfig(type="2bit", threshold=0.25)),
     ("topk:0.05", CompressionConfig(type="topk", ratio=0.05)),
     ("powersgd:4", CompressionConfig(type="powersgd", rank=4)),
@@ -239,6 +337,8 @@ def test_parse_compression_accepts_cli_and_mxnet_forms(spec, expected):
     ("topk:1.5", "ratio"),
     ("powersgd:0", "rank"),
     ("powersgd:1.5", "1.5"),
+    ("quant:3", "bits"),
+    ("quant:x", "'x'"),
     ("fp16:2", "no ':' parameter"),
     ({"threshold": 0.5}, "'type'"),
     ({"type": "2bit", "ratio": 0.1}, "ratio"),
@@ -250,6 +350,6 @@ def test_parse_compression_rejects_bad_specs_by_name(spec, message):
 
 
 def test_config_round_trips_through_mxnet_dict():
-    for spec in ("fp16", "2bit:0.3", "topk:0.02", "powersgd:3"):
+    for spec in ("fp16", "2bit", "2bit:0.3", "topk:0.02", "powersgd:3", "quant:4"):
         config = parse_compression(spec)
         assert parse_compression(config.to_dict()) == config

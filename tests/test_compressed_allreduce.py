@@ -99,7 +99,7 @@ class PowerSGDReference:
         return result
 
 
-SPECS = ("none", "fp16", "bf16", "2bit:0.2", "topk:0.05", "powersgd:2")
+SPECS = ("none", "fp16", "bf16", "2bit:0.2", "2bit", "topk:0.05", "powersgd:2", "quant:4")
 
 
 def reducer_worker(rank, world, port, queue):
@@ -112,7 +112,7 @@ def reducer_worker(rank, world, port, queue):
             shapes = {1: SHAPES_OF_BUCKET_1} if config.type == "powersgd" else {}
             for bucket, bucket_shapes in shapes.items():
                 reducer.describe_bucket(bucket, bucket_shapes)
-            if config.type in ("2bit", "topk"):
+            if config.type in ("2bit", "topk", "quant"):
                 reference = GatherReference(config, world)
             elif config.type == "powersgd":
                 reference = PowerSGDReference(config, world, shapes)
@@ -151,7 +151,7 @@ def test_reducers_return_the_sum_of_decoded_gradients_on_3_workers():
         # every rank ends up with the same bits
         assert all(r[spec]["digest"] == first[spec]["digest"] for r in results), spec
     # gather-based codecs and the cast codecs do their own arithmetic: exact
-    for spec in ("fp16", "bf16", "2bit:0.2", "topk:0.05"):
+    for spec in ("fp16", "bf16", "2bit:0.2", "2bit", "topk:0.05", "quant:4"):
         assert first[spec]["exact"], (spec, first[spec]["max_error"])
     assert first["none"]["max_error"] < 1e-5          # gloo adds in its own order
     assert first["powersgd:2"]["max_error"] < 1e-4    # QR and matmuls, same inputs
@@ -162,8 +162,10 @@ def test_reducers_return_the_sum_of_decoded_gradients_on_3_workers():
     assert payload["fp16"] * 2 == payload["none"]
     assert wire["fp16"] * 2 == pytest.approx(wire["none"], rel=0.03)   # chunk padding only
     assert payload["2bit:0.2"] == 4 * (3 + 19) * STEPS     # ceil(37/16) + ceil(301/16) words
+    assert payload["2bit"] == 4 * (3 + 1 + 19 + 2) * STEPS  # and one scale per 256 entries
     assert payload["topk:0.05"] == 8 * (2 + 16) * STEPS    # ceil(0.05 * n) entries
-    for spec in ("2bit:0.2", "topk:0.05"):
+    assert payload["quant:4"] == 4 * (1 + 5 + 2 + 38) * STEPS   # scales, then 8 codes per word
+    for spec in ("2bit:0.2", "2bit", "topk:0.05", "quant:4"):
         assert wire[spec] == 2 * payload[spec]             # all_gather: N-1 copies
     assert payload["powersgd:2"] < payload["none"] and wire["powersgd:2"] < wire["none"]
 
@@ -206,7 +208,7 @@ def test_single_process_reducers_decode_their_own_payload():
         reducer = build_bucket_reducer(config)
         got = reducer.launch(0, grad).wait(timeout=5)
         assert got.shape == grad.shape
-        if config.type in ("2bit", "topk"):
+        if config.type in ("2bit", "topk", "quant"):
             payload, _ = codecs.encode(config, grad)
             assert torch.equal(got, codecs.decode(config, payload, 100))
         elif config.type == "powersgd":

@@ -322,8 +322,15 @@ def test_inproc_compressed_pushes_decode_on_the_server(job):
     kv.set_gradient_compression("fp16")
     kv.pushpull("g", grad, out=out)
     assert torch.equal(out, grad.half().float())
-    with pytest.raises(ConfigError):
-        kv.set_gradient_compression("powersgd")
+    kv.set_gradient_compression("2bit")   # scaled: each slice's scales travel with it
+    kv.pushpull("g", grad, out=out)
+    states = kv._keys["g"].codec_states
+    assert len(states) == 2                # two slices, one residual each
+    residual = torch.cat([states[start].residual for start in sorted(states)])
+    assert torch.allclose(out + residual, grad, atol=1e-6) and (out != 0).sum() >= 10
+    for unsupported in ("powersgd", "quant"):
+        with pytest.raises(ConfigError):
+            kv.set_gradient_compression(unsupported)
     kv.close()
 
 

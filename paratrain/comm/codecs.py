@@ -8,9 +8,11 @@ not sent yet) and, for PowerSGD, the warm-started ``Q``, and passes them in agai
 | type | payload | bytes per fp32 entry | error feedback |
 |---|---|---|---|
 | ``fp16`` / ``bf16`` | the cast tensor | 2 | no |
-| ``2bit`` | 16 two-bit codes per int32 word (MXNet layout) | 1/4 | residual |
+| ``2bit:t`` | 16 two-bit codes per int32 word (MXNet layout) | 1/4 | residual |
+| ``2bit`` | the same codes, plus one fp32 scale per block of 256 | 1/4 + 1/64 | residual |
 | ``topk`` | int32 indices and fp32 values of the largest ``ratio`` entries | 8 * ratio | residual |
 | ``powersgd`` | ``P`` (rows x r) and ``Q`` (cols x r) | 4 r (rows + cols) / (rows cols) | residual, warm ``Q`` |
+| ``quant:b`` | b-bit integers (b = 4 or 8), one fp32 scale per block of 256 | b/8 + 1/64 | residual |
 
 The one-call helpers :func:`encode` and :func:`decode` cover every type with one
 signature, for callers (the parameter-server client) that only move payloads around.
@@ -25,7 +27,7 @@ import torch
 
 from paratrain.errors import ConfigError, check_choice
 
-CODEC_TYPES = ("none", "fp16", "bf16", "2bit", "topk", "powersgd")
+CODEC_TYPES = ("none", "fp16", "bf16", "2bit", "topk", "powersgd", "quant")
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 #: 2bit: how many codes one 32-bit word carries on the wire.
 CODES_PER_WORD = 16
@@ -36,6 +38,12 @@ _CODE_NEGATIVE = 0b10
 # Element i of a 4-element byte sits at these bit offsets: the first one in the
 # highest two bits, as MXNet's posbits {0xc0, 0x30, 0x0c, 0x03}.
 _BIT_SHIFTS = (6, 4, 2, 0)
+#: quant: the widths it offers, and how many entries share one fp32 scale.
+QUANT_BITS = (4, 8)
+QUANT_BLOCK = 256
+#: scaled 2bit (no threshold given): entries per fp32 scale, and Lloyd iterations per scale.
+SCALED_2BIT_BLOCK = 256
+LLOYD_ITERATIONS = 3
 
 
 # --------------------------------------------------------------------------- config
@@ -44,26 +52,32 @@ _BIT_SHIFTS = (6, 4, 2, 0)
 class CompressionConfig:
     """Which codec compresses gradients, and its one knob.
 
-    ``threshold`` is for ``2bit``, ``ratio`` for ``topk``, ``rank`` (and ``seed`` for the
-    first random ``Q``, equal on every worker) for ``powersgd``.
+    ``threshold`` is for ``2bit`` (a number: MXNet's fixed threshold; None: a scale
+    per block that follows the gradient, :func:`encode_2bit_scaled`), ``ratio`` for
+    ``topk``, ``rank`` (and ``seed`` for the first random ``Q``, equal on every worker)
+    for ``powersgd``, ``bits`` for ``quant``.
     """
 
     type: str = "none"
-    threshold: float = 0.5
+    threshold: float | None = None
     ratio: float = 0.01
     rank: int = 2
     seed: int = 0
+    bits: int = 8
 
     def __post_init__(self) -> None:
         check_choice("compression type", self.type, CODEC_TYPES)
-        if not _is_number(self.threshold) or not self.threshold > 0:
-            raise ConfigError(f"compression threshold={self.threshold!r} must be a number > 0")
+        if self.threshold is not None and (not _is_number(self.threshold) or not self.threshold > 0):
+            raise ConfigError(f"compression threshold={self.threshold!r} must be a number > 0 (or unset: "
+                              f"scaled to the gradient)")
         if not _is_number(self.ratio) or not 0 < self.ratio <= 1:
             raise ConfigError(f"compression ratio={self.ratio!r} must be a number in (0, 1]")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"compression rank={self.rank!r} must be an int >= 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"compression seed={self.seed!r} must be an int")
+        if isinstance(self.bits, bool) or self.bits not in QUANT_BITS:
+            raise ConfigError(f"compression bits={self.bits!r} must be one of: {', '.join(map(str, QUANT_BITS))}")
 
     @property
     def enabled(self) -> bool:
@@ -73,13 +87,15 @@ class CompressionConfig:
     def to_dict(self) -> dict:
         """The MXNet-style dict for this config (only the keys its type uses)."""
         out: dict[str, Any] = {"type": self.type}
-        out.update({key: getattr(self, key) for key in _TYPE_KEYS.get(self.type, ())})
+        out.update({key: getattr(self, key) for key in _TYPE_KEYS.get(self.type, ())
+                    if getattr(self, key) is not None})
         return out
 
 
-_TYPE_KEYS = {"2bit": ("threshold",), "topk": ("ratio",), "powersgd": ("rank", "seed")}
-# "2bit:0.5" -> threshold, "topk:0.01" -> ratio, "powersgd:2" -> rank.
-_SHORT_PARAM = {"2bit": ("threshold", float), "topk": ("ratio", float), "powersgd": ("rank", int)}
+_TYPE_KEYS = {"2bit": ("threshold",), "topk": ("ratio",), "powersgd": ("rank", "seed"), "quant": ("bits",)}
+# "2bit:0.5" -> threshold, "topk:0.01" -> ratio, "powersgd:2" -> rank, "quant:4" -> bits.
+_SHORT_PARAM = {"2bit": ("threshold", float), "topk": ("ratio", float), "powersgd": ("rank", int),
+                "quant": ("bits", int)}
 
 
 def _is_number(value: Any) -> bool:
@@ -90,7 +106,7 @@ def parse_compression(spec: "str | Mapping | CompressionConfig | None") -> Compr
     """Read a compression setting from the CLI or from ``kv.set_gradient_compression``.
 
     Accepts ``None``/``""``/``"none"``; strings ``"fp16"``, ``"bf16"``, ``"2bit"``,
-    ``"2bit:0.5"``, ``"topk:0.01"``, ``"powersgd:2"``; MXNet-style dicts such as
+    ``"2bit:0.5"``, ``"topk:0.01"``, ``"powersgd:2"``, ``"quant:4"``; MXNet-style dicts such as
     ``{"type": "2bit", "threshold": 0.5}``; or a :class:`CompressionConfig`.
     """
     if spec is None:
@@ -216,6 +232,60 @@ def decode_2bit(words: torch.Tensor, numel: int, threshold: float) -> torch.Tens
     return table[words.contiguous().view(torch.uint8).long()].reshape(-1)[:numel]
 
 
+# --------------------------------------------------------------------------- 2bit, scaled
+
+def scaled_2bit_words(numel: int) -> int:
+    """Payload length (int32 words) of a scaled 2bit tensor: the codes, then one
+    fp32 scale per block of :data:`SCALED_2BIT_BLOCK` entries."""
+    return -(-numel // CODES_PER_WORD) + -(-numel // SCALED_2BIT_BLOCK)
+
+
+def ternary_scales(blocks: torch.Tensor, iterations: int = LLOYD_ITERATIONS) -> torch.Tensor:
+    """Per row of ``blocks``, the scale ``v`` of the least-squares fit of the row by
+    ``{-v, 0, +v}`` (entries with ``|x| >= v/2`` become ``+-v``): Lloyd's iteration
+    (threshold at half the scale, scale the mean magnitude of what passes) from
+    ``v = 2 mean|x|``. A fixed number of iterations keeps it cheap and deterministic.
+    Returns shape ``(rows, 1)``; rows of zeros get 0."""
+    magnitude = blocks.abs()
+    scale = magnitude.mean(dim=1, keepdim=True) * 2
+    for _ in range(iterations):
+        passes = (magnitude >= scale / 2).float()
+        scale = (magnitude * passes).sum(dim=1, keepdim=True) / passes.sum(dim=1, keepdim=True).clamp(min=1)
+    return scale
+
+
+def encode_2bit_scaled(grad: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2bit whose threshold follows the gradient: MXNet's codes and layout for
+    ``acc = residual + grad``, but each block of :data:`SCALED_2BIT_BLOCK` entries
+    carries its own scale ``v`` (:func:`ternary_scales`), entries with ``|acc| >=
+    v/2`` send ``+-v``, and the rest stays in the residual. The fit is as close as
+    three levels allow wherever the gradients' scale is, so the residual stays small
+    and the error feedback has little stale gradient to deliver late (which a
+    momentum buffer turns into overshoot). Returns ``(int32 [codes | scales' bits],
+    new_residual)``."""
+    acc = residual.reshape(-1).float() + grad.reshape(-1).float()
+    numel = acc.numel()
+    blocks = -(-numel // SCALED_2BIT_BLOCK)
+    padded = torch.zeros(blocks * SCALED_2BIT_BLOCK, device=acc.device)
+    padded[:numel] = acc
+    rows = padded.view(blocks, SCALED_2BIT_BLOCK)
+    scales = ternary_scales(rows)
+    codes = ((rows >= scales / 2).to(torch.int8) - (rows <= -scales / 2).to(torch.int8)) * (scales > 0).to(torch.int8)
+    sent = (codes.float() * scales).reshape(-1)[:numel]
+    payload = torch.cat([pack_2bit(codes.reshape(-1)[:numel]), scales.reshape(-1).contiguous().view(torch.int32)])
+    return payload, (acc - sent).view_as(residual)
+
+
+def decode_2bit_scaled(payload: torch.Tensor, numel: int) -> torch.Tensor:
+    """The fp32 tensor of ``numel`` entries a scaled 2bit payload stands for."""
+    if payload.dtype != torch.int32 or payload.numel() != scaled_2bit_words(numel):
+        raise ValueError(f"scaled 2bit payload of {numel} entries must be {scaled_2bit_words(numel)} int32 words, "
+                         f"got {payload.numel()} x {payload.dtype}")
+    code_words = -(-numel // CODES_PER_WORD)
+    scales = payload[code_words:].contiguous().view(torch.float32)
+    return unpack_2bit(payload[:code_words], numel).float() * scales.repeat_interleave(SCALED_2BIT_BLOCK)[:numel]
+
+
 # --------------------------------------------------------------------------- topk
 
 def topk_count(numel: int, ratio: float) -> int:
@@ -314,6 +384,66 @@ def encode_powersgd(grad_matrix: torch.Tensor, residual: torch.Tensor, q: torch.
     return p, q_next, m - decode_powersgd(p, q_next)
 
 
+# --------------------------------------------------------------------------- quant
+
+def quant_levels(bits: int) -> int:
+    """Largest code magnitude of a ``bits``-bit symmetric quantiser (7 or 127)."""
+    check_choice("quant bits", bits, QUANT_BITS)
+    return 2 ** (bits - 1) - 1
+
+
+def quant_words(numel: int, bits: int) -> int:
+    """Payload length (int32 words): one fp32 scale per block, then the codes."""
+    return -(-numel // QUANT_BLOCK) + -(-numel * bits // 32)
+
+
+def encode_quant(grad: torch.Tensor, residual: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``acc = residual + grad`` to ``bits``-bit integers, each block of
+    :data:`QUANT_BLOCK` entries scaled by its largest magnitude (so ``|code| <=
+    quant_levels(bits)``); what rounding lost stays in the residual. Returns
+    ``(int32 [scales' bits | packed codes], new_residual)``: codes are offset to be
+    unsigned, two per byte (4 bits, the first in the low nibble) or one per byte."""
+    levels = quant_levels(bits)
+    acc = residual.reshape(-1).float() + grad.reshape(-1).float()
+    numel, blocks = acc.numel(), -(-acc.numel() // QUANT_BLOCK)
+    padded = torch.zeros(blocks * QUANT_BLOCK, device=acc.device)
+    padded[:numel] = acc
+    scales = padded.view(blocks, QUANT_BLOCK).abs().amax(dim=1) / levels
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = (padded.view(blocks, QUANT_BLOCK) / safe.unsqueeze(1)).round().clamp(-levels, levels)
+    sent = (codes * scales.unsqueeze(1)).reshape(-1)[:numel]
+    unsigned = (codes.reshape(-1)[:numel] + levels).to(torch.uint8)
+    return torch.cat([scales.view(torch.int32), _pack_codes(unsigned, bits)]), (acc - sent).view_as(residual)
+
+
+def decode_quant(payload: torch.Tensor, numel: int, bits: int) -> torch.Tensor:
+    """The fp32 tensor of ``numel`` entries a quant payload stands for."""
+    levels, blocks = quant_levels(bits), -(-numel // QUANT_BLOCK)
+    if payload.dtype != torch.int32 or payload.numel() != quant_words(numel, bits):
+        raise ValueError(f"quant:{bits} payload of {numel} entries must be {quant_words(numel, bits)} int32 words, "
+                         f"got {payload.numel()} x {payload.dtype}")
+    scales = payload[:blocks].contiguous().view(torch.float32)
+    codes = _unpack_codes(payload[blocks:], numel, bits).float() - levels
+    return codes * scales.repeat_interleave(QUANT_BLOCK)[:numel]
+
+
+def _pack_codes(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
+    per_word = 32 // bits
+    fields = torch.zeros(_round_up(unsigned.numel(), per_word), dtype=torch.uint8, device=unsigned.device)
+    fields[:unsigned.numel()] = unsigned
+    if bits == 4:
+        pairs = fields.view(-1, 2)
+        fields = pairs[:, 0] | (pairs[:, 1] << 4)
+    return fields.view(torch.int32)
+
+
+def _unpack_codes(words: torch.Tensor, numel: int, bits: int) -> torch.Tensor:
+    packed = words.contiguous().view(torch.uint8)
+    if bits == 4:
+        packed = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)
+    return packed[:numel]
+
+
 # --------------------------------------------------------------------------- one-call API
 
 @dataclass
@@ -340,7 +470,11 @@ def encode(config: CompressionConfig, grad: torch.Tensor, state: CodecState | No
     if config.type in CAST_DTYPES:
         return [encode_cast(flat, CAST_DTYPES[config.type])], state
     if config.type == "2bit":
-        words, residual = encode_2bit(flat, residual, config.threshold)
+        words, residual = (encode_2bit_scaled(flat, residual) if config.threshold is None
+                           else encode_2bit(flat, residual, config.threshold))
+        return [words], replace(state, residual=residual)
+    if config.type == "quant":
+        words, residual = encode_quant(flat, residual, config.bits)
         return [words], replace(state, residual=residual)
     if config.type == "topk":
         indices, values, residual = encode_topk(flat, residual, config.ratio)
@@ -358,7 +492,10 @@ def decode(config: CompressionConfig, payload: list[torch.Tensor], numel: int) -
     if config.type == "none" or config.type in CAST_DTYPES:
         return decode_cast(payload[0])
     if config.type == "2bit":
-        return decode_2bit(payload[0], numel, config.threshold)
+        return (decode_2bit_scaled(payload[0], numel) if config.threshold is None
+                else decode_2bit(payload[0], numel, config.threshold))
+    if config.type == "quant":
+        return decode_quant(payload[0], numel, config.bits)
     if config.type == "topk":
         return decode_topk(*unpack_topk(payload[0]), numel)
     return decode_powersgd(payload[0], payload[1]).reshape(-1)[:numel].clone()

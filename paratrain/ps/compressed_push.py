@@ -19,6 +19,8 @@ def decode_push(config: codecs.CompressionConfig | None, message: Message, numel
     kind = config.type
     if kind in codecs.CAST_DTYPES:
         expected = (codecs.CAST_DTYPES[kind], numel)
+    elif kind == "2bit" and config.threshold is None:
+        expected = (torch.int32, codecs.scaled_2bit_words(numel))
     elif kind == "2bit":
         expected = (torch.int32, -(-numel // codecs.CODES_PER_WORD))
     else:
