@@ -40,6 +40,7 @@ MAX_SEED = 2**63 - 1
 AMP_MODES = ("none", "bf16", "fp16")
 SCHEDULES = ("gpipe", "1f1b")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+OUTER_OPTIMIZERS = ("nesterov", "sgd")   # paratrain.parallel.diloco.OUTER_OPTIMIZERS
 
 
 class Section(BaseModel):
@@ -91,7 +92,13 @@ class ParallelConfig(Section):
     schedule: Optional[Literal[SCHEDULES]] = _opt(None, "pipeline schedule (default 1f1b)")
     replicas: Optional[int] = _opt(None, "data-parallel replicas of the pipeline (default 1)",
                                    ge=1, le=MAX_LOCAL_PROCESSES)
-    sync_every: Optional[int] = _opt(None, "local SGD period H (default 8)", ge=1, le=1 << 20)
+    sync_every: Optional[int] = _opt(None, "local SGD / DiLoCo period H in inner steps (default 8 / 16)",
+                                     ge=1, le=1 << 20)
+    fragments: Optional[int] = _opt(None, "diloco: sync 1/F of the parameters every H/F steps, overlapped "
+                                          "with the next steps (Streaming DiLoCo; default 1)", ge=1, le=1 << 16)
+    outer_optimizer: Optional[Literal[OUTER_OPTIMIZERS]] = _opt(None, "diloco: outer optimizer (default nesterov)")
+    outer_lr: Optional[float] = _opt(None, "diloco: outer learning rate (default 0.7)", gt=0, le=1e3)
+    outer_momentum: Optional[float] = _opt(None, "diloco: outer momentum (default 0.9)", ge=0, lt=1)
     staleness: Optional[int] = _opt(None, "dist_ssp bound (default 2)", ge=0, le=1 << 20)
     backup_workers: int = _opt(0, "dist_sync: apply a round once N-b workers pushed it", ge=0,
                                le=MAX_LOCAL_PROCESSES)
@@ -192,6 +199,7 @@ def _strategies(predicate: Callable[[StrategySpec], bool]) -> Applies:
 
 _SERVERS = _strategies(lambda s: s.uses_servers)
 _PIPELINED = _strategies(lambda s: s.pipelined)
+_DILOCO = _strategies(lambda s: s.name == "diloco")
 
 #: The one table of which option applies where. Options not listed apply everywhere.
 APPLIES: dict[str, Applies] = {
@@ -200,12 +208,16 @@ APPLIES: dict[str, Applies] = {
     "server_snapshot_every": _SERVERS,
     "backup_workers": _strategies(lambda s: s.name == "dist_sync"),
     "staleness": _strategies(lambda s: s.name == "dist_ssp"),
-    "sync_every": _strategies(lambda s: s.name == "local_sgd"),
+    "sync_every": _strategies(lambda s: s.name in ("local_sgd", "diloco")),
+    "fragments": _DILOCO,
+    "outer_optimizer": _DILOCO,
+    "outer_lr": _DILOCO,
+    "outer_momentum": _DILOCO,
     "stages": _PIPELINED,
     "micro_batches": _PIPELINED,
     "schedule": _PIPELINED,
     "replicas": _strategies(lambda s: s.name == "hybrid"),
-    "compression": _strategies(lambda s: s.name == "allreduce" or s.uses_servers),
+    "compression": _strategies(lambda s: s.name in ("allreduce", "diloco") or s.uses_servers),
     "accumulate": _strategies(lambda s: not s.pipelined),
     "amp": _strategies(lambda s: not s.pipelined),
     "bind": _strategies(lambda s: s.uses_servers or s.pipelined),
@@ -294,6 +306,8 @@ def resolve_run_config(config: RunConfig, *, launched_world: int | None = None) 
         parallel.replicas = parallel.replicas or 1
     if spec.name == "local_sgd":
         parallel.sync_every = parallel.sync_every or 8
+    if spec.name == "diloco":
+        _fill_diloco_defaults(parallel)
     if spec.name == "dist_ssp" and parallel.staleness is None:
         parallel.staleness = 2
     if applies("momentum", config) and optim.momentum is None:
@@ -309,6 +323,23 @@ def resolve_run_config(config: RunConfig, *, launched_world: int | None = None) 
                                          "resilience": resilience})
     _check_rules(resolved, launched_world)
     return resolved
+
+
+def _fill_diloco_defaults(parallel: ParallelConfig) -> None:
+    from paratrain.parallel.diloco import DiLoCoConfig
+    defaults = DiLoCoConfig()
+    for name in ("sync_every", "fragments", "outer_optimizer", "outer_lr", "outer_momentum"):
+        if getattr(parallel, name) is None:
+            setattr(parallel, name, getattr(defaults, name))
+
+
+def diloco_config(config: RunConfig):
+    """The :class:`~paratrain.parallel.diloco.DiLoCoConfig` of a resolved diloco run."""
+    from paratrain.parallel.diloco import DiLoCoConfig
+    parallel = config.parallel
+    return DiLoCoConfig(sync_every=parallel.sync_every, fragments=parallel.fragments,
+                        outer_optimizer=parallel.outer_optimizer, outer_lr=parallel.outer_lr,
+                        outer_momentum=parallel.outer_momentum, compression=config.comm.compression)
 
 
 def _refuse_options_that_do_not_apply(config: RunConfig) -> None:
@@ -335,6 +366,8 @@ def _check_rules(config: RunConfig, launched_world: int | None) -> None:
         raise ConfigError(f"--backup-workers {parallel.backup_workers} must be fewer than --workers {job.workers}")
     _check_optimizer(config)
     _check_compression(config)
+    if spec.name == "diloco":
+        _check_diloco(config)
     _check_resilience(config)
     parse_stragglers(config.output.straggler, job.workers)
 
@@ -358,6 +391,18 @@ def _check_compression(config: RunConfig) -> None:
     if config.spec.uses_servers and compression.enabled and compression.type not in SERVER_CODECS:
         raise ConfigError(f"--compression {config.comm.compression!r}: parameter servers decode one key slice "
                           f"at a time, which {compression.type} cannot do; choose one of: {', '.join(SERVER_CODECS)}")
+
+
+def _check_diloco(config: RunConfig) -> None:
+    """DiLoCoConfig's own rules (fragments divide H, pseudo-gradient codecs, ...),
+    said with the flags' names."""
+    try:
+        diloco_config(config)
+    except ConfigError as exc:
+        message = str(exc)
+        for name in ("sync_every", "fragments", "outer_optimizer", "outer_lr", "outer_momentum", "compression"):
+            message = message.replace(f"{name}=", f"{flag(name)} ")
+        raise ConfigError(message) from None
 
 
 def _check_resilience(config: RunConfig) -> None:

@@ -45,6 +45,7 @@ _SPECS = (
     StrategySpec("dist_async", kvstore="dist_async", uses_servers=True, lockstep=False, is_kvstore_type=True),
     StrategySpec("dist_ssp", kvstore="dist_ssp", uses_servers=True, lockstep=False, is_kvstore_type=True),
     StrategySpec("local_sgd", kvstore="allreduce"),
+    StrategySpec("diloco", kvstore="allreduce"),
     StrategySpec("pipeline", kvstore=None, pipelined=True),
     StrategySpec("hybrid", kvstore=None, pipelined=True),
 )

@@ -17,6 +17,7 @@ from paratrain.strategies import STRATEGIES
 OPTIONS = sorted("""
 workers servers strategy epochs batch_size seed model dataset loader_workers pin_memory optimizer lr momentum
 accumulate amp max_grad_norm lr_schedule warmup_steps stages micro_batches schedule replicas sync_every staleness backup_workers compression bind
+fragments outer_optimizer outer_lr outer_momentum
 checkpoint_dir checkpoint_every resume max_restarts server_snapshot_dir server_snapshot_every
 log_dir timeline log_interval no_progress json straggler step_delay
 """.split())
@@ -80,7 +81,8 @@ def _strategy_where(name: str, fits: bool) -> str | None:
 
 VALUES = {"servers": "1", "server_snapshot_dir": "snap", "server_snapshot_every": "5", "backup_workers": "1",
           "staleness": "1", "sync_every": "4", "stages": "2", "micro_batches": "2", "schedule": "gpipe",
-          "replicas": "2", "compression": "fp16", "accumulate": "2", "bind": "127.0.0.1", "amp": "bf16"}
+          "replicas": "2", "compression": "fp16", "accumulate": "2", "bind": "127.0.0.1", "amp": "bf16",
+          "fragments": "2", "outer_optimizer": "sgd", "outer_lr": "0.5", "outer_momentum": "0.5"}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in cfg.APPLIES if n != "momentum"))

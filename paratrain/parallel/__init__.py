@@ -10,17 +10,21 @@ from paratrain.timeline import NULL_TIMELINE
 
 def build_gradient_sync(kv: KVStore, *, optimizer: str, optimizer_params: dict, compression=None,
                         sync_every: int | None = None, update_on_kvstore: bool | None = None,
-                        buffers=(), timeout_s: float = 60.0, timeline=NULL_TIMELINE) -> GradientSync:
+                        buffers=(), timeout_s: float = 60.0, timeline=NULL_TIMELINE, diloco=None) -> GradientSync:
     """The one place a KVStore (plus options) turns into a GradientSync.
 
     ``sync_every`` selects local SGD (average the models, and ``buffers``, every H steps);
-    ``compression`` (a spec for :func:`paratrain.comm.codecs.parse_compression`)
-    compresses allreduce buckets or parameter-server pushes. Communication spans are
-    recorded into ``timeline``.
+    ``diloco`` (a :class:`~paratrain.parallel.diloco.DiLoCoConfig`) selects DiLoCo, whose
+    pseudo-gradients carry their own codec; ``compression`` (a spec for
+    :func:`paratrain.comm.codecs.parse_compression`) compresses allreduce buckets or
+    parameter-server pushes. Communication spans are recorded into ``timeline``.
     """
-    sync = _choose_sync(kv, optimizer=optimizer, optimizer_params=optimizer_params, compression=compression,
-                        sync_every=sync_every, update_on_kvstore=update_on_kvstore, buffers=buffers,
-                        timeout_s=timeout_s)
+    if diloco is not None:
+        sync = _diloco_sync(kv, diloco, compression=compression, sync_every=sync_every, buffers=buffers)
+    else:
+        sync = _choose_sync(kv, optimizer=optimizer, optimizer_params=optimizer_params, compression=compression,
+                            sync_every=sync_every, update_on_kvstore=update_on_kvstore, buffers=buffers,
+                            timeout_s=timeout_s)
     sync.timeline = timeline
     return sync
 
@@ -48,6 +52,17 @@ def _choose_sync(kv: KVStore, *, optimizer, optimizer_params, compression, sync_
         return LocalSync()
     from paratrain.parallel.kvstore_sync import KVStoreSync
     return KVStoreSync(kv)
+
+
+def _diloco_sync(kv: KVStore, diloco, *, compression, sync_every, buffers) -> GradientSync:
+    from paratrain.parallel.diloco import DiLoCoConfig, DiLoCoSync
+    if kv.type != "allreduce":
+        raise ConfigError(f"DiLoCo averages pseudo-gradients over kvstore 'allreduce', not {kv.type!r}")
+    if compression is not None or sync_every is not None:
+        raise ConfigError("with diloco=DiLoCoConfig(...), give sync_every and compression in that config")
+    if not isinstance(diloco, DiLoCoConfig):
+        raise TypeError(f"diloco={diloco!r} must be a DiLoCoConfig")
+    return DiLoCoSync(diloco, buffers=buffers)
 
 
 def _allreduce_sync(kv: KVStore, compression, timeout_s: float) -> GradientSync:

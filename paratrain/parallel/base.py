@@ -25,6 +25,18 @@ def nearest_power_of_two(value: float) -> float:
     return 2.0 ** round(math.log2(value))
 
 
+def scale_to_local_batch(params: Sequence[torch.nn.Parameter], scale: float, num_workers: int) -> None:
+    """``reduce`` of syncs whose workers step alone (local SGD, DiLoCo): the Trainer's
+    ``scale`` is 1 / global batch, a worker stepping alone divides by its own batch,
+    so each gradient is multiplied by ``scale * num_workers``."""
+    local_scale = scale * num_workers
+    if local_scale == 1.0:
+        return
+    for param in params:
+        if param.grad is not None:
+            param.grad.mul_(local_scale)
+
+
 def start_from_store(kv, keys: Sequence, params: Sequence[torch.nn.Parameter]) -> None:
     """One KVStore key per parameter: initialise every key, then pull every value
     back, so every worker starts from the store's (rank 0's)."""
@@ -105,6 +117,14 @@ class GradientSync(abc.ABC):
     def set_learning_rate(self, lr: float) -> None:
         """The learning rate of the coming step, for syncs whose optimizer runs
         elsewhere (the parameter servers); called before every ``reduce``."""
+
+    def state_dict(self) -> dict:
+        """State a checkpoint must keep beyond the model and the optimizer (DiLoCo's
+        outer optimizer); default: none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
     def zero_grad(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Clear gradients after the update (default: set them to None)."""

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from paratrain.errors import ConfigError
-from paratrain.parallel.base import GradientSync
+from paratrain.parallel.base import GradientSync, scale_to_local_batch
 from paratrain.comm.accounting import ring_allreduce_bytes, tensor_nbytes
 from paratrain.comm.process_group import group_size, wait_work
 
@@ -62,10 +62,7 @@ class LocalSGDSync(GradientSync):
             self._unflatten(flat)
 
     def reduce(self, scale: float) -> None:
-        local_scale = scale * self.num_workers
-        for param in self._params:
-            if param.grad is not None and local_scale != 1.0:
-                param.grad.mul_(local_scale)
+        scale_to_local_batch(self._params, scale, self.num_workers)
 
     def after_step(self) -> None:
         """Count the step; every ``sync_every``-th one averages the models."""

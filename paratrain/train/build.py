@@ -5,7 +5,7 @@ Which options go with which strategy is decided by :mod:`paratrain.config` (its
 """
 from __future__ import annotations
 
-from paratrain.config import RunConfig, parse_run_config, resolve_run_config
+from paratrain.config import RunConfig, diloco_config, parse_run_config, resolve_run_config
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError
 from paratrain.strategies import STRATEGIES
@@ -42,6 +42,9 @@ def build_strategy(strategy: str | RunConfig = "allreduce", *, env: DistEnv | No
     if parallel.backup_workers:
         kvstore_options["backup_workers"] = parallel.backup_workers
     from paratrain.train.data_parallel_strategy import DataParallelStrategy
+    if spec.name == "diloco":
+        return DataParallelStrategy(kvstore=spec.kvstore, accumulate=config.optim.accumulate,
+                                    diloco=diloco_config(config), env=env)
     return DataParallelStrategy(kvstore=spec.kvstore, accumulate=config.optim.accumulate,
                                 compression=config.comm.compression, sync_every=parallel.sync_every,
                                 kvstore_options=kvstore_options or None, update_on_kvstore=update_on_kvstore,

@@ -16,6 +16,7 @@ from paratrain.comm.process_group import (collective_device, connect_store, dest
 from paratrain.data.batches import batch_len, move_to, split_batch
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, check_choice
+from paratrain.parallel.diloco import DiLoCoConfig
 from paratrain.strategies import kvstore_spec
 from paratrain.train.objective import StepResult
 from paratrain.train.strategy import Strategy, TrainSpec
@@ -30,6 +31,7 @@ class DataParallelConfig:
     accumulate: int = 1
     compression: str | dict | None = None
     sync_every: int | None = None      # local SGD when set
+    diloco: DiLoCoConfig | None = None   # DiLoCo when set (its own period and codec)
     kvstore_options: dict | None = None
     update_on_kvstore: bool | None = None   # dist_sync: False runs the optimizer on the workers
 
@@ -66,7 +68,8 @@ class DataParallelStrategy(Strategy):
     def __init__(self, config: DataParallelConfig | None = None, *, env: DistEnv | None = None, **options) -> None:
         self.config = config or DataParallelConfig(**options)
         self.env = env or read_env()
-        self.name = "local_sgd" if self.config.sync_every else self.config.kvstore
+        self.name = ("diloco" if self.config.diloco is not None else
+                     "local_sgd" if self.config.sync_every else self.config.kvstore)
         self.data_rank, self.data_world = self.env.rank, self.env.world_size
         self.is_logging_rank = self.env.rank == 0
         self.spec = kvstore_spec(self.config.kvstore)
@@ -94,7 +97,8 @@ class DataParallelStrategy(Strategy):
                                compression=self.config.compression, sync_every=self.config.sync_every,
                                loss_scaler=torch.amp.GradScaler("cuda") if spec.amp == "fp16" else None,
                                kvstore_options=self.config.kvstore_options,
-                               update_on_kvstore=self._update_on_kvstore(spec), timeline=spec.timeline)
+                               update_on_kvstore=self._update_on_kvstore(spec), timeline=spec.timeline,
+                               diloco=self.config.diloco)
         self.scheduler = spec.build_scheduler(self.trainer.optimizer)
         self._start_together()
 

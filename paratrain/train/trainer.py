@@ -55,12 +55,14 @@ class Trainer:
     or an iterable of parameters. ``optimizer``: a name, a ``torch.optim`` class or
     instance. ``kvstore``: a type name (``local``, ``allreduce``, ``dist_sync``,
     ``dist_async``, ``dist_ssp``) or a KVStore. Frozen parameters are skipped.
+    ``sync_every`` runs local SGD, ``diloco`` (a
+    :class:`~paratrain.parallel.diloco.DiLoCoConfig`) DiLoCo, both over ``allreduce``.
     """
 
     def __init__(self, params, optimizer: Any = "sgd", optimizer_params: dict | None = None,
                  kvstore: str | KVStore = "local", *, compression=None, sync_every: int | None = None,
                  update_on_kvstore: bool | None = None, loss_scaler=None, kvstore_options: dict | None = None,
-                 timeline=NULL_TIMELINE):
+                 timeline=NULL_TIMELINE, diloco=None):
         module = params if isinstance(params, nn.Module) else None
         param_list = list(module.parameters() if module is not None else params)
         if isinstance(optimizer, torch.optim.Optimizer) and not param_list:
@@ -76,7 +78,7 @@ class Trainer:
             optimizer_params=dict(optimizer.defaults if isinstance(optimizer, torch.optim.Optimizer)
                                   else optimizer_params or {}), compression=compression,
             sync_every=sync_every, update_on_kvstore=update_on_kvstore, buffers=self._buffers,
-            timeline=timeline)
+            timeline=timeline, diloco=diloco)
         self.optimizer = build_worker_optimizer(self._params, optimizer, optimizer_params)
         self.loss_scaler = loss_scaler
         self.sync.attach(self._params)
@@ -232,11 +234,17 @@ class Trainer:
         return param_checksum(self._params)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "num_update": self.num_update}
+        state = {"optimizer": self.optimizer.state_dict(), "num_update": self.num_update}
+        sync_state = self.sync.state_dict()
+        if sync_state:   # DiLoCo's outer optimizer; other syncs keep nothing of their own
+            state["sync"] = sync_state
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.num_update = int(state["num_update"])
+        if "sync" in state:
+            self.sync.load_state_dict(state["sync"])
 
     def close(self) -> None:
         self.sync.close()
