@@ -7,7 +7,8 @@
 and prints tokens/s, per wall-clock second and per CPU second of this process (the latter
 is steadier on a shared machine). Otherwise it trains ``--steps`` steps (AdamW, linear warm-up then
 cosine to 10% of the peak, or a constant rate) over shuffled windows, and evaluates
-bits per byte on the held-out split at each ``--eval-at`` step. A single process at
+bits per byte on the held-out split at each ``--eval-at`` step (the first
+``--eval-windows`` windows) and, at the end, on all of it. A single process at
 global batch B does the same arithmetic as D data-parallel workers at B / D each, so
 the curve stands for any worker count; only the time changes. One JSON object per line.
 """
@@ -25,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from paratrain.data.text import build_pytext  # noqa: E402
+from paratrain.data.text import (DEFAULT_MAX_HELDOUT_BYTES, DEFAULT_MAX_TRAIN_BYTES, FILE_ORDERS,  # noqa: E402
+                                 build_pytext)
 from paratrain.models.gpt import bits_per_byte, build_gpt, lm_loss  # noqa: E402
 
 
@@ -68,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None, help="default: one epoch of full batches")
     parser.add_argument("--throughput", type=int, default=0, help="time this many steps and stop")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=30)
@@ -76,8 +78,9 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--eval-at", default="", help="comma-separated steps")
     parser.add_argument("--eval-windows", type=int, default=None, help="held-out windows per evaluation")
-    parser.add_argument("--max-train-bytes", type=int, default=1 << 20)
-    parser.add_argument("--max-heldout-bytes", type=int, default=1 << 17)
+    parser.add_argument("--max-train-bytes", type=int, default=DEFAULT_MAX_TRAIN_BYTES)
+    parser.add_argument("--max-heldout-bytes", type=int, default=DEFAULT_MAX_HELDOUT_BYTES)
+    parser.add_argument("--file-order", choices=FILE_ORDERS, default="hashed")
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--n-head", type=int, default=4)
@@ -86,14 +89,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train, heldout = build_pytext(context=args.context, max_train_bytes=args.max_train_bytes,
-                                  max_heldout_bytes=args.max_heldout_bytes)
+                                  max_heldout_bytes=args.max_heldout_bytes, file_order=args.file_order)
+    args.steps = args.steps or len(train) // args.batch
     model = build_gpt(seed=args.seed, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
                       context=args.context)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
     common = dict(threads=args.threads, batch=args.batch, lr=args.lr, n_layer=args.n_layer, n_embd=args.n_embd,
                   context=args.context, train_bytes=train.num_bytes, train_files=train.num_files,
-                  heldout_bytes=heldout.num_bytes, heldout_files=heldout.num_files)
+                  heldout_bytes=heldout.num_bytes, heldout_files=heldout.num_files, heldout_windows=len(heldout),
+                  file_order=args.file_order, schedule=args.schedule, warmup=args.warmup)
     data = batches(train, args.batch, args.seed)
     eval_at = {int(s) for s in args.eval_at.split(",") if s}
     total_steps = args.throughput + 3 if args.throughput else args.steps
@@ -119,7 +124,8 @@ def main() -> None:
                                   train_cpu_s=round(train_cpu_seconds, 1),
                                   eval_s=round(time.perf_counter() - eval_tic, 1))), flush=True)
     timed_steps = args.throughput or total_steps
-    print(json.dumps(dict(common, steps=timed_steps, tokens_per_s=round(timed_steps * args.batch * args.context
+    final = {} if args.throughput else {"final_heldout_bpb": round(heldout_bpb(model, heldout, 64, None), 4)}
+    print(json.dumps(dict(common, **final, steps=timed_steps, tokens_per_s=round(timed_steps * args.batch * args.context
                                                                         / train_seconds),
                           step_s=round(train_seconds / timed_steps, 4),
                           cpu_tokens_per_s=round(timed_steps * args.batch * args.context / train_cpu_seconds),

@@ -14,6 +14,9 @@ Parts (one JSON object per line on stdout; every process runs with one thread):
 * ``chain``: in one process, chaining ``pipe.get_stage_module(i)`` reproduces the
   model's logits and gradients (tied gradients summed over their copies); and which
   input shapes the traced stages still accept.
+* ``dynamic``: the same split from an export with a dynamic batch and length
+  (``torch.export`` + the private ``Pipe._from_traced``, as ``pipeline()`` takes no
+  ``dynamic_shapes``): do the stages then accept other shapes?
 * ``run``: ``PipelineStage`` + ``ScheduleGPipe``/``Schedule1F1B`` in 2 spawned gloo
   processes on loopback: first loss vs one process, the loss after one AdamW step with
   and without summing the tied gradient over the two stages, and tokens/s vs one
@@ -49,16 +52,19 @@ JOB_TIMEOUT_S = 300
 
 
 def build(kind: str, *, n_embd: int = 64, context: int = 128) -> torch.nn.Module:
-    """The model under study, seeded: ``gpt`` (paratrain's) or ``hf`` (GPT2LMHeadModel)."""
+    """The model under study, seeded: ``gpt`` (paratrain's), ``hf`` (GPT2LMHeadModel without
+    its KV cache, wrapped to return logits) or ``hf-raw`` (GPT2LMHeadModel as configured
+    in the brief, cache on, returning its ``ModelOutput``)."""
     torch.manual_seed(0)
     if kind == "gpt":
         return build_gpt(n_layer=4, n_embd=n_embd, n_head=4, context=context)
     import transformers
     transformers.logging.set_verbosity_error()
+    options = {} if kind == "hf-raw" else dict(use_cache=False, bos_token_id=0, eos_token_id=0)
     config = transformers.GPT2Config(n_layer=4, n_embd=n_embd, n_head=4, vocab_size=256, n_positions=context,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     use_cache=False, bos_token_id=0, eos_token_id=0)
-    return LogitsOnly(transformers.GPT2LMHeadModel(config))
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **options)
+    model = transformers.GPT2LMHeadModel(config)
+    return model if kind == "hf-raw" else LogitsOnly(model)
 
 
 class LogitsOnly(torch.nn.Module):
@@ -101,7 +107,7 @@ def part_trace(kind: str) -> dict:
         return {"part": "trace", "model": kind, "ok": False, "error": f"{type(error).__name__}: {error}",
                 "cause": repr(error.__cause__)[:400]}
     stages, value = [], (x,)
-    for index in range(pipe.num_stages):
+    for index in range(pipe.num_stages):   # chain_stages, keeping each stage's outputs
         out = pipe.get_stage_module(index)(*value)
         stages.append(describe_stage(pipe.get_stage_module(index), out))
         value = out if isinstance(out, tuple) else (out,)
@@ -121,20 +127,28 @@ def split_spec_for(kind: str) -> dict:
     return {("model." if kind == "hf" else "") + key: value for key, value in SPLIT.items()}
 
 
+def wrapped_cache_on() -> dict:
+    """Does wrapping alone (logits out, cache left on) let the tracer through?"""
+    model = LogitsOnly(build("hf-raw"))
+    try:
+        pipeline(model, mb_args=(torch.randint(0, 256, (2, 32)),), split_spec={"model.transformer.h.2": SPLIT[
+            "transformer.h.2"]})
+        return {"part": "trace", "model": "hf-raw wrapped to logits", "ok": True}
+    except Exception as error:
+        return {"part": "trace", "model": "hf-raw wrapped to logits", "ok": False,
+                "error": f"{type(error).__name__}: {error}", "cause": repr(error.__cause__)[:400]}
+
+
 def stage_grads_vs_model(kind: str, batch: int = 2, length: int = 32) -> dict:
     """One forward + backward through the chained stages and through the model."""
     model = build(kind)
     x, y = torch.randint(0, 256, (batch, length)), torch.randint(0, 256, (batch, length))
     pipe = split(model, kind, x)
     stages = [pipe.get_stage_module(i) for i in range(pipe.num_stages)]
-    value = (x,)
-    for stage in stages:
-        out = stage(*value)
-        value = out if isinstance(out, tuple) else (out,)
-    reference = model(x)
-    lm_loss(value[0], y).backward()
+    logits, reference = chain_stages(stages, x), model(x)
+    lm_loss(logits, y).backward()
     lm_loss(reference, y).backward()
-    return {"model": model, "stages": stages, "logits": value[0], "reference": reference}
+    return {"model": model, "stages": stages, "logits": logits, "reference": reference}
 
 
 def part_tied(kind: str) -> dict:
@@ -176,17 +190,39 @@ def part_chain(kind: str) -> dict:
     for batch, length in ((4, 32), (2, 16), (1, 32)):
         x = torch.randint(0, 256, (batch, length))
         try:
-            value = (x,)
-            for stage in stages:
-                out = stage(*value)
-                value = out if isinstance(out, tuple) else (out,)
-            shapes[f"{batch}x{length}"] = "equal" if torch.equal(value[0], model(x)) else "differs"
+            shapes[f"{batch}x{length}"] = "equal" if torch.equal(chain_stages(stages, x), model(x)) else "differs"
         except Exception as error:
             shapes[f"{batch}x{length}"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
     return {"part": "chain", "model": kind, "traced_shape": "2x32",
             "logits_bitwise_equal": torch.equal(run["logits"], run["reference"]),
             "max_abs_logit_diff": (run["logits"] - run["reference"]).abs().max().item(),
             "max_abs_grad_diff_untied": worst, "other_shapes": shapes}
+
+
+def chain_stages(stages, x: torch.Tensor) -> torch.Tensor:
+    value = (x,)
+    for stage in stages:
+        out = stage(*value)
+        value = out if isinstance(out, tuple) else (out,)
+    return value[0]
+
+
+def part_dynamic(kind: str) -> dict:
+    from torch.distributed.pipelining._IR import MultiUseParameterConfig, Pipe, annotate_split_points
+    from torch.export import Dim
+    model = build(kind)
+    patched = copy.deepcopy(model)
+    annotate_split_points(patched, split_spec_for(kind))
+    dims = {0: Dim("batch", min=1, max=1024), 1: Dim("length", min=2, max=128)}
+    program = torch.export.export(patched, (torch.randint(0, 256, (2, 32)),), dynamic_shapes={"input_ids": dims})
+    pipe = Pipe._from_traced(patched, program, MultiUseParameterConfig.REPLICATE)
+    stages = [pipe.get_stage_module(i) for i in range(pipe.num_stages)]
+    results = {}
+    for batch, length in ((5, 32), (3, 17), (1, 128)):
+        x = torch.randint(0, 256, (batch, length))
+        results[f"{batch}x{length}"] = "equal" if torch.equal(chain_stages(stages, x), model(x)) else "differs"
+    return {"part": "dynamic", "model": kind, "traced_shape": "2x32 (batch, length dynamic)",
+            "other_shapes": results}
 
 
 # ---------------------------------------------------------------- two processes
@@ -312,23 +348,25 @@ def part_run(kind: str, steps: int) -> list[dict]:
     return rows
 
 
-PARTS = ("trace", "tied", "chain", "run")
+PARTS = ("trace", "tied", "chain", "dynamic", "run")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS))
-    parser.add_argument("--models", default="gpt,hf")
+    parser.add_argument("--models", default="gpt,hf", help="gpt, hf (hf also traces the raw GPT2LMHeadModel)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps in the 'run' part")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    single = {"trace": part_trace, "tied": part_tied, "chain": part_chain, "dynamic": part_dynamic}
+    parts = args.parts.split(",")
+    if "trace" in parts and "hf" in args.models.split(","):    # the brief's config as it is, first
+        for row in (part_trace("hf-raw"), wrapped_cache_on()):
+            print(json.dumps(row, default=str), flush=True)
     for kind in args.models.split(","):
-        for part in args.parts.split(","):
-            if part == "run":
-                rows = part_run(kind, args.steps)
-            else:
-                rows = [{"trace": part_trace, "tied": part_tied, "chain": part_chain}[part](kind)]
+        for part in parts:
+            rows = part_run(kind, args.steps) if part == "run" else [single[part](kind)]
             for row in rows:
                 print(json.dumps(row, default=str), flush=True)
     return 0

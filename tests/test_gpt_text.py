@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from paratrain.data.text import (ByteTextDataset, build_pytext, default_stdlib_dir, is_excluded, is_heldout,
-                                 list_sources)
+                                 list_sources, order_files)
 from paratrain.errors import ConfigError
 from paratrain.models.gpt import GPTConfig, bits_per_byte, build_gpt, lm_loss
 
@@ -116,11 +116,21 @@ def test_windows_do_not_overlap_and_targets_shift_by_one():
     assert len(ByteTextDataset(torch.arange(5, dtype=torch.uint8), context=5)) == 0
 
 
+def test_window_step_keeps_every_kth_window():
+    dataset = ByteTextDataset(torch.arange(40, dtype=torch.uint8), context=4, window_step=3)
+    assert len(dataset) == 3          # windows start at 0, 12, 24; one at 36 would need 41 bytes
+    assert [dataset[i][0].tolist() for i in range(3)] == [[0, 1, 2, 3], [12, 13, 14, 15], [24, 25, 26, 27]]
+    assert dataset[2][1].tolist() == [25, 26, 27, 28]
+    assert len(ByteTextDataset(torch.arange(41, dtype=torch.uint8), context=4, window_step=3)) == 4
+
+
 def test_byte_dataset_rejects_bad_inputs():
     with pytest.raises(ConfigError, match="uint8"):
         ByteTextDataset(torch.arange(10), context=4)
     with pytest.raises(ConfigError, match="context=0"):
         ByteTextDataset(torch.zeros(10, dtype=torch.uint8), context=0)
+    with pytest.raises(ConfigError, match="window_step=0"):
+        ByteTextDataset(torch.zeros(10, dtype=torch.uint8), context=2, window_step=0)
 
 
 def test_corpus_excludes_third_party_and_optional_parts():
@@ -135,20 +145,49 @@ def test_corpus_excludes_third_party_and_optional_parts():
 
 
 def test_corpus_and_split_are_deterministic_and_disjoint():
-    train, heldout = build_pytext(context=64, max_train_bytes=200_000, max_heldout_bytes=50_000)
-    again, heldout_again = build_pytext(context=64, max_train_bytes=200_000, max_heldout_bytes=50_000)
+    train, heldout = build_pytext(context=64, max_train_bytes=200_000, max_heldout_bytes=20_000)
+    again, heldout_again = build_pytext(context=64, max_train_bytes=200_000, max_heldout_bytes=20_000)
     assert torch.equal(train.data, again.data) and torch.equal(heldout.data, heldout_again.data)
-    assert (train.num_bytes, heldout.num_bytes) == (200_000, 50_000)
-    assert train.num_files >= 1 and heldout.num_files >= 1 and len(train) == (200_000 - 1) // 64
+    assert train.num_bytes == 200_000 and len(train) == (200_000 - 1) // 64
     assert (train.vocab_size, train.task) == (256, "lm")
+    sources = list_sources(default_stdlib_dir())
+    held = [f for f in sources if is_heldout(f.relative)]
+    assert 0.03 < len(held) / len(sources) < 0.2
+    # the held-out split holds every held-out file, in the same order as train takes its own
+    ordered = order_files(sources, "hashed")
+    expected = b"".join((default_stdlib_dir() / f.relative).read_bytes() for f in ordered if is_heldout(f.relative))
+    assert bytes(heldout.data.tolist()) == expected and heldout.num_files == len(held)
+    train_bytes = b""
+    for source in (f for f in ordered if not is_heldout(f.relative)):
+        if len(train_bytes) >= 200_000:
+            break
+        train_bytes += (default_stdlib_dir() / source.relative).read_bytes()
+    assert bytes(train.data.tolist()) == train_bytes[:200_000]     # no held-out file in train
+
+
+def test_heldout_windows_are_spread_evenly_under_the_cap():
+    _, heldout = build_pytext(context=64, max_train_bytes=10_000, max_heldout_bytes=20_000)
+    assert len(heldout) * 64 <= 20_000 and len(heldout) >= 20_000 // 64 // 2
+    assert heldout.window_step > 1
+    last_start = (len(heldout) - 1) * heldout.window_step * 64
+    assert last_start > heldout.num_bytes * 0.8     # windows reach the end of the split, not its first files
+    x, y = heldout[1]
+    start = heldout.window_step * 64
+    assert x.tolist() == heldout.data[start:start + 64].tolist() and y.tolist() == heldout.data[start + 1:start + 65].tolist()
+    _, everything = build_pytext(context=64, max_train_bytes=10_000, max_heldout_bytes=10 ** 8)
+    assert everything.window_step == 1 and len(everything) == (everything.num_bytes - 1) // 64
+
+
+def test_file_orders_take_different_files_under_a_cap_and_the_same_held_out_files():
+    hashed_train, hashed_held = build_pytext(context=64, max_train_bytes=300_000, file_order="hashed")
+    sorted_train, sorted_held = build_pytext(context=64, max_train_bytes=300_000, file_order="sorted")
+    assert not torch.equal(hashed_train.data, sorted_train.data)
+    assert sorted(hashed_held.data.tolist()) == sorted(sorted_held.data.tolist())
     relatives = [f.relative for f in list_sources(default_stdlib_dir())]
-    held = {r for r in relatives if is_heldout(r)}
-    assert 0.03 < len(held) / len(relatives) < 0.2
-    first_held = sorted(held)[0]
-    expected_start = (default_stdlib_dir() / first_held).read_bytes()[:100]
-    assert bytes(heldout.data[:100].tolist()) == expected_start
-    first_train = next(r for r in relatives if r not in held)
-    assert bytes(train.data[:100].tolist()) == (default_stdlib_dir() / first_train).read_bytes()[:100]
+    first_sorted = next(r for r in relatives if not is_heldout(r))
+    assert bytes(sorted_train.data[:64].tolist()) == (default_stdlib_dir() / first_sorted).read_bytes()[:64]
+    with pytest.raises(ConfigError, match="file_order='random'"):
+        build_pytext(file_order="random")
 
 
 def test_split_membership_depends_on_the_path_only():
@@ -161,13 +200,15 @@ def test_a_tiny_stdlib_tree_is_split_by_file(tmp_path):
         (tmp_path / f"mod{i:02d}.py").write_bytes(f"# module {i}\n".encode() * 20)
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "skip.py").write_bytes(b"x" * 1000)
-    train, heldout = build_pytext(context=8, max_train_bytes=10**6, max_heldout_bytes=10**6, stdlib_dir=tmp_path)
+    train, heldout = build_pytext(context=8, max_train_bytes=10**6, max_heldout_bytes=10**6, stdlib_dir=tmp_path,
+                                  file_order="sorted")
     names = [f"mod{i:02d}.py" for i in range(40)]
     held = [n for n in names if is_heldout(n)]
     assert heldout.num_files == len(held) and train.num_files == 40 - len(held)
     assert b"x" not in bytes(train.data.tolist())
     texts = {n: (tmp_path / n).read_bytes() for n in names}
     assert bytes(heldout.data.tolist()) == b"".join(texts[n] for n in held)
+    assert bytes(train.data.tolist()) == b"".join(texts[n] for n in names if n not in held)
 
 
 def test_missing_or_empty_stdlib_says_where_it_looked(tmp_path):
