@@ -64,11 +64,15 @@ class JobConfig(Section):
 
 
 class ModelConfig(Section):
-    model: str = _opt("cnn", "mlp | cnn, or package.module:factory", min_length=1)
+    model: str = _opt("cnn", "mlp | cnn | gpt, or package.module:factory", min_length=1)
+    n_layer: Optional[int] = _opt(None, "gpt: transformer blocks (default 4)", ge=1, le=256)
+    n_head: Optional[int] = _opt(None, "gpt: attention heads (default 4)", ge=1, le=256)
+    n_embd: Optional[int] = _opt(None, "gpt: width (default 128)", ge=1, le=1 << 16)
+    context: Optional[int] = _opt(None, "gpt: tokens per sequence (default 128)", ge=2, le=1 << 16)
 
 
 class DataConfig(Section):
-    dataset: str = _opt("digits", "digits | synthetic, or package.module:factory", min_length=1)
+    dataset: str = _opt("digits", "digits | synthetic | pytext, or package.module:factory", min_length=1)
     loader_workers: int = _opt(0, "DataLoader worker processes per training process (fit's num_workers)",
                                ge=0, le=MAX_LOCAL_PROCESSES)
     pin_memory: bool = _opt(False, "pinned host memory for batches (faster copies to a GPU)")
@@ -210,6 +214,16 @@ APPLIES: dict[str, Applies] = {
     "amp": _strategies(lambda s: not s.pipelined),
     "bind": _strategies(lambda s: s.uses_servers or s.pipelined),
     "momentum": Applies(lambda config: config.optim.optimizer in ("sgd", "rmsprop"), "sgd | rmsprop", on="optimizer"),
+    **{name: Applies(lambda config: config.model.model == "gpt", "gpt", on="model")
+       for name in ("n_layer", "n_head", "n_embd", "context")},
+}
+
+#: Defaults of a built-in model, for the options a run does not give. One epoch of the
+#: pytext corpus with these reaches about 2.2 bits per byte in a few minutes on 2 cores
+#: (docs/language_model.md).
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt": {"dataset": "pytext", "optimizer": "adamw", "lr": 6e-3, "epochs": 1, "batch_size": 32,
+            "lr_schedule": "cosine", "warmup_steps": 20, "max_grad_norm": 1.0},
 }
 
 
@@ -283,6 +297,7 @@ def resolve_run_config(config: RunConfig, *, launched_world: int | None = None) 
     """Fill the defaults that depend on other options and check every rule that joins
     options. ``launched_world`` is WORLD_SIZE when this process was started by a
     launcher (then ``--workers`` must agree with it). Returns a new config."""
+    config = _with_model_defaults(config)
     _refuse_options_that_do_not_apply(config)
     spec = config.spec
     job, parallel = config.job.model_copy(), config.parallel.model_copy()
@@ -309,6 +324,16 @@ def resolve_run_config(config: RunConfig, *, launched_world: int | None = None) 
                                          "resilience": resilience})
     _check_rules(resolved, launched_world)
     return resolved
+
+
+def _with_model_defaults(config: RunConfig) -> RunConfig:
+    """The config with its model's defaults (:data:`MODEL_DEFAULTS`) for every option
+    the run did not give; they count as given from here on, as a TOML file's would."""
+    preset = {name: value for name, value in MODEL_DEFAULTS.get(config.model.model, {}).items()
+              if name not in config.given()}
+    if not preset:
+        return config
+    return parse_run_config({**{name: config.get(name) for name in config.given()}, **preset})
 
 
 def _refuse_options_that_do_not_apply(config: RunConfig) -> None:
