@@ -17,6 +17,7 @@ Parts (one JSON object per line on stdout; every process runs with one thread):
 * ``dynamic``: the same split from an export with a dynamic batch and length
   (``torch.export`` + the private ``Pipe._from_traced``, as ``pipeline()`` takes no
   ``dynamic_shapes``): do the stages then accept other shapes?
+* ``modes``: with dropout, does ``.eval()`` on stages traced in training mode turn it off?
 * ``run``: ``PipelineStage`` + ``ScheduleGPipe``/``Schedule1F1B`` in 2 spawned gloo
   processes on loopback: first loss vs one process, the loss after one AdamW step with
   and without summing the tied gradient over the two stages, and tokens/s vs one
@@ -225,6 +226,18 @@ def part_dynamic(kind: str) -> dict:
             "other_shapes": results}
 
 
+def part_modes(kind: str) -> dict:
+    if kind != "gpt":
+        return {"part": "modes", "model": kind, "skipped": "dropout is 0 in the hf config under study"}
+    torch.manual_seed(0)
+    model, x = build_gpt(n_layer=4, n_embd=64, n_head=4, context=32, dropout=0.2), torch.randint(0, 256, (2, 32))
+    stages = [stage.eval() for stage in (split(model, kind, x).get_stage_module(i) for i in range(2))]
+    first, second = chain_stages(stages, x), chain_stages(stages, x)
+    return {"part": "modes", "model": kind, "dropout": 0.2, "traced_in": "train mode",
+            "eval_stages_deterministic": torch.equal(first, second),
+            "eval_stages_equal_model_eval": torch.equal(first, model.eval()(x))}
+
+
 # ---------------------------------------------------------------- two processes
 
 
@@ -348,7 +361,7 @@ def part_run(kind: str, steps: int) -> list[dict]:
     return rows
 
 
-PARTS = ("trace", "tied", "chain", "dynamic", "run")
+PARTS = ("trace", "tied", "chain", "dynamic", "modes", "run")
 
 
 def main(argv=None) -> int:
@@ -359,7 +372,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    single = {"trace": part_trace, "tied": part_tied, "chain": part_chain, "dynamic": part_dynamic}
+    single = {"trace": part_trace, "tied": part_tied, "chain": part_chain, "dynamic": part_dynamic,
+              "modes": part_modes}
     parts = args.parts.split(",")
     if "trace" in parts and "hf" in args.models.split(","):    # the brief's config as it is, first
         for row in (part_trace("hf-raw"), wrapped_cache_on()):

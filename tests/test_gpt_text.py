@@ -173,7 +173,8 @@ def test_heldout_windows_are_spread_evenly_under_the_cap():
     assert last_start > heldout.num_bytes * 0.8     # windows reach the end of the split, not its first files
     x, y = heldout[1]
     start = heldout.window_step * 64
-    assert x.tolist() == heldout.data[start:start + 64].tolist() and y.tolist() == heldout.data[start + 1:start + 65].tolist()
+    assert x.tolist() == heldout.data[start:start + 64].tolist()
+    assert y.tolist() == heldout.data[start + 1:start + 65].tolist()
     _, everything = build_pytext(context=64, max_train_bytes=10_000, max_heldout_bytes=10 ** 8)
     assert everything.window_step == 1 and len(everything) == (everything.num_bytes - 1) // 64
 

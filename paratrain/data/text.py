@@ -28,7 +28,7 @@ cap), in one of two orders (``file_order``):
 - ``"hashed"`` (default): ordered by a second, independent hash of the relative path,
   so a capped prefix is a sample of the whole library rather than of its first letters,
   and adding a file shifts no other file's place relative to the rest;
-- ``"sorted"``: relative-path order (then a 1.75 MiB cap stops in ``datetime.py``).
+- ``"sorted"``: relative-path order (the default 2 MiB cap then ends in ``email/utils.py``).
 
 The held-out split holds all its files (about 10% of the corpus, under 1 MB) and is
 evaluated on evenly spaced windows over all of them, at most ``max_heldout_bytes`` of
@@ -59,7 +59,7 @@ EXCLUDED_DIR_PREFIXES = ("config-",)
 HASH_BUCKETS = 100
 HELDOUT_BUCKETS = 10
 FILE_ORDERS = ("hashed", "sorted")
-DEFAULT_MAX_TRAIN_BYTES = 7 << 18       # 1.75 MiB: one epoch is 448 steps of 32 windows of 128
+DEFAULT_MAX_TRAIN_BYTES = 2 << 20       # 2 MiB: one epoch is 511 steps of 32 windows of 128
 DEFAULT_MAX_HELDOUT_BYTES = 1 << 17     # 128 KiB: at most 1024 held-out windows of 128
 
 
@@ -78,7 +78,8 @@ class ByteTextDataset(Dataset):
 
     def __init__(self, data: torch.Tensor, context: int, *, num_files: int = 0, window_step: int = 1) -> None:
         if data.dtype != torch.uint8 or data.dim() != 1:
-            raise ConfigError(f"ByteTextDataset needs a 1-D uint8 tensor; got {data.dtype} of shape {tuple(data.shape)}")
+            raise ConfigError(f"ByteTextDataset needs a 1-D uint8 tensor; "
+                              f"got {data.dtype} of shape {tuple(data.shape)}")
         for name, value in (("context", context), ("window_step", window_step)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
