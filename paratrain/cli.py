@@ -130,12 +130,18 @@ def run_worker(config, env: DistEnv) -> dict:
     optimizer_params = {"lr": optim.lr}
     if optim.momentum is not None:
         optimizer_params["momentum"] = optim.momentum
+    if optim.weight_decay is not None:
+        optimizer_params["weight_decay"] = optim.weight_decay
+    if optim.beta1 is not None or optim.beta2 is not None:
+        optimizer_params["betas"] = (0.9 if optim.beta1 is None else optim.beta1,
+                                     0.999 if optim.beta2 is None else optim.beta2)
     resume = resilience.resume or (env.restart_count > 0 and _has_checkpoint(resilience.checkpoint_dir))
     length = dataset_len(workload.train)
     total_steps = job.epochs * -(-length // job.batch_size) if length else None
     scheduler = None if optim.lr_schedule == "constant" and not optim.warmup_steps else (
         lambda opt: build_lr_schedule(opt, kind=optim.lr_schedule, warmup_steps=optim.warmup_steps,
-                                      total_steps=total_steps or optim.warmup_steps + 1))
+                                      total_steps=total_steps or optim.warmup_steps + 1,
+                                      min_factor=optim.min_lr_factor))
     return fit(workload.model, workload.train, heldout=workload.heldout, strategy=_build_strategy(config, env),
                epochs=job.epochs, batch_size=job.batch_size, optimizer=optim.optimizer,
                optimizer_params=optimizer_params, loss_fn=workload.task.loss_fn,
