@@ -7,7 +7,10 @@ training split holds exactly ``--steps * --batch-size`` samples, so training is 
 epoch: a second pass over the same logs overfits the rare ids (held-out loss rises).
 
     OMP_NUM_THREADS=1 python bench/dlrm_clicks_learnability.py                  # the defaults
-    OMP_NUM_THREADS=1 python bench/dlrm_clicks_learnability.py --optimizer adagrad --lr 0.05
+    OMP_NUM_THREADS=1 python bench/dlrm_clicks_learnability.py --optimizer adagrad --lr 0.03 --sparse-lr 0.1
+    OMP_NUM_THREADS=1 python bench/dlrm_clicks_learnability.py --planted signal_rows=200
+
+docs/dlrm.md has the figures.
 
 Optimizers: ``adam`` (SparseAdam, Adam's lazy form, for the tables; Adam for the dense
 part), ``adagrad`` (Adagrad for both, which takes sparse gradients) or ``sgd``.
@@ -72,7 +75,8 @@ def main() -> None:
     tic = time.perf_counter()
     planted = {field: float(value) if "." in value else int(value)
                for field, value in (item.split("=", 1) for item in args.planted)}
-    train, heldout = build_clicks(num_train=args.num_train or args.steps * args.batch_size, num_heldout=args.num_heldout, table_sizes=args.table_sizes,
+    train, heldout = build_clicks(num_train=args.num_train or args.steps * args.batch_size,
+                                  num_heldout=args.num_heldout, table_sizes=args.table_sizes,
                                   zipf_exponent=args.zipf_exponent, seed=args.seed, **planted)
     data_s = time.perf_counter() - tic
     model = build_dlrm(DLRMConfig(num_dense=train.num_dense, table_sizes=train.table_sizes,

@@ -250,7 +250,8 @@ def build_clicks(*, num_train: int = 1_000_000, num_heldout: int = 100_000,
     for name, value in (("num_train", num_train), ("num_heldout", num_heldout)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be an int >= 1")
-    allowed = sorted({field.name for field in fields(ClickConfig)} - {"table_sizes", "num_dense", "zipf_exponent", "seed"})
+    named_here = {"table_sizes", "num_dense", "zipf_exponent", "seed"}
+    allowed = sorted({field.name for field in fields(ClickConfig)} - named_here)
     unknown = sorted(set(planted) - set(allowed))
     if unknown:
         raise ConfigError(f"unknown click-log option(s) {unknown}; allowed: {', '.join(allowed)}")
