@@ -25,7 +25,7 @@ import torch
 
 from paratrain.data.clicks import DEFAULT_TABLE_SIZES, build_clicks
 from paratrain.models.dlrm import DLRMConfig, build_dlrm, click_loss
-from paratrain.train.metrics import binary_logloss, roc_auc
+from paratrain.metrics import binary_logloss, roc_auc
 
 
 def make_optimizers(model: torch.nn.Module, name: str, lr: float, sparse_lr: float) -> list[torch.optim.Optimizer]:

@@ -14,7 +14,7 @@ from torch import nn
 from paratrain.data.clicks import ClickConfig, build_clicks, zipf_ranks
 from paratrain.errors import ConfigError
 from paratrain.models.dlrm import DLRM, DLRMConfig, build_dlrm, click_loss
-from paratrain.train.metrics import binary_logloss, roc_auc
+from paratrain.metrics import binary_logloss, roc_auc
 
 SMALL_TABLES = (1000, 100, 10)
 

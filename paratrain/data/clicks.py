@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from paratrain.errors import ConfigError, check_positive
-from paratrain.train.metrics import binary_logloss, roc_auc
+from paratrain.metrics import binary_logloss, roc_auc
 
 DEFAULT_TABLE_SIZES = (4_000_000, 1_000_000, 100_000, 10_000, 1_000, 100)
 MAX_TABLE_ROWS = 2**31 - 1        # rank * multiplier stays inside int64

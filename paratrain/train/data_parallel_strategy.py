@@ -16,6 +16,7 @@ from paratrain.comm.process_group import (collective_device, connect_store, dest
 from paratrain.data.batches import batch_len, move_to, split_batch
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, check_choice
+from paratrain.parallel.server_tables import local_parameters
 from paratrain.strategies import kvstore_spec
 from paratrain.train.objective import StepResult
 from paratrain.train.strategy import Strategy, TrainSpec
@@ -217,11 +218,17 @@ class DataParallelStrategy(Strategy):
         job ends with one model on every rank."""
         if not self.spec.uses_servers:
             return
+        # Tables that live on the servers are read by the held-out evaluation after
+        # this: the worker departs (pushes no more) and says goodbye in close().
+        reads_tables = bool(self.trainer.server_tables)
+        if reads_tables:
+            self.trainer.kvstore.depart()
         if not self._lockstep and self.env.distributed:
             # A worker that died and was not replaced never finishes: go on without it.
             self._wait_in_store("finished", "finished", required=False)
             self.trainer.pull_weights()
-        self.trainer.kvstore.close()
+        if not reads_tables:
+            self.trainer.kvstore.close()
 
     def end_epoch(self) -> None:
         self.trainer.sync.consolidate()
@@ -268,7 +275,7 @@ class DataParallelStrategy(Strategy):
         return self.model.state_dict()
 
     def param_checksum(self) -> str:
-        return param_checksum(self.model.parameters())
+        return param_checksum(local_parameters(self.model))   # a table on the servers is not here
 
     @property
     def bytes_sent(self) -> int:
