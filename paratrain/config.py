@@ -64,11 +64,18 @@ class JobConfig(Section):
 
 
 class ModelConfig(Section):
-    model: str = _opt("cnn", "mlp | cnn, or package.module:factory", min_length=1)
+    model: str = _opt("cnn", "mlp | cnn | dlrm, or package.module:factory", min_length=1)
+    table_sizes: Optional[str] = _opt(None, "dlrm: rows of each embedding table, comma-separated (default "
+                                            "4000000,1000000,100000,10000,1000,100)", min_length=1)
+    embedding_dim: Optional[int] = _opt(None, "dlrm: width of every embedding table (default 16)", ge=1, le=1 << 16)
 
 
 class DataConfig(Section):
-    dataset: str = _opt("digits", "digits | synthetic, or package.module:factory", min_length=1)
+    dataset: str = _opt("digits", "digits | synthetic | clicks, or package.module:factory", min_length=1)
+    train_samples: Optional[int] = _opt(None, "clicks: samples in the training split (default 768000, one "
+                                              "epoch's worth)", ge=1, le=1 << 31)
+    heldout_samples: Optional[int] = _opt(None, "clicks: samples in the held-out split (default 100000)",
+                                          ge=1, le=1 << 31)
     loader_workers: int = _opt(0, "DataLoader worker processes per training process (fit's num_workers)",
                                ge=0, le=MAX_LOCAL_PROCESSES)
     pin_memory: bool = _opt(False, "pinned host memory for batches (faster copies to a GPU)")
@@ -98,7 +105,8 @@ class ParallelConfig(Section):
 
 
 class CommConfig(Section):
-    compression: Optional[str] = _opt(None, "fp16 | bf16 | 2bit[:threshold] | topk[:ratio] | powersgd[:rank]",
+    compression: Optional[str] = _opt(None, "fp16 | bf16 | 2bit[:threshold] | 1bit[:threshold] | topk[:ratio] | "
+                                            "powersgd[:rank]",
                                       min_length=1)
     bind: Optional[str] = _opt(None, "address parameter servers and pipeline links bind to (default 127.0.0.1)",
                                min_length=1)
@@ -210,7 +218,35 @@ APPLIES: dict[str, Applies] = {
     "amp": _strategies(lambda s: not s.pipelined),
     "bind": _strategies(lambda s: s.uses_servers or s.pipelined),
     "momentum": Applies(lambda config: config.optim.optimizer in ("sgd", "rmsprop"), "sgd | rmsprop", on="optimizer"),
+    "table_sizes": Applies(lambda config: config.model.model == "dlrm", "dlrm", on="model"),
+    "embedding_dim": Applies(lambda config: config.model.model == "dlrm", "dlrm", on="model"),
+    "train_samples": Applies(lambda config: config.data.dataset == "clicks", "clicks", on="dataset"),
+    "heldout_samples": Applies(lambda config: config.data.dataset == "clicks", "clicks", on="dataset"),
 }
+
+#: Defaults a built-in workload trains best with (docs/dlrm.md), used for the options the
+#: user did not give: a click model learns from one pass over its logs (a second one
+#: overfits the rare ids), with Adam (lazy on the tables) and a rate that decays to 0.
+WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dlrm": {"dataset": "clicks", "epochs": 1, "batch_size": 512, "optimizer": "adam", "lr": 0.005,
+             "lr_schedule": "linear"},
+}
+#: A built-in dataset's own model, used when ``--model`` is not given.
+DATASET_MODELS: dict[str, str] = {"clicks": "dlrm"}
+
+
+def parse_table_sizes(text: str | None) -> tuple[int, ...] | None:
+    """``"4000000,1000"`` -> ``(4000000, 1000)``; ConfigError naming ``--table-sizes``."""
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(size < 1 or size > 2**31 - 1 for size in sizes):
+        raise ConfigError(f"--table-sizes {text!r}: give rows per table as comma-separated ints in [1, 2**31), "
+                          f"e.g. 4000000,1000000,1000")
+    return sizes
 
 
 def applies(name: str, config: RunConfig) -> bool:
@@ -283,6 +319,7 @@ def resolve_run_config(config: RunConfig, *, launched_world: int | None = None) 
     """Fill the defaults that depend on other options and check every rule that joins
     options. ``launched_world`` is WORLD_SIZE when this process was started by a
     launcher (then ``--workers`` must agree with it). Returns a new config."""
+    config = _with_workload_defaults(config)
     _refuse_options_that_do_not_apply(config)
     spec = config.spec
     job, parallel = config.job.model_copy(), config.parallel.model_copy()
@@ -311,6 +348,24 @@ def resolve_run_config(config: RunConfig, *, launched_world: int | None = None) 
     return resolved
 
 
+def _with_workload_defaults(config: RunConfig) -> RunConfig:
+    """Fill :data:`WORKLOAD_DEFAULTS` (and a dataset's own model) into the options the
+    user did not give; what the user gave always wins."""
+    given = config.given()
+    values = {}
+    if "model" not in given and config.data.dataset in DATASET_MODELS:
+        values["model"] = DATASET_MODELS[config.data.dataset]
+    for name, value in WORKLOAD_DEFAULTS.get(values.get("model", config.model.model), {}).items():
+        if name not in given:
+            values[name] = value
+    if not values:
+        return config
+    sections = {section: getattr(config, section).model_copy() for section in RunConfig.model_fields}
+    for name, value in values.items():
+        setattr(sections[FIELD_SECTIONS[name]], _ATTRIBUTES.get(name, name), value)
+    return config.model_copy(update=sections)
+
+
 def _refuse_options_that_do_not_apply(config: RunConfig) -> None:
     for name in sorted(config.given()):
         if not applies(name, config):
@@ -333,6 +388,7 @@ def _check_rules(config: RunConfig, launched_world: int | None) -> None:
                           f"{parallel.replicas} = {parallel.stages * parallel.replicas}")
     if parallel.backup_workers and parallel.backup_workers >= job.workers:
         raise ConfigError(f"--backup-workers {parallel.backup_workers} must be fewer than --workers {job.workers}")
+    parse_table_sizes(config.model.table_sizes)
     _check_optimizer(config)
     _check_compression(config)
     _check_resilience(config)

@@ -9,6 +9,7 @@ not sent yet) and, for PowerSGD, the warm-started ``Q``, and passes them in agai
 |---|---|---|---|
 | ``fp16`` / ``bf16`` | the cast tensor | 2 | no |
 | ``2bit`` | 16 two-bit codes per int32 word (MXNet layout) | 1/4 | residual |
+| ``1bit`` | 32 sign bits per int32 word (MXNet layout) | 1/8 | residual |
 | ``topk`` | int32 indices and fp32 values of the largest ``ratio`` entries | 8 * ratio | residual |
 | ``powersgd`` | ``P`` (rows x r) and ``Q`` (cols x r) | 4 r (rows + cols) / (rows cols) | residual, warm ``Q`` |
 
@@ -25,10 +26,12 @@ import torch
 
 from paratrain.errors import ConfigError, check_choice
 
-CODEC_TYPES = ("none", "fp16", "bf16", "2bit", "topk", "powersgd")
+CODEC_TYPES = ("none", "fp16", "bf16", "2bit", "topk", "powersgd", "1bit")
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 #: 2bit: how many codes one 32-bit word carries on the wire.
 CODES_PER_WORD = 16
+#: 1bit: how many sign bits one 32-bit word carries on the wire.
+BITS_PER_WORD = 32
 # MXNet's 2bit code values (src/kvstore/gradient_compression-inl.h): 0b11 is +threshold,
 # 0b10 is -threshold, 0b00 sends nothing.
 _CODE_POSITIVE = 0b11
@@ -44,8 +47,9 @@ _BIT_SHIFTS = (6, 4, 2, 0)
 class CompressionConfig:
     """Which codec compresses gradients, and its one knob.
 
-    ``threshold`` is for ``2bit``, ``ratio`` for ``topk``, ``rank`` (and ``seed`` for the
-    first random ``Q``, equal on every worker) for ``powersgd``.
+    ``threshold`` is for ``2bit`` (> 0) and ``1bit`` (any number: MXNet's default is
+    0), ``ratio`` for ``topk``, ``rank`` (and ``seed`` for the first random ``Q``, equal
+    on every worker) for ``powersgd``.
     """
 
     type: str = "none"
@@ -56,7 +60,10 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         check_choice("compression type", self.type, CODEC_TYPES)
-        if not _is_number(self.threshold) or not self.threshold > 0:
+        if self.type == "1bit":
+            if not _is_number(self.threshold):
+                raise ConfigError(f"compression threshold={self.threshold!r} must be a finite number")
+        elif not _is_number(self.threshold) or not self.threshold > 0:
             raise ConfigError(f"compression threshold={self.threshold!r} must be a number > 0")
         if not _is_number(self.ratio) or not 0 < self.ratio <= 1:
             raise ConfigError(f"compression ratio={self.ratio!r} must be a number in (0, 1]")
@@ -77,9 +84,10 @@ class CompressionConfig:
         return out
 
 
-_TYPE_KEYS = {"2bit": ("threshold",), "topk": ("ratio",), "powersgd": ("rank", "seed")}
+_TYPE_KEYS = {"2bit": ("threshold",), "1bit": ("threshold",), "topk": ("ratio",), "powersgd": ("rank", "seed")}
 # "2bit:0.5" -> threshold, "topk:0.01" -> ratio, "powersgd:2" -> rank.
-_SHORT_PARAM = {"2bit": ("threshold", float), "topk": ("ratio", float), "powersgd": ("rank", int)}
+_SHORT_PARAM = {"2bit": ("threshold", float), "1bit": ("threshold", float), "topk": ("ratio", float),
+                "powersgd": ("rank", int)}
 
 
 def _is_number(value: Any) -> bool:
@@ -216,6 +224,49 @@ def decode_2bit(words: torch.Tensor, numel: int, threshold: float) -> torch.Tens
     return table[words.contiguous().view(torch.uint8).long()].reshape(-1)[:numel]
 
 
+# --------------------------------------------------------------------------- 1bit
+
+def quantize_1bit(grad: torch.Tensor, residual: torch.Tensor, threshold: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXNet's 1bit rule (src/kvstore/gradient_compression-inl.h): ``acc = residual +
+    grad``; ``acc > threshold`` sends +1 (and keeps ``acc - 1``), anything else sends
+    -1 (and keeps ``acc + 1``). Returns ``(bits, new_residual)``, bits bool (True: +1)."""
+    acc = residual.float() + grad.float()
+    bits = acc > threshold
+    return bits, acc - (bits.float() * 2 - 1)
+
+
+def pack_1bit(bits: torch.Tensor) -> torch.Tensor:
+    """Bools into int32 words, 32 per word, in MXNet's layout: element i in byte i // 8,
+    the first of each byte in its highest bit (mask 0x80); padded with zeros."""
+    flat = bits.reshape(-1).to(torch.uint8)
+    padded = torch.zeros(_round_up(flat.numel(), BITS_PER_WORD), dtype=torch.uint8, device=flat.device)
+    padded[: flat.numel()] = flat
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8).view(torch.int32)
+
+
+def unpack_1bit(words: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_1bit`: ``numel`` bools."""
+    if words.dtype != torch.int32:
+        raise TypeError(f"1bit payload must be int32 words, got {words.dtype}")
+    if numel > words.numel() * BITS_PER_WORD:
+        raise ValueError(f"1bit payload of {words.numel()} words cannot hold {numel} bits")
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=words.device)
+    return ((words.contiguous().view(torch.uint8).unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel].bool()
+
+
+def encode_1bit(grad: torch.Tensor, residual: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize and pack: ``(int32 words, new_residual)``."""
+    bits, new_residual = quantize_1bit(grad.reshape(-1), residual.reshape(-1), threshold)
+    return pack_1bit(bits), new_residual.view_as(residual)
+
+
+def decode_1bit(words: torch.Tensor, numel: int) -> torch.Tensor:
+    """The fp32 gradient a 1bit payload stands for: +1 or -1 per entry (MXNet's)."""
+    return unpack_1bit(words, numel).float() * 2 - 1
+
+
 # --------------------------------------------------------------------------- topk
 
 def topk_count(numel: int, ratio: float) -> int:
@@ -342,6 +393,9 @@ def encode(config: CompressionConfig, grad: torch.Tensor, state: CodecState | No
     if config.type == "2bit":
         words, residual = encode_2bit(flat, residual, config.threshold)
         return [words], replace(state, residual=residual)
+    if config.type == "1bit":
+        words, residual = encode_1bit(flat, residual, config.threshold)
+        return [words], replace(state, residual=residual)
     if config.type == "topk":
         indices, values, residual = encode_topk(flat, residual, config.ratio)
         return [pack_topk(indices, values)], replace(state, residual=residual)
@@ -359,6 +413,8 @@ def decode(config: CompressionConfig, payload: list[torch.Tensor], numel: int) -
         return decode_cast(payload[0])
     if config.type == "2bit":
         return decode_2bit(payload[0], numel, config.threshold)
+    if config.type == "1bit":
+        return decode_1bit(payload[0], numel)
     if config.type == "topk":
         return decode_topk(*unpack_topk(payload[0]), numel)
     return decode_powersgd(payload[0], payload[1]).reshape(-1)[:numel].clone()

@@ -38,7 +38,7 @@ from paratrain.strategies import SERVER_KVSTORE_TYPES
 #: error (which names the missing workers) arrives before the worker gives up.
 REPLY_MARGIN_S = 10.0
 #: Codecs whose payload the servers can decode one slice at a time.
-PS_CODECS = ("none", "fp16", "bf16", "2bit", "topk")
+PS_CODECS = ("none", "fp16", "bf16", "2bit", "topk", "1bit")
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ class DistKVStore(RowSparseKeys, ServerOptimizerStates, ServerKVStore):
         self._optimizer = built
 
     def set_gradient_compression(self, compression: dict | str | None) -> None:
-        """Compress pushes (``fp16``, ``bf16``, ``2bit``, ``topk``); each worker keeps
+        """Compress pushes (``fp16``, ``bf16``, ``2bit``, ``1bit``, ``topk``); each worker keeps
         its own error-feedback residual per key slice. Rank 0 tells the servers."""
         config = codecs.parse_compression(compression)
         check_choice("compression type for a parameter server", config.type, PS_CODECS)

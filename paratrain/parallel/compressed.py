@@ -9,10 +9,10 @@ of fp16 chunk sums, PowerSGD's ``Q``) runs inside ``wait``.
 |---|---|---|
 | none | (the plain :class:`~paratrain.parallel.reducers.AllreduceReducer`) | the exact sum, in place |
 | fp16, bf16 | all_to_all of cast chunks, fp32 sum per chunk, all_gather | ``N * cast(sum_fp32(cast(x_r / N)))`` (fp16: pre-scaled by 1/N) |
-| 2bit, topk | all_gather of payloads | the sum, in rank order, of each worker's decoded gradient |
+| 2bit, 1bit, topk | all_gather of payloads | the sum, in rank order, of each worker's decoded gradient |
 | powersgd | all_reduce of ``P``, then of ``Q`` | ``P Q_sum^T``: the sum of each worker's ``P Q_r^T`` |
 
-``payload_bytes`` is 4 bytes per entry plain, 2 for fp16/bf16, 1/4 for 2bit, 8 * ratio
+``payload_bytes`` is 4 bytes per entry plain, 2 for fp16/bf16, 1/4 for 2bit, 1/8 for 1bit, 8 * ratio
 for topk, ``P`` and ``Q`` for PowerSGD; ``bytes_sent`` follows
 :mod:`paratrain.comm.accounting`, as the plain path does, so the numbers in one
 Speedometer line compare. Gathering costs N-1 copies, so on 4 workers 2bit saves 16x
@@ -89,14 +89,19 @@ class CastReducer(BucketReducer):
 
 # --------------------------------------------------------------------------- 2bit, topk
 
+#: Codecs whose payloads are gathered, decoded and summed (no collective sums them).
+GATHERED_CODECS = ("2bit", "topk", "1bit")
+
+
 class GatherReducer(BucketReducer):
-    """2bit and topk payloads cannot be summed by a collective: every worker gathers
+    """2bit, 1bit and topk payloads cannot be summed by a collective: every worker gathers
     all payloads and sums the decoded gradients in rank order. The residual (error
     feedback) of each bucket stays on this worker."""
 
     def __init__(self, config: CompressionConfig, group=None) -> None:
-        if config.type not in ("2bit", "topk"):
-            raise ConfigError(f"GatherReducer handles compression types 2bit and topk, not {config.type!r}")
+        if config.type not in GATHERED_CODECS:
+            raise ConfigError(f"GatherReducer handles compression types {', '.join(GATHERED_CODECS)}, "
+                              f"not {config.type!r}")
         super().__init__(group)
         self.config = config
         self.residuals: dict[int, torch.Tensor] = {}
@@ -109,6 +114,8 @@ class GatherReducer(BucketReducer):
             residual = torch.zeros_like(grad)
         if self.config.type == "2bit":
             payload, residual = codecs.encode_2bit(grad, residual, self.config.threshold)
+        elif self.config.type == "1bit":
+            payload, residual = codecs.encode_1bit(grad, residual, self.config.threshold)
         else:
             indices, values, residual = codecs.encode_topk(grad, residual, self.config.ratio)
             payload = codecs.pack_topk(indices, values)
@@ -118,6 +125,8 @@ class GatherReducer(BucketReducer):
     def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
         if self.config.type == "2bit":
             return codecs.decode_2bit(payload, numel, self.config.threshold)
+        if self.config.type == "1bit":
+            return codecs.decode_1bit(payload, numel)
         return codecs.decode_topk(*codecs.unpack_topk(payload), numel)
 
     def launch(self, bucket_index: int, flat: torch.Tensor) -> PendingReduce:
@@ -290,6 +299,6 @@ def build_bucket_reducer(config: CompressionConfig, group=None) -> BucketReducer
         return AllreduceReducer(group)
     if config.type in codecs.CAST_DTYPES:
         return CastReducer(codecs.CAST_DTYPES[config.type], group)
-    if config.type in ("2bit", "topk"):
+    if config.type in GATHERED_CODECS:
         return GatherReducer(config, group)
     return PowerSGDReducer(config, group)

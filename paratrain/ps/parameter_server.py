@@ -452,6 +452,10 @@ class ParameterServer:
 
     def _on_set_compression(self, peer: bytes, rank: int, message: Message) -> None:
         config = codecs.parse_compression(message.control())
+        if not config.enabled:   # compression turned off: pushes come plain again
+            self.compression = None
+            self._ok(peer, message.request_id)
+            return
         if config.type not in SERVER_CODECS:
             raise RequestRejected(f"compression type={config.type!r} cannot be decoded per slice on a "
                                   f"server; choose one of: {', '.join(SERVER_CODECS)}")

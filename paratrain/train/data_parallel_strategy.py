@@ -243,13 +243,14 @@ class DataParallelStrategy(Strategy):
         """Every worker holds the whole model: evaluate this worker's share locally,
         then sum the shares."""
         self.model.eval()
-        totals = StepResult(0.0, 0)
+        totals = self.objective.empty_totals()
         try:
             for batch in batches:
                 if batch is None:
                     continue
                 with autocast(self.device, self.train_spec.amp):
-                    totals.add(self.objective(self.model, move_to(batch, self.device)), self.objective.reduction)
+                    totals.add(self.objective.evaluate(self.model, move_to(batch, self.device)),
+                               self.objective.reduction)
         finally:
             self.model.train()
         return self._totals(totals) if self._lockstep else totals
