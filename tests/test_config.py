@@ -15,7 +15,8 @@ from paratrain.strategies import STRATEGIES
 
 #: The option surface, frozen: a new option must be added here on purpose (and to docs).
 OPTIONS = sorted("""
-workers servers strategy epochs batch_size seed model dataset loader_workers pin_memory optimizer lr momentum
+workers servers strategy epochs batch_size seed model table_sizes embedding_dim dataset train_samples
+heldout_samples loader_workers pin_memory optimizer lr momentum
 accumulate amp max_grad_norm lr_schedule warmup_steps stages micro_batches schedule replicas sync_every staleness backup_workers compression bind
 checkpoint_dir checkpoint_every resume max_restarts server_snapshot_dir server_snapshot_every
 log_dir timeline log_interval no_progress json straggler step_delay
