@@ -110,6 +110,12 @@ def _check_server_tables(config, model) -> None:
         raise ConfigError(f"--checkpoint-dir with --model {config.model.model} under --strategy {config.job.strategy}: "
                           f"its embedding tables live on the parameter servers, not in the workers' checkpoints; "
                           f"use --server-snapshot-dir (dist_async | dist_ssp) or --strategy allreduce")
+    from paratrain.optimizers import row_server_optimizer_names
+    lazy = row_server_optimizer_names()
+    if config.optim.optimizer not in lazy:
+        raise ConfigError(f"--optimizer {config.optim.optimizer} with --model {config.model.model} under --strategy "
+                          f"{config.job.strategy}: its tables on the servers need a rule with a lazy row update, "
+                          f"one of: {', '.join(lazy)}")
     if config.job.strategy == "dist_sync" and (config.resilience.max_restarts or config.optim.max_grad_norm):
         raise ConfigError(f"--model {config.model.model} under --strategy dist_sync: its tables are updated on the "
                           f"servers, so --max-restarts and --max-grad-norm (which move the optimizer to the "
@@ -147,12 +153,18 @@ def run_worker(config, env: DistEnv) -> dict:
     optimizer_params = {"lr": optim.lr}
     if optim.momentum is not None:
         optimizer_params["momentum"] = optim.momentum
+    if optim.weight_decay is not None:
+        optimizer_params["weight_decay"] = optim.weight_decay
+    if optim.beta1 is not None or optim.beta2 is not None:
+        optimizer_params["betas"] = (0.9 if optim.beta1 is None else optim.beta1,
+                                     0.999 if optim.beta2 is None else optim.beta2)
     resume = resilience.resume or (env.restart_count > 0 and _has_checkpoint(resilience.checkpoint_dir))
     length = dataset_len(workload.train)
     total_steps = job.epochs * -(-length // job.batch_size) if length else None
     scheduler = None if optim.lr_schedule == "constant" and not optim.warmup_steps else (
         lambda opt: build_lr_schedule(opt, kind=optim.lr_schedule, warmup_steps=optim.warmup_steps,
-                                      total_steps=total_steps or optim.warmup_steps + 1))
+                                      total_steps=total_steps or optim.warmup_steps + 1,
+                                      min_factor=optim.min_lr_factor))
     return fit(workload.model, workload.train, heldout=workload.heldout, strategy=_build_strategy(config, env),
                epochs=job.epochs, batch_size=job.batch_size, optimizer=optim.optimizer,
                optimizer_params=optimizer_params, loss_fn=workload.task.loss_fn,

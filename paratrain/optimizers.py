@@ -60,6 +60,12 @@ def server_optimizer_names() -> tuple[str, ...]:
     return tuple(name for name, entry in _REGISTRY.items() if entry.server is not None)
 
 
+def row_server_optimizer_names() -> tuple[str, ...]:
+    """Names whose server rule also updates row-sparse keys lazily (``RowUpdates``)."""
+    return tuple(name for name, entry in _REGISTRY.items()
+                 if entry.server is not None and issubclass(entry.server, lazy_rules.RowUpdates))
+
+
 def build_worker_optimizer(params: Iterable[torch.nn.Parameter], optimizer: Any,
                            optimizer_params: dict | None) -> torch.optim.Optimizer:
     """A torch optimizer from a registered name, a ``torch.optim`` class, or an instance."""
@@ -124,9 +130,10 @@ def server_optimizer_spec(optimizer: str, optimizer_params: dict) -> dict:
 
 # The server rules of sgd and adam are the dense rules themselves plus a lazy form for
 # row-sparse keys (paratrain.ps.lazy_optimizer): a dense key's arithmetic is unchanged.
+# adamw updates dense keys only (a row-sparse key refuses it at the server).
 register_optimizer("sgd", worker=torch.optim.SGD, server=lazy_rules.LazySGD)
 register_optimizer("adam", worker=torch.optim.Adam, server=lazy_rules.LazyAdam)
-register_optimizer("adamw", worker=torch.optim.AdamW)
+register_optimizer("adamw", worker=torch.optim.AdamW, server=server_rules.AdamW)
 register_optimizer("rmsprop", worker=torch.optim.RMSprop)
 register_optimizer("adagrad", worker=torch.optim.Adagrad, server=lazy_rules.Adagrad)
 register_optimizer("test", server=lazy_rules.MXNetTest)

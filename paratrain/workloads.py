@@ -180,10 +180,25 @@ def _dlrm(train, config) -> nn.Module:
     return _ClickModel(model)
 
 
+def _pytext(config):
+    from paratrain.data.text import build_pytext
+    return build_pytext(context=config.model.context or 128)
+
+
+def _gpt(train, config) -> nn.Module:
+    from paratrain.models.gpt import build_gpt
+    if getattr(train, "task", None) != "lm":
+        raise ConfigError(f"--model gpt needs a language-model dataset (task 'lm', such as pytext); --dataset "
+                          f"{config.data.dataset} is not one")
+    model = config.model
+    shape = {name: getattr(model, name) for name in ("n_layer", "n_head", "n_embd") if getattr(model, name)}
+    return build_gpt(vocab_size=train.vocab_size, context=train.context, seed=config.job.seed, **shape)
+
+
 #: name -> callable(config) -> (train, heldout)
-DATASETS: dict[str, Callable] = {"digits": _digits, "synthetic": _synthetic, "clicks": _clicks}
+DATASETS: dict[str, Callable] = {"digits": _digits, "synthetic": _synthetic, "clicks": _clicks, "pytext": _pytext}
 #: name -> callable(train_dataset, config) -> nn.Module
-MODELS: dict[str, Callable] = {"mlp": _classifier("mlp"), "cnn": _classifier("cnn"), "dlrm": _dlrm}
+MODELS: dict[str, Callable] = {"mlp": _classifier("mlp"), "cnn": _classifier("cnn"), "dlrm": _dlrm, "gpt": _gpt}
 
 
 # ----------------------------------------------------------------- building

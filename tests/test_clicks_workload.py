@@ -78,6 +78,8 @@ def test_worker_checkpoints_of_tables_on_the_servers_are_refused():
     assert code == 2 and "embedding tables live on the parameter servers" in err
     code, _, err = run_cli("train", "--model", "dlrm", "--strategy", "dist_sync", "--max-grad-norm", "1", *TINY)
     assert code == 2 and "--max-grad-norm" in err
+    code, _, err = run_cli("train", "--model", "dlrm", "--strategy", "dist_async", "--optimizer", "adamw", *TINY)
+    assert code == 2 and "need a rule with a lazy row update, one of: sgd, adam, adagrad" in err
 
 
 @pytest.mark.timeout(240)

@@ -203,6 +203,8 @@ class RowSparseKeys:
                     raise PeerError(f"worker {self._rank}: server {server} answered the row pull of key {key!r} "
                                     f"with {message.op.name} of {message.length} rows of {message.dtype}")
                 rows[low:high] = message.rows()
+            if asks:   # the slowest worker's clock on the ranges asked (dist_ssp's bound)
+                self.last_min_clock[key] = min(replies[request_id].clock for _, _, (_, request_id) in asks)
             gathered = rows[where]
             start = 0
             for target, ids in zip(outs, id_lists):

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 
 from paratrain.comm.wire import tensor_bytes
+from paratrain.optimizers import row_server_optimizer_names
 from paratrain.ps import protocol
 from paratrain.ps.lazy_optimizer import RowUpdates
 from paratrain.ps.parking import Waiter
@@ -180,7 +181,7 @@ def on_row_push(server, peer: bytes, rank: int, message: Message) -> None:
                               f"optimizer: call kv.set_optimizer(...) first")
     if server.optimizer is not None and not isinstance(server.optimizer, RowUpdates):
         raise RequestRejected(f"server optimizer {server.optimizer.type!r} has no lazy (row-sparse) update; "
-                              f"row-sparse keys need one of the rules that have (sgd, adam, adagrad, test)")
+                              f"row-sparse keys need one of the rules that have ({', '.join(row_server_optimizer_names())})")
     values = message.rows()
     grad = RowGradient(_ids_in_range(message, state, sorted_unique=True),
                        values if values.dtype == torch.float32 else values.float())
