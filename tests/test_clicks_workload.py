@@ -91,3 +91,30 @@ def test_dlrm_on_two_workers_and_a_server_under_dist_ssp():
     assert sum(summary["steps_per_worker"]) == 8192 // (256 // 2)   # every local batch of one epoch, once
     assert summary["accuracy"] is None and 0.5 < summary["heldout_auc"] < 1
     assert summary["heldout_logloss"] < 0.6 and summary["planted_logloss"] < summary["heldout_logloss"]
+
+
+@pytest.mark.timeout(300)
+def test_a_sigkilled_server_holding_tables_resumes_from_its_snapshot(tmp_path):
+    """dist_async with the tables on one server, which is SIGKILLed mid-run: restarted
+    from its snapshot (rows, per-row Adam state), the workers resend, and the run ends
+    with every acknowledged push applied once and a model that learned."""
+    import random
+    import sys
+
+    from conftest import run_with_kills
+    from test_resilience_ps import log_lines_counter
+
+    snapshots = tmp_path / "snap"
+    args = ("train", "--model", "dlrm", "--strategy", "dist_async", "--workers", "2", "--servers", "1", *TINY,
+            "--log-interval", "1", "--max-restarts", "1", "--server-snapshot-dir", str(snapshots),
+            "--server-snapshot-every", "10")
+    lines, stderr, code, kills = run_with_kills([sys.executable, "-m", "paratrain.cli", *args], [12], 1,
+                                                random.Random(7), progress=log_lines_counter(),
+                                                marker=b"paratrain.ps.server")
+    assert code == 0, stderr[-3000:]
+    assert kills == [12] and "server 0 killed by SIGKILL; restarting it from its snapshot" in stderr
+    assert "resumed from its snapshot" in "".join(lines)
+    final = torch.load(snapshots / "server0.pt", weights_only=True)
+    assert final["applied_pushes"] == final["acknowledged_pushes"] > 0
+    summary = json.loads(lines[-1])
+    assert summary["heldout_logloss"] < 0.6 and 0.5 < summary["heldout_auc"] < 1, summary
