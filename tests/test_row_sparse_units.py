@@ -377,3 +377,30 @@ def test_server_embedding_is_a_plain_embedding_elsewhere_and_holds_nothing_until
     assert torch.equal(net.table(ids), reference(ids))
     with pytest.raises(ConfigError, match="num_rows"):
         ServerEmbedding(0, 3)
+
+
+def test_local_kvstore_takes_lists_of_keys_row_sparse_keys_and_an_updater():
+    """MXNet's local store: lists of keys in one call (an AttributeError before), a
+    clear error for a sparse value given to a dense key (a raw copy_ error before),
+    row-sparse keys, and _set_updater."""
+    from paratrain import kvstore
+
+    kv = kvstore.create("local")
+    kv.init(["a", "b"], [torch.zeros(2), torch.zeros(3)])
+    kv.init("c", [torch.full((2,), 4.0)])                        # init(key, [value]): one value per device
+    kv.push(["a", "b"], [[torch.ones(2), torch.ones(2)], torch.full((3,), 2.0)])   # a list of values is summed
+    outs = [torch.empty(2), torch.empty(3), torch.empty(2)]
+    kv.pull(["a", "b", "c"], out=outs)
+    assert [o.tolist() for o in outs] == [[2.0, 2.0], [2.0] * 3, [4.0, 4.0]]
+    with pytest.raises(ConfigError, match="sparse tensor where a dense one is expected"):
+        kv.push("a", torch.ones(2).to_sparse())
+    kv.init("emb", _table(), initializer={"kind": "uniform", "low": -1, "high": 1, "seed": 5})
+    kv._set_updater(lambda key, pushed, stored: stored.add_(pushed.to_dense() if pushed.is_sparse else pushed,
+                                                            alpha=-0.5))
+    kv.push("emb", _grad([3, 3, 7], torch.ones(3, 3)))          # duplicates summed: row 3 gets 2
+    rows = torch.empty(3, 3)
+    kv.row_sparse_pull("emb", out=rows, row_ids=torch.tensor([7, 3, 0]))
+    start = fill_rows(RowInitializer("uniform", -1, 1, seed=5), torch.empty(10, 3), 0)
+    assert torch.equal(rows, start[[7, 3, 0]] - 0.5 * torch.tensor([[1.0], [2.0], [0.0]]))
+    with pytest.raises(ConfigError, match="row_sparse_pull"):
+        kv.pull("emb", out=torch.empty(10, 3))

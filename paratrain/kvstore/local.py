@@ -53,7 +53,8 @@ class LocalKVStore(KVStore):
         if key in self._tables:
             ids, rows = coalesced_rows(key, value, tuple(stored.shape))
             if self._updater is not None:
-                self._updater(key, torch.sparse_coo_tensor(ids[None], rows, tuple(stored.shape)), stored)
+                pushed = torch.sparse_coo_tensor(ids[None], rows, tuple(stored.shape), check_invariants=False)
+                self._updater(key, pushed, stored)   # ids: coalesced, in range
             else:
                 stored[ids] = rows.to(stored.dtype)
             return Handle.completed()
