@@ -23,3 +23,10 @@ def not_a_model(train):
 
 def not_a_pair():
     return [1, 2, 3]
+
+
+def tinytext():
+    """A few kilobytes of the pytext corpus at context 16: a language-model dataset small
+    enough to train under every strategy in seconds (tests/test_gpt_strategies.py)."""
+    from paratrain.data.text import build_pytext
+    return build_pytext(context=16, max_train_bytes=8_192, max_heldout_bytes=2_048)
