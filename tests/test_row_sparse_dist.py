@@ -119,7 +119,38 @@ def _mxnet_surface(kv) -> dict:
     kv.pull("onebit", out=onebit)
     results["onebit"] = onebit[:2].tolist()
     kv.set_gradient_compression(None)
+    results["optimizer_states"] = _optimizer_states(kv)
     return results
+
+
+def _optimizer_states(kv) -> dict:
+    """save_optimizer_states / load_optimizer_states of server Adam, dense and row keys:
+    rank 0 saves after round 1 and loads it back after round 2, so round 3 (the same
+    gradient as round 2) moves every value by what round 2 did; without the load Adam's
+    moments and step count would make it move differently."""
+    import shutil
+    import tempfile
+
+    kv.set_optimizer({"type": "adam", "lr": 0.1})
+    kv.init("opt_w", torch.zeros(6))
+    kv.init("opt_rows", torch.zeros((1000, 4), layout=torch.sparse_coo), initializer={"kind": "zeros"})
+    ids = torch.tensor([3, 499, 500, 998])                       # both servers' ranges
+    path = Path(tempfile.mkdtemp(prefix="optstates_")) / "states.pt"
+    w, rows, seen = torch.empty(6), torch.empty(4, 4), []
+    for round_ in range(3):
+        scale = 1.0 if round_ == 0 else float(kv.rank + 2)
+        kv.push("opt_w", torch.linspace(-1, 1, 6) * scale)
+        kv.push("opt_rows", torch.sparse_coo_tensor(ids[None], torch.ones(4, 4) * scale, (1000, 4)))
+        kv.pull("opt_w", out=w)
+        kv.row_sparse_pull("opt_rows", out=rows, row_ids=ids)
+        seen.append(torch.cat([w, rows.flatten()]).clone())
+        if kv.rank == 0 and round_ == 0:
+            kv.save_optimizer_states(path)
+        if kv.rank == 0 and round_ == 1:
+            kv.load_optimizer_states(path)
+    shutil.rmtree(path.parent)
+    step2, step3 = seen[1] - seen[0], seen[2] - seen[1]
+    return {"same_move": bool(torch.allclose(step2, step3, rtol=0, atol=1e-6)), "moved": float(step3.abs().min())}
 
 
 def _two_trainers(kv) -> dict:
@@ -201,6 +232,13 @@ def test_updater_rules_reach_the_servers_by_name_and_functions_are_refused(three
 def test_one_bit_compression_on_the_servers(three_by_two):
     for result in three_by_two:   # rank 0 sends (+1, -1), ranks 1, 2 send (-1, +1)
         assert result["surface"]["onebit"] == [-1.0, 1.0]
+
+
+@pytest.mark.timeout(300)
+def test_server_optimizer_states_save_and_load_on_dense_and_row_keys(three_by_two):
+    for result in three_by_two:
+        states = result["surface"]["optimizer_states"]
+        assert states["same_move"] and states["moved"] > 0, states
 
 
 @pytest.mark.timeout(300)
