@@ -73,6 +73,20 @@ def test_dlrm_trains_in_one_process_and_reports_clicks_metrics():
     assert summary["planted_logloss"] < summary["heldout_logloss"] < summary["final_loss"] + 0.2
 
 
+@pytest.mark.timeout(240)
+def test_dlrm_under_allreduce_trains_its_tables_as_plain_embeddings_as_one_process_does():
+    """Under allreduce the ServerEmbeddings are ordinary tables in every worker, with
+    dense gradients allreduced: the same model as one process on the same global batch."""
+    code, out, err = run_cli("train", "--model", "dlrm", "--strategy", "local", "--workers", "1", *TINY)
+    assert code == 0, err
+    local = json.loads(out.strip().splitlines()[-1])
+    both = summary_of(run_paratrain("train", "--model", "dlrm", "--strategy", "allreduce", "--workers", "2", *TINY,
+                                    timeout=200))
+    assert both["steps"] == local["steps"] == 8192 // 256
+    assert abs(both["heldout_logloss"] - local["heldout_logloss"]) < 1e-4, (both, local)
+    assert abs(both["heldout_auc"] - local["heldout_auc"]) < 1e-3
+
+
 def test_worker_checkpoints_of_tables_on_the_servers_are_refused():
     code, _, err = run_cli("train", "--model", "dlrm", "--strategy", "dist_sync", "--checkpoint-dir", "ck", *TINY)
     assert code == 2 and "embedding tables live on the parameter servers" in err
