@@ -94,9 +94,32 @@ def _check_before_launch(config) -> None:
         raise ConfigError(f"--resume: no checkpoint in --checkpoint-dir {resilience.checkpoint_dir!r}")
     workload = build_workload(config)
     config_module.check_batch(config, dataset_len(workload.train))
+    _check_server_tables(config, workload.model)
     # Builds the strategy (its own checks) and validates it against the model; starts nothing.
     _build_strategy(config, DistEnv(world_size=config.job.workers)).validate(
         config.job.batch_size, config.job.workers, lambda: workload.model)
+
+
+def _check_server_tables(config, model) -> None:
+    """Tables that live on the servers (ServerEmbedding under dist_*) are in no worker's
+    checkpoint, and need the optimizer on the servers."""
+    from paratrain.nn import server_tables
+    if not (config.spec.uses_servers and server_tables(model)):
+        return
+    if config.resilience.checkpoint_dir:
+        raise ConfigError(f"--checkpoint-dir with --model {config.model.model} under --strategy {config.job.strategy}: "
+                          f"its embedding tables live on the parameter servers, not in the workers' checkpoints; "
+                          f"use --server-snapshot-dir (dist_async | dist_ssp) or --strategy allreduce")
+    from paratrain.optimizers import row_server_optimizer_names
+    lazy = row_server_optimizer_names()
+    if config.optim.optimizer not in lazy:
+        raise ConfigError(f"--optimizer {config.optim.optimizer} with --model {config.model.model} under --strategy "
+                          f"{config.job.strategy}: its tables on the servers need a rule with a lazy row update, "
+                          f"one of: {', '.join(lazy)}")
+    if config.job.strategy == "dist_sync" and (config.resilience.max_restarts or config.optim.max_grad_norm):
+        raise ConfigError(f"--model {config.model.model} under --strategy dist_sync: its tables are updated on the "
+                          f"servers, so --max-restarts and --max-grad-norm (which move the optimizer to the "
+                          f"workers) cannot be used")
 
 
 def _build_strategy(config, env: DistEnv):
@@ -145,7 +168,8 @@ def run_worker(config, env: DistEnv) -> dict:
     return fit(workload.model, workload.train, heldout=workload.heldout, strategy=_build_strategy(config, env),
                epochs=job.epochs, batch_size=job.batch_size, optimizer=optim.optimizer,
                optimizer_params=optimizer_params, loss_fn=workload.task.loss_fn,
-               loss_reduction=workload.task.loss_reduction, seed=job.seed, callbacks=callbacks,
+               loss_reduction=workload.task.loss_reduction, heldout_stats=workload.task.heldout_stats,
+               seed=job.seed, callbacks=callbacks,
                checkpoint_dir=resilience.checkpoint_dir, checkpoint_every=resilience.checkpoint_every,
                resume=resume, amp=optim.amp, max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
                num_workers=config.data.loader_workers, pin_memory=config.data.pin_memory,

@@ -65,7 +65,10 @@ class JobConfig(Section):
 
 
 class ModelConfig(Section):
-    model: str = _opt("cnn", "mlp | cnn | gpt, or package.module:factory", min_length=1)
+    model: str = _opt("cnn", "mlp | cnn | dlrm | gpt, or package.module:factory", min_length=1)
+    table_sizes: Optional[str] = _opt(None, "dlrm: rows of each embedding table, comma-separated (default "
+                                            "4000000,1000000,100000,10000,1000,100)", min_length=1)
+    embedding_dim: Optional[int] = _opt(None, "dlrm: width of every embedding table (default 16)", ge=1, le=1 << 16)
     n_layer: Optional[int] = _opt(None, "gpt: transformer blocks (default 4)", ge=1, le=256)
     n_head: Optional[int] = _opt(None, "gpt: attention heads (default 4)", ge=1, le=256)
     n_embd: Optional[int] = _opt(None, "gpt: width (default 128)", ge=1, le=1 << 16)
@@ -73,7 +76,11 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: str = _opt("digits", "digits | synthetic | pytext, or package.module:factory", min_length=1)
+    dataset: str = _opt("digits", "digits | synthetic | clicks | pytext, or package.module:factory", min_length=1)
+    train_samples: Optional[int] = _opt(None, "clicks: samples in the training split (default 768000, one "
+                                              "epoch's worth)", ge=1, le=1 << 31)
+    heldout_samples: Optional[int] = _opt(None, "clicks: samples in the held-out split (default 100000)",
+                                          ge=1, le=1 << 31)
     loader_workers: int = _opt(0, "DataLoader worker processes per training process (fit's num_workers)",
                                ge=0, le=MAX_LOCAL_PROCESSES)
     pin_memory: bool = _opt(False, "pinned host memory for batches (faster copies to a GPU)")
@@ -114,7 +121,8 @@ class ParallelConfig(Section):
 
 
 class CommConfig(Section):
-    compression: Optional[str] = _opt(None, "fp16 | bf16 | 2bit[:threshold] | topk[:ratio] | powersgd[:rank]",
+    compression: Optional[str] = _opt(None, "fp16 | bf16 | 2bit[:threshold] | 1bit[:threshold] | topk[:ratio] | "
+                                            "powersgd[:rank]",
                                       min_length=1)
     bind: Optional[str] = _opt(None, "address parameter servers and pipeline links bind to (default 127.0.0.1)",
                                min_length=1)
@@ -231,6 +239,10 @@ APPLIES: dict[str, Applies] = {
     "amp": _strategies(lambda s: not s.pipelined),
     "bind": _strategies(lambda s: s.uses_servers or s.pipelined),
     "momentum": Applies(lambda config: config.optim.optimizer in ("sgd", "rmsprop"), "sgd | rmsprop", on="optimizer"),
+    "table_sizes": Applies(lambda config: config.model.model == "dlrm", "dlrm", on="model"),
+    "embedding_dim": Applies(lambda config: config.model.model == "dlrm", "dlrm", on="model"),
+    "train_samples": Applies(lambda config: config.data.dataset == "clicks", "clicks", on="dataset"),
+    "heldout_samples": Applies(lambda config: config.data.dataset == "clicks", "clicks", on="dataset"),
     **{name: Applies(lambda config: config.optim.optimizer in ("adam", "adamw"), "adam | adamw", on="optimizer")
        for name in ("beta1", "beta2")},
     "min_lr_factor": Applies(lambda config: config.optim.lr_schedule in ("cosine", "linear"), "cosine | linear",
@@ -241,13 +253,33 @@ APPLIES: dict[str, Applies] = {
 
 #: Defaults of a built-in model, for the options a run does not give (those that do not
 #: apply to the rest of the run, such as the betas with ``--optimizer sgd``, are dropped).
-#: One epoch of the pytext corpus with these (511 steps) reaches about 2.4 bits per byte
-#: in a few minutes on 2 cores (docs/gpt_pytext.md).
+#: One epoch of the pytext corpus with the gpt ones (511 steps) reaches about 2.4 bits per
+#: byte in a few minutes on 2 cores (docs/gpt_pytext.md). A click model learns from one
+#: pass over its logs (a second one overfits the rare ids), with Adam (lazy on the
+#: tables) and a rate that decays to 0 (docs/dlrm.md).
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt": {"dataset": "pytext", "optimizer": "adamw", "lr": 6e-3, "beta1": 0.9, "beta2": 0.95,
             "weight_decay": 0.1, "epochs": 1, "batch_size": 32, "lr_schedule": "cosine", "warmup_steps": 50,
             "min_lr_factor": 0.1, "max_grad_norm": 1.0},
+    "dlrm": {"dataset": "clicks", "epochs": 1, "batch_size": 512, "optimizer": "adam", "lr": 0.005,
+             "lr_schedule": "linear"},
 }
+#: A built-in dataset's own model, used when ``--model`` is not given.
+DATASET_MODELS: dict[str, str] = {"clicks": "dlrm"}
+
+
+def parse_table_sizes(text: str | None) -> tuple[int, ...] | None:
+    """``"4000000,1000"`` -> ``(4000000, 1000)``; ConfigError naming ``--table-sizes``."""
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(size < 1 or size > 2**31 - 1 for size in sizes):
+        raise ConfigError(f"--table-sizes {text!r}: give rows per table as comma-separated ints in [1, 2**31), "
+                          f"e.g. 4000000,1000000,1000")
+    return sizes
 
 
 def applies(name: str, config: RunConfig) -> bool:
@@ -352,13 +384,19 @@ def resolve_run_config(config: RunConfig, *, launched_world: int | None = None) 
 
 
 def _with_model_defaults(config: RunConfig) -> RunConfig:
-    """The config with its model's defaults (:data:`MODEL_DEFAULTS`) for every option
+    """The config with its model's defaults (:data:`MODEL_DEFAULTS`; the model is the
+    dataset's own, :data:`DATASET_MODELS`, when ``--model`` is not given) for every option
     the run did not give; they count as given from here on, as a TOML file's would."""
-    preset = {name: value for name, value in MODEL_DEFAULTS.get(config.model.model, {}).items()
-              if name not in config.given()}
+    given_names = config.given()
+    model = config.model.model
+    if "model" not in given_names and config.data.dataset in DATASET_MODELS:
+        model = DATASET_MODELS[config.data.dataset]
+    preset = {name: value for name, value in MODEL_DEFAULTS.get(model, {}).items() if name not in given_names}
+    if model != config.model.model:
+        preset["model"] = model
     if not preset:
         return config
-    given = {name: config.get(name) for name in config.given()}
+    given = {name: config.get(name) for name in given_names}
     merged = parse_run_config({**given, **preset})
     return parse_run_config({**given, **{name: value for name, value in preset.items() if applies(name, merged)}})
 
@@ -402,6 +440,7 @@ def _check_rules(config: RunConfig, launched_world: int | None) -> None:
                           f"{parallel.replicas} = {parallel.stages * parallel.replicas}")
     if parallel.backup_workers and parallel.backup_workers >= job.workers:
         raise ConfigError(f"--backup-workers {parallel.backup_workers} must be fewer than --workers {job.workers}")
+    parse_table_sizes(config.model.table_sizes)
     _check_optimizer(config)
     _check_compression(config)
     if spec.name == "diloco":

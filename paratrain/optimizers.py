@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 
 from paratrain.errors import ConfigError
+from paratrain.ps import lazy_optimizer as lazy_rules
 from paratrain.ps import optimizer as server_rules
 
 
@@ -57,6 +58,12 @@ def worker_optimizer_names() -> tuple[str, ...]:
 def server_optimizer_names() -> tuple[str, ...]:
     """Names the parameter servers can run."""
     return tuple(name for name, entry in _REGISTRY.items() if entry.server is not None)
+
+
+def row_server_optimizer_names() -> tuple[str, ...]:
+    """Names whose server rule also updates row-sparse keys lazily (``RowUpdates``)."""
+    return tuple(name for name, entry in _REGISTRY.items()
+                 if entry.server is not None and issubclass(entry.server, lazy_rules.RowUpdates))
 
 
 def build_worker_optimizer(params: Iterable[torch.nn.Parameter], optimizer: Any,
@@ -121,11 +128,42 @@ def server_optimizer_spec(optimizer: str, optimizer_params: dict) -> dict:
     return {"type": name, **params}
 
 
-register_optimizer("sgd", worker=torch.optim.SGD, server=server_rules.SGD)
-register_optimizer("adam", worker=torch.optim.Adam, server=server_rules.Adam)
+# The server rules of sgd and adam are the dense rules themselves plus a lazy form for
+# row-sparse keys (paratrain.ps.lazy_optimizer): a dense key's arithmetic is unchanged.
+# adamw updates dense keys only (a row-sparse key refuses it at the server).
+register_optimizer("sgd", worker=torch.optim.SGD, server=lazy_rules.LazySGD)
+register_optimizer("adam", worker=torch.optim.Adam, server=lazy_rules.LazyAdam)
 register_optimizer("adamw", worker=torch.optim.AdamW, server=server_rules.AdamW)
 register_optimizer("rmsprop", worker=torch.optim.RMSprop)
-register_optimizer("adagrad", worker=torch.optim.Adagrad)
+register_optimizer("adagrad", worker=torch.optim.Adagrad, server=lazy_rules.Adagrad)
+register_optimizer("test", server=lazy_rules.MXNetTest)
+
+
+def updater_rule(function, *, name: str = "updater") -> type:
+    """A server rule from an MXNet-style updater function ``function(grad, weight)``
+    that changes ``weight`` in place (``grad`` already scaled by the step's 1 / batch);
+    on a row-sparse key it gets the pushed rows and writes them back. Register it in a
+    module named in ``PARATRAIN_SERVER_IMPORTS``, so servers and workers both know it:
+
+        register_optimizer("my_rule", server=updater_rule(my_function))
+    """
+    if not callable(function):
+        raise TypeError(f"updater_rule needs a function (grad, weight), got {function!r}")
+
+    @dataclass
+    class UpdaterRule(server_rules.ServerOptimizer, lazy_rules.RowUpdates):
+        type: ClassVar[str] = name
+
+        def update(self, weight, grad, state, scale=1.0, lr=None) -> None:
+            function(grad * scale if scale != 1.0 else grad, weight)
+
+        def update_rows(self, weight, rows, grad, state, scale=1.0, lr=None, lr_mult=1.0) -> None:
+            selected = weight[rows]
+            function(grad * scale if scale != 1.0 else grad, selected)
+            weight[rows] = selected
+
+    UpdaterRule.__name__ = UpdaterRule.__qualname__ = f"UpdaterRule[{name}]"
+    return UpdaterRule
 
 
 def import_optimizer_plugins(modules: Iterable[str]) -> None:

@@ -11,6 +11,7 @@ training dataset and returns an ``nn.Module``. A dataset says how it is scored w
 |---|---|---|---|
 | classification | ``(inputs, class_targets)`` | cross-entropy (summed) | accuracy, held-out loss |
 | lm | ``(tokens, next_tokens)`` | token cross-entropy (mean) | held-out loss in nats per byte, bits per byte, tokens/s |
+| clicks | ``{"dense", "sparse", "click"}`` | binary cross-entropy (mean) | held-out log loss, AUC (from a score histogram summed over ranks), the planted model's |
 
 Each task is one :class:`Task` in :data:`TASKS`; a built-in model or dataset is one
 entry in :data:`MODELS` or :data:`DATASETS`.
@@ -27,18 +28,22 @@ from torch import nn
 
 from paratrain.errors import ConfigError
 from paratrain.train.callbacks import Callback
+from paratrain.train.objective import HeldoutStats
 
 
 @dataclass(frozen=True)
 class Task:
     """How a kind of dataset is scored. ``loss_fn(outputs, batch)`` with
-    ``loss_reduction`` (None: fit's default cross-entropy); ``summary(summary,
-    dataset)`` gives the keys this task adds to the run's summary."""
+    ``loss_reduction`` (None: fit's default cross-entropy); ``heldout_stats``: sums
+    the held-out evaluation adds up (fit's ``heldout_stats``); ``summary(summary,
+    workload, heldout)`` gives the keys this task adds to the run's summary (``heldout``:
+    the held-out StepResult, or None)."""
 
     name: str
     loss_fn: Callable | None = None
     loss_reduction: str | None = None
-    summary: Callable[[dict, Any], dict] = lambda summary, dataset: {}
+    summary: Callable[[dict, Any, Any], dict] = lambda summary, dataset, heldout: {}
+    heldout_stats: HeldoutStats | None = None
 
 
 def _token_loss(outputs: torch.Tensor, batch):
@@ -49,17 +54,46 @@ def _token_loss(outputs: torch.Tensor, batch):
     return loss, {"bpb": float(loss.detach()) / math.log(2)}
 
 
-def _lm_summary(summary: dict, dataset) -> dict:
-    tokens = dataset_tokens_per_sample(dataset)
+def _lm_summary(summary: dict, workload, heldout) -> dict:
+    tokens = dataset_tokens_per_sample(workload.train)
     extra = {"tokens_per_sec": summary["samples_per_sec"] * tokens} if tokens else {}
     if summary.get("heldout_loss") is not None:   # also where a pipeline gathers no metrics
         extra["heldout_bpb"] = summary["heldout_loss"] / math.log(2)
     return extra
 
 
+def _click_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean binary cross-entropy of the click logits (the held-out log loss)."""
+    from paratrain.models.dlrm import click_loss
+    return click_loss(logits, batch)
+
+
+def _click_histogram(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    from paratrain.metrics import score_histogram
+    return score_histogram(logits.detach().float(), batch["click"])
+
+
+def _clicks_summary(summary: dict, workload, heldout) -> dict:
+    """Held-out log loss and AUC, beside the planted model's (the best to expect). The
+    AUC comes from the score histogram summed over batches and ranks: exact sums, so it
+    does not depend on how the held-out set was split; ``heldout_auc_bound`` says how
+    far the histogram's ties can move it from the exact AUC."""
+    from paratrain.metrics import auc_from_histogram, histogram_auc_bound
+    extra = {"heldout_logloss": summary.get("heldout_loss")}
+    if heldout is not None and heldout.stats is not None and heldout.samples:
+        extra["heldout_auc"] = auc_from_histogram(heldout.stats)
+        extra["heldout_auc_bound"] = histogram_auc_bound(heldout.stats)
+    from paratrain.data.clicks import ClickLogs
+    if isinstance(workload.heldout, ClickLogs):   # the planted model's: the best to expect
+        extra.update(planted_logloss=workload.heldout.planted_logloss, planted_auc=workload.heldout.planted_auc)
+    return extra
+
+
 TASKS: dict[str, Task] = {
     "classification": Task("classification"),
     "lm": Task("lm", loss_fn=_token_loss, loss_reduction="mean", summary=_lm_summary),
+    "clicks": Task("clicks", loss_fn=_click_loss, loss_reduction="mean", summary=_clicks_summary,
+                   heldout_stats=HeldoutStats(2 * 4096, _click_histogram)),
 }
 
 
@@ -103,6 +137,49 @@ def _classifier(name: str):
     return build
 
 
+def _clicks(config):
+    from paratrain.config import parse_table_sizes
+    from paratrain.data.clicks import DEFAULT_TABLE_SIZES, build_clicks
+    data = config.data
+    return build_clicks(num_train=data.train_samples or 768_000, num_heldout=data.heldout_samples or 100_000,
+                        table_sizes=parse_table_sizes(config.model.table_sizes) or DEFAULT_TABLE_SIZES,
+                        seed=config.job.seed)
+
+
+class _ClickModel(nn.Module):
+    """A DLRM called with a click batch (``{"dense", "sparse", ...}``), as fit's loss_fn path calls models."""
+
+    def __init__(self, dlrm: nn.Module) -> None:
+        super().__init__()
+        self.dlrm = dlrm
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.dlrm(batch["dense"], batch["sparse"])
+
+
+#: The servers' rate for the tables, relative to the dense part's: lazy Adam learns the
+#: tables best at about 6x the dense rate (docs/dlrm.md: 0.03 against 5e-3).
+DLRM_TABLE_LR_MULT = 6.0
+
+
+def _dlrm(train, config) -> nn.Module:
+    import math
+    from paratrain.models.dlrm import DLRMConfig, build_dlrm
+    from paratrain.nn import ServerEmbedding
+    if getattr(train, "task", None) != "clicks":
+        raise ConfigError(f"--model dlrm needs a click-log dataset such as clicks; --dataset {config.data.dataset} "
+                          f"is not one")
+
+    def table(rows: int, dim: int) -> ServerEmbedding:   # the reference DLRM's init, made where the rows live
+        bound = math.sqrt(1.0 / rows)
+        return ServerEmbedding(rows, dim, initializer={"kind": "uniform", "low": -bound, "high": bound},
+                               lr_mult=DLRM_TABLE_LR_MULT)
+    model = build_dlrm(DLRMConfig(num_dense=train.num_dense, table_sizes=train.table_sizes,
+                                  embedding_dim=config.model.embedding_dim or 16),
+                       seed=config.job.seed, embedding_factory=table)
+    return _ClickModel(model)
+
+
 def _pytext(config):
     from paratrain.data.text import build_pytext
     return build_pytext(context=config.model.context or 128)
@@ -119,9 +196,9 @@ def _gpt(train, config) -> nn.Module:
 
 
 #: name -> callable(config) -> (train, heldout)
-DATASETS: dict[str, Callable] = {"digits": _digits, "synthetic": _synthetic, "pytext": _pytext}
+DATASETS: dict[str, Callable] = {"digits": _digits, "synthetic": _synthetic, "clicks": _clicks, "pytext": _pytext}
 #: name -> callable(train_dataset, config) -> nn.Module
-MODELS: dict[str, Callable] = {"mlp": _classifier("mlp"), "cnn": _classifier("cnn"), "gpt": _gpt}
+MODELS: dict[str, Callable] = {"mlp": _classifier("mlp"), "cnn": _classifier("cnn"), "dlrm": _dlrm, "gpt": _gpt}
 
 
 # ----------------------------------------------------------------- building
@@ -188,4 +265,4 @@ class SummaryExtras(Callback):
         self.workload = workload
 
     def on_train_end(self, state) -> None:
-        state.summary.update(self.workload.task.summary(state.summary, self.workload.train))
+        state.summary.update(self.workload.task.summary(state.summary, self.workload, state.heldout))

@@ -16,7 +16,8 @@ from paratrain.strategies import STRATEGIES
 
 #: The option surface, frozen: a new option must be added here on purpose (and to docs).
 OPTIONS = sorted("""
-workers servers strategy epochs batch_size seed model n_layer n_head n_embd context dataset loader_workers pin_memory optimizer lr momentum
+workers servers strategy epochs batch_size seed model table_sizes embedding_dim n_layer n_head n_embd context
+dataset train_samples heldout_samples loader_workers pin_memory optimizer lr momentum
 accumulate amp max_grad_norm weight_decay beta1 beta2 lr_schedule warmup_steps min_lr_factor stages micro_batches schedule replicas sync_every staleness backup_workers compression bind
 fragments outer_optimizer outer_lr outer_momentum
 checkpoint_dir checkpoint_every resume max_restarts server_snapshot_dir server_snapshot_every
@@ -105,7 +106,9 @@ def test_every_option_is_refused_where_the_tree_says_it_does_not_apply(name):
 #: does not, and the option's own value to try.
 NOT_STRATEGY = {"momentum": ("sgd", "adam", "0.5"), "beta1": ("adam", "sgd", "0.8"), "beta2": ("adamw", "sgd", "0.9"),
                 "min_lr_factor": ("cosine", "constant", "0.1"), "n_layer": ("gpt", "mlp", "2"),
-                "n_head": ("gpt", "cnn", "2"), "n_embd": ("gpt", "mlp", "64"), "context": ("gpt", "mlp", "32")}
+                "n_head": ("gpt", "cnn", "2"), "n_embd": ("gpt", "mlp", "64"), "context": ("gpt", "mlp", "32"),
+                "table_sizes": ("dlrm", "mlp", "10,20"), "embedding_dim": ("dlrm", "cnn", "8"),
+                "train_samples": ("clicks", "digits", "100"), "heldout_samples": ("clicks", "synthetic", "50")}
 
 
 def test_every_rule_not_on_the_strategy_is_tested():
@@ -116,11 +119,13 @@ def test_every_rule_not_on_the_strategy_is_tested():
 def test_options_keyed_on_another_option_are_refused_where_they_do_not_apply(name):
     rule = cfg.APPLIES[name]
     fits, misfits, value = NOT_STRATEGY[name]
+    text = isinstance(cfg.parse_run_config({name: value}).get(name), str)
+    said, toml = (repr(value), f'"{value}"') if text else (value, value)
     code, _, err = run_cli("train", cfg.flag(rule.on), misfits, cfg.flag(name), value, "--print-config")
-    assert code == 2 and f"{cfg.flag(name)} {value} applies to {cfg.flag(rule.on)} {rule.says}, not to " \
+    assert code == 2 and f"{cfg.flag(name)} {said} applies to {cfg.flag(rule.on)} {rule.says}, not to " \
                           f"{cfg.flag(rule.on)} {misfits}" in err, err
     code, printed, err = run_cli("train", cfg.flag(rule.on), fits, cfg.flag(name), value, "--print-config")
-    assert code == 0 and f"{name} = {value}" in printed, err
+    assert code == 0 and f"{name} = {toml}" in printed, err
 
 
 def test_a_model_preset_that_does_not_apply_is_dropped_not_refused():
@@ -197,7 +202,7 @@ def test_fit_keywords_are_options_of_the_tree_or_python_only():
     below), or takes Python objects no flag can carry."""
     from paratrain import fit
     python_only = {"model", "train_data", "heldout", "optimizer_params", "step_fn", "loss_fn", "loss_reduction",
-                   "collate_fn", "persistent_workers", "scheduler", "callbacks", "timeline"}
+                   "collate_fn", "persistent_workers", "scheduler", "callbacks", "timeline", "heldout_stats"}
     named_in_tree = {"num_workers": "loader_workers"}
     keywords = set(inspect.signature(fit).parameters) - python_only
     options = {named_in_tree.get(keyword, keyword) for keyword in keywords}

@@ -10,6 +10,7 @@ not sent yet) and, for PowerSGD, the warm-started ``Q``, and passes them in agai
 | ``fp16`` / ``bf16`` | the cast tensor | 2 | no |
 | ``2bit:t`` | 16 two-bit codes per int32 word (MXNet layout) | 1/4 | residual |
 | ``2bit`` | the same codes, plus one fp32 scale per block of 256 | 1/4 + 1/64 | residual |
+| ``1bit`` | 32 sign bits per int32 word (MXNet layout) | 1/8 | residual |
 | ``topk`` | int32 indices and fp32 values of the largest ``ratio`` entries | 8 * ratio | residual |
 | ``powersgd`` | ``P`` (rows x r) and ``Q`` (cols x r) | 4 r (rows + cols) / (rows cols) | residual, warm ``Q`` |
 | ``quant:b`` | b-bit integers (b = 4 or 8), one fp32 scale per block of 256 | b/8 + 1/64 | residual |
@@ -27,10 +28,12 @@ import torch
 
 from paratrain.errors import ConfigError, check_choice
 
-CODEC_TYPES = ("none", "fp16", "bf16", "2bit", "topk", "powersgd", "quant")
+CODEC_TYPES = ("none", "fp16", "bf16", "2bit", "topk", "powersgd", "quant", "1bit")
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 #: 2bit: how many codes one 32-bit word carries on the wire.
 CODES_PER_WORD = 16
+#: 1bit: how many sign bits one 32-bit word carries on the wire.
+BITS_PER_WORD = 32
 # MXNet's 2bit code values (src/kvstore/gradient_compression-inl.h): 0b11 is +threshold,
 # 0b10 is -threshold, 0b00 sends nothing.
 _CODE_POSITIVE = 0b11
@@ -53,9 +56,10 @@ class CompressionConfig:
     """Which codec compresses gradients, and its one knob.
 
     ``threshold`` is for ``2bit`` (a number: MXNet's fixed threshold; None: a scale
-    per block that follows the gradient, :func:`encode_2bit_scaled`), ``ratio`` for
-    ``topk``, ``rank`` (and ``seed`` for the first random ``Q``, equal on every worker)
-    for ``powersgd``, ``bits`` for ``quant``.
+    per block that follows the gradient, :func:`encode_2bit_scaled`) and ``1bit`` (any
+    number; None: MXNet's default 0), ``ratio`` for ``topk``, ``rank`` (and ``seed``
+    for the first random ``Q``, equal on every worker) for ``powersgd``, ``bits`` for
+    ``quant``.
     """
 
     type: str = "none"
@@ -67,7 +71,10 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         check_choice("compression type", self.type, CODEC_TYPES)
-        if self.threshold is not None and (not _is_number(self.threshold) or not self.threshold > 0):
+        if self.threshold is not None and self.type == "1bit" and not _is_number(self.threshold):
+            raise ConfigError(f"compression threshold={self.threshold!r} must be a finite number")
+        if self.threshold is not None and self.type != "1bit" and (not _is_number(self.threshold)
+                                                                  or not self.threshold > 0):
             raise ConfigError(f"compression threshold={self.threshold!r} must be a number > 0 (or unset: "
                               f"scaled to the gradient)")
         if not _is_number(self.ratio) or not 0 < self.ratio <= 1:
@@ -92,10 +99,11 @@ class CompressionConfig:
         return out
 
 
-_TYPE_KEYS = {"2bit": ("threshold",), "topk": ("ratio",), "powersgd": ("rank", "seed"), "quant": ("bits",)}
+_TYPE_KEYS = {"2bit": ("threshold",), "1bit": ("threshold",), "topk": ("ratio",), "powersgd": ("rank", "seed"),
+              "quant": ("bits",)}
 # "2bit:0.5" -> threshold, "topk:0.01" -> ratio, "powersgd:2" -> rank, "quant:4" -> bits.
-_SHORT_PARAM = {"2bit": ("threshold", float), "topk": ("ratio", float), "powersgd": ("rank", int),
-                "quant": ("bits", int)}
+_SHORT_PARAM = {"2bit": ("threshold", float), "1bit": ("threshold", float), "topk": ("ratio", float),
+                "powersgd": ("rank", int), "quant": ("bits", int)}
 
 
 def _is_number(value: Any) -> bool:
@@ -284,6 +292,47 @@ def decode_2bit_scaled(payload: torch.Tensor, numel: int) -> torch.Tensor:
     code_words = -(-numel // CODES_PER_WORD)
     scales = payload[code_words:].contiguous().view(torch.float32)
     return unpack_2bit(payload[:code_words], numel).float() * scales.repeat_interleave(SCALED_2BIT_BLOCK)[:numel]
+# --------------------------------------------------------------------------- 1bit
+
+def quantize_1bit(grad: torch.Tensor, residual: torch.Tensor, threshold: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXNet's 1bit rule (src/kvstore/gradient_compression-inl.h): ``acc = residual +
+    grad``; ``acc > threshold`` sends +1 (and keeps ``acc - 1``), anything else sends
+    -1 (and keeps ``acc + 1``). Returns ``(bits, new_residual)``, bits bool (True: +1)."""
+    acc = residual.float() + grad.float()
+    bits = acc > threshold
+    return bits, acc - (bits.float() * 2 - 1)
+
+
+def pack_1bit(bits: torch.Tensor) -> torch.Tensor:
+    """Bools into int32 words, 32 per word, in MXNet's layout: element i in byte i // 8,
+    the first of each byte in its highest bit (mask 0x80); padded with zeros."""
+    flat = bits.reshape(-1).to(torch.uint8)
+    padded = torch.zeros(_round_up(flat.numel(), BITS_PER_WORD), dtype=torch.uint8, device=flat.device)
+    padded[: flat.numel()] = flat
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8).view(torch.int32)
+
+
+def unpack_1bit(words: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_1bit`: ``numel`` bools."""
+    if words.dtype != torch.int32:
+        raise TypeError(f"1bit payload must be int32 words, got {words.dtype}")
+    if numel > words.numel() * BITS_PER_WORD:
+        raise ValueError(f"1bit payload of {words.numel()} words cannot hold {numel} bits")
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=words.device)
+    return ((words.contiguous().view(torch.uint8).unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel].bool()
+
+
+def encode_1bit(grad: torch.Tensor, residual: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize and pack: ``(int32 words, new_residual)``."""
+    bits, new_residual = quantize_1bit(grad.reshape(-1), residual.reshape(-1), threshold)
+    return pack_1bit(bits), new_residual.view_as(residual)
+
+
+def decode_1bit(words: torch.Tensor, numel: int) -> torch.Tensor:
+    """The fp32 gradient a 1bit payload stands for: +1 or -1 per entry (MXNet's)."""
+    return unpack_1bit(words, numel).float() * 2 - 1
 
 
 # --------------------------------------------------------------------------- topk
@@ -476,6 +525,9 @@ def encode(config: CompressionConfig, grad: torch.Tensor, state: CodecState | No
     if config.type == "quant":
         words, residual = encode_quant(flat, residual, config.bits)
         return [words], replace(state, residual=residual)
+    if config.type == "1bit":
+        words, residual = encode_1bit(flat, residual, 0.0 if config.threshold is None else config.threshold)
+        return [words], replace(state, residual=residual)
     if config.type == "topk":
         indices, values, residual = encode_topk(flat, residual, config.ratio)
         return [pack_topk(indices, values)], replace(state, residual=residual)
@@ -496,6 +548,8 @@ def decode(config: CompressionConfig, payload: list[torch.Tensor], numel: int) -
                 else decode_2bit(payload[0], numel, config.threshold))
     if config.type == "quant":
         return decode_quant(payload[0], numel, config.bits)
+    if config.type == "1bit":
+        return decode_1bit(payload[0], numel)
     if config.type == "topk":
         return decode_topk(*unpack_topk(payload[0]), numel)
     return decode_powersgd(payload[0], payload[1]).reshape(-1)[:numel].clone()

@@ -10,7 +10,9 @@ from paratrain.comm.accounting import ring_allreduce_bytes, tensor_nbytes
 from paratrain.comm.process_group import init_process_group
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError
-from paratrain.kvstore.base import Handle, Key, KVStore, TensorOrList, check_key, copy_out, sum_values
+from paratrain.kvstore.base import (Handle, Key, KVStore, TensorOrList, check_key, copy_out, init_value, per_key,
+                                    sum_values)
+from paratrain.kvstore.row_sparse import refuse_sparse
 
 
 class AllreduceKVStore(KVStore):
@@ -31,13 +33,17 @@ class AllreduceKVStore(KVStore):
     def bytes_sent(self) -> int:
         return self._bytes_sent
 
-    def init(self, key: Key, value: torch.Tensor) -> None:
+    @per_key("value")
+    def init(self, key: Key, value: TensorOrList) -> None:
         """Every worker calls init; rank 0's value wins (broadcast)."""
+        value = init_value(check_key(key), value)
+        refuse_sparse(f"init of key {key!r} on kvstore 'allreduce' (dense keys only)", value)
         stored = value.detach().clone()
         if self._num_workers > 1:
             dist.broadcast(stored, src=0, group=self._group)
         self._store[check_key(key)] = stored
 
+    @per_key("value")
     def push(self, key: Key, value: TensorOrList, priority: int = 0) -> Handle:
         check_key(key)
         if key in self._pending:  # a second push before the pull: fold the first one in
@@ -65,6 +71,7 @@ class AllreduceKVStore(KVStore):
         self._store[key] = total
         return total
 
+    @per_key("out")
     def pull(self, key: Key, out: TensorOrList, priority: int = 0, block: bool = True) -> Handle:
         check_key(key)
 
@@ -79,6 +86,11 @@ class AllreduceKVStore(KVStore):
         if block:
             handle.wait(self._env.timeout_s)
         return handle
+
+    @per_key("value", "out")
+    def pushpull(self, key: Key, value: TensorOrList, out: TensorOrList | None = None,
+                 priority: int = 0, block: bool = True) -> Handle:
+        return super().pushpull(key, value, out, priority, block)
 
     def barrier(self) -> None:
         if self._num_workers > 1:

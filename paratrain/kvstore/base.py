@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 import itertools
 from typing import Any, Callable, Sequence, Union
 
@@ -42,8 +44,16 @@ class Handle:
         return self._result
 
 
+def _refuse_sparse(what: str, values: Sequence) -> None:
+    if any(isinstance(v, torch.Tensor) and v.layout != torch.strided for v in values):
+        raise ConfigError(f"{what}: got a torch sparse tensor where a dense one is expected; row-sparse values go "
+                          f"to keys initialised with torch.zeros((rows, dim), layout=torch.sparse_coo) "
+                          f"(dist_* and local kvstores), read with kv.row_sparse_pull")
+
+
 def sum_values(value: TensorOrList) -> torch.Tensor:
     """Values pushed as a list (one per device) are summed first, as in MXNet."""
+    _refuse_sparse("push", [value] if isinstance(value, torch.Tensor) else list(value))
     if isinstance(value, torch.Tensor):
         return value
     values = list(value)
@@ -58,6 +68,7 @@ def sum_values(value: TensorOrList) -> torch.Tensor:
 def copy_out(result: torch.Tensor, out: TensorOrList) -> None:
     """Write ``result`` into ``out`` (one tensor or one per device)."""
     outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    _refuse_sparse("pull", outs)
     for target in outs:
         if target.shape != result.shape:
             raise ConfigError(f"out has shape {tuple(target.shape)}, the key holds {tuple(result.shape)}")
@@ -77,6 +88,60 @@ def claim_key_namespace() -> int:
 def namespaced(namespace: int, key: Key) -> Key:
     """``key`` inside ``namespace``: itself in namespace 0, ``"<namespace>/<key>"`` after."""
     return key if namespace == 0 else f"{namespace}/{key}"
+
+
+def init_value(key: Key, value: Any) -> torch.Tensor:
+    """MXNet's ``init(key, [value])``: a list holds one copy of the value per device;
+    the first one is used."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError(f"init of key {key!r} got an empty list of values")
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"init value for key {key!r} must be a tensor, got {type(value).__name__}")
+    return value
+
+
+def per_key(*arguments: str):
+    """MXNet's list form of a KVStore method: ``kv.init([k1, k2], [v1, v2])``,
+    ``kv.push(keys, values)``, ``kv.pull(keys, out=outs)``. With a list (or tuple) of
+    keys, each argument named in ``arguments`` must be a list of the same length; the
+    method runs once per key, and the result is a handle that waits for all of them
+    (None for methods that return nothing). A single key passes straight through."""
+    def decorate(method):
+        signature = inspect.signature(method)
+
+        @functools.wraps(method)
+        def each(self, key, *args, **kwargs):
+            if not isinstance(key, (list, tuple)):
+                return method(self, key, *args, **kwargs)
+            bound = signature.bind(self, key, *args, **kwargs).arguments
+            keys = list(key)
+            split = {}
+            for name in arguments:
+                given = bound.get(name)
+                if given is None:
+                    continue
+                if not isinstance(given, (list, tuple)) or len(given) != len(keys):
+                    raise ConfigError(f"{method.__name__} got {len(keys)} keys, so {name} must be a list of "
+                                      f"{len(keys)} (one per key), got {type(given).__name__}"
+                                      + (f" of {len(given)}" if isinstance(given, (list, tuple)) else ""))
+                split[name] = list(given)
+            results = []
+            for index, one in enumerate(keys):
+                call = {name: value for name, value in bound.items() if name != "self"}
+                call.update({"key": one, **{name: values[index] for name, values in split.items()}})
+                results.append(method(self, **call))
+            handles = [r for r in results if isinstance(r, Handle)]
+            if not handles:
+                return None
+            return Handle(lambda timeout: [h.wait(timeout) for h in handles], f"{method.__name__} of {len(keys)} keys")
+        return each
+    return decorate
+
+
+#: What :meth:`KVStore.is_capable` can be asked (MXNet's ``KVStoreBase.OPTIMIZER`` is "optimizer").
+CAPABILITIES = ("optimizer", "row_sparse", "gradient_compression", "broadcast", "pushpull", "optimizer_states")
 
 
 def check_key(key: Any) -> Key:
@@ -123,6 +188,44 @@ class KVStore(abc.ABC):
         if out is None:
             out = value
         return self.pull(key, out, priority, block=block)
+
+    #: what this type can do (:meth:`is_capable`)
+    capabilities: frozenset = frozenset({"broadcast", "pushpull"})
+
+    def is_capable(self, capability: str) -> bool:
+        """MXNet's ``kv.is_capable(name)``: whether this kvstore type can ``optimizer``
+        (run updates where the values live), hold ``row_sparse`` keys, compress pushes
+        (``gradient_compression``), save ``optimizer_states``, ``broadcast``, ``pushpull``."""
+        if capability not in CAPABILITIES:
+            raise ConfigError(f"capability={capability!r} is not known; ask one of: {', '.join(CAPABILITIES)}")
+        return capability in self.capabilities
+
+    def broadcast(self, key: Key, value: TensorOrList, out: TensorOrList, priority: int = 0) -> Handle:
+        """MXNet's ``kv.broadcast``: initialise ``key`` with rank 0's ``value`` and pull it
+        into ``out`` on every worker (lists of keys: lists of values and outs)."""
+        self.init(key, value)
+        return self.pull(key, out=out, priority=priority)
+
+    def row_sparse_pull(self, key: Key, out: TensorOrList, row_ids: Any, priority: int = 0,
+                        block: bool = True) -> Handle:
+        """Fill ``out`` (``(len(row_ids), dim)``) with rows ``row_ids`` of a row-sparse key."""
+        raise ConfigError(f"kvstore type {self.type!r} holds dense keys only; row-sparse keys (row_sparse_pull) "
+                          f"live on local and dist_* kvstores")
+
+    def save_optimizer_states(self, fname: str, dump_optimizer: bool = False) -> None:
+        """Save the optimizer state that runs where the values live (dist_*)."""
+        raise ConfigError(f"kvstore type {self.type!r} runs no optimizer (the Trainer's runs on the workers); "
+                          f"save it with trainer.state_dict() / fit's checkpoint_dir")
+
+    def load_optimizer_states(self, fname: str) -> None:
+        """Load what :meth:`save_optimizer_states` wrote."""
+        raise ConfigError(f"kvstore type {self.type!r} runs no optimizer (the Trainer's runs on the workers); "
+                          f"load it with trainer.load_state_dict()")
+
+    def _set_updater(self, updater: Any) -> None:
+        """MXNet's ``kv._set_updater(updater)``: how a push changes the stored value."""
+        raise ConfigError(f"kvstore type {self.type!r} keeps no values to update (it sums gradients); "
+                          f"use local (an updater function) or dist_* (a registered server rule)")
 
     def set_optimizer(self, optimizer: Any) -> None:
         raise ConfigError(f"kvstore type {self.type!r} has no servers; set_optimizer is for dist_* types")
@@ -173,4 +276,8 @@ class ServerKVStore(KVStore):
     def commit(self, scale: float, *, lr: float | None = None) -> Handle:
         """Apply this worker's deferred pushes since the last commit, scaled by
         ``scale``, with learning rate ``lr`` (None: the server rule's own)."""
+
+    def depart(self) -> None:
+        """This worker pushes no more but keeps reading (pulls, row pulls) until
+        :meth:`close`: the servers stop waiting for its pushes. Default: nothing waits."""
 

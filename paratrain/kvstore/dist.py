@@ -21,8 +21,11 @@ from paratrain.comm import codecs
 from paratrain.comm.wire import dtype_code, tensor_bytes
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, PeerError, check_choice
-from paratrain.kvstore.base import Handle, Key, ServerKVStore, TensorOrList, check_key, copy_out, sum_values
+from paratrain.kvstore.base import (Handle, Key, ServerKVStore, TensorOrList, check_key, copy_out, init_value, per_key,
+                                    sum_values)
+from paratrain.kvstore.row_sparse import RowSparseKeys, is_sparse
 from paratrain.kvstore.server_connection import Request, ServerConnection
+from paratrain.kvstore.server_state import ServerOptimizerStates
 from paratrain.optimizers import build_server_optimizer, import_optimizer_plugins
 from paratrain.ps import protocol
 from paratrain.ps.heartbeat import HeartbeatSender
@@ -35,7 +38,7 @@ from paratrain.strategies import SERVER_KVSTORE_TYPES
 #: error (which names the missing workers) arrives before the worker gives up.
 REPLY_MARGIN_S = 10.0
 #: Codecs whose payload the servers can decode one slice at a time.
-PS_CODECS = ("none", "fp16", "bf16", "2bit", "topk")
+PS_CODECS = ("none", "fp16", "bf16", "2bit", "topk", "1bit")
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,17 @@ class _KeyInfo:
     codec_states: dict[int, codecs.CodecState] = field(default_factory=dict)
 
 
-class DistKVStore(ServerKVStore):
-    """A KVStore whose values live on parameter servers.
+class DistKVStore(RowSparseKeys, ServerOptimizerStates, ServerKVStore):
+    """A KVStore whose values live on parameter servers (row-sparse keys too:
+    :mod:`paratrain.kvstore.row_sparse`).
 
     ``push_scale`` multiplies every pushed value on the server before it is summed
     (the Trainer sets it to 1 / global batch); ``last_min_clock[key]`` is the slowest
     worker's push count the servers reported with the last pull (instrumentation).
     """
+
+    capabilities = frozenset({"broadcast", "pushpull", "optimizer", "row_sparse", "gradient_compression",
+                              "optimizer_states"})
 
     def __init__(self, config: DistKVStoreConfig, *, rank: int, num_workers: int,
                  addresses: Sequence[str], secret: str, timeout_s: float = 60.0, rejoin: bool = False,
@@ -98,6 +105,7 @@ class DistKVStore(ServerKVStore):
         # barrier, since the others passed theirs long ago.
         self._rejoin = rejoin
         self._keys: dict[Key, _KeyInfo] = {}
+        self._row_keys: dict = {}              # row-sparse keys (RowSparseKeys)
         self._optimizer: ServerOptimizer | None = None
         self._compression = codecs.CompressionConfig()
         self._barriers = 0
@@ -130,13 +138,21 @@ class DistKVStore(ServerKVStore):
     def bytes_sent(self) -> int:
         return self._bytes_sent
 
-    def init(self, key: Key, value: torch.Tensor) -> None:
+    @per_key("value")
+    def init(self, key: Key, value: TensorOrList, *, initializer=None, lr_mult: float = 1.0) -> None:
         """Every worker calls it; the servers keep rank 0's value. Blocks until rank 0
-        has initialized the key on every server."""
+        has initialized the key on every server. An empty sparse COO ``(rows, dim)``
+        value declares a row-sparse key whose rows the servers make from
+        ``initializer`` (a :class:`~paratrain.ps.row_init.RowInitializer` spec) and
+        update with their rule's learning rate times ``lr_mult``."""
         check_key(key)
+        value = init_value(key, value)
         self._check_committed(f"init of key {key!r}")
-        if key in self._keys:
+        if key in self._keys or key in self._row_keys:
             raise ConfigError(f"key {key!r} is already initialized")
+        if is_sparse(value):
+            self._init_rows(key, value, initializer, lr_mult)
+            return
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise TypeError(f"init value for key {key!r} must be a float tensor, got {type(value).__name__}")
         dtype_code(value.dtype)
@@ -150,9 +166,12 @@ class DistKVStore(ServerKVStore):
         self._collect(requests, f"init of key {key!r}")
         self._keys[key] = info
 
+    @per_key("value")
     def push(self, key: Key, value: TensorOrList, priority: int = 0, *, defer_scale: bool = False) -> Handle:
         """Send ``value`` (a list is summed first) to the key's servers; does not block.
-        ``defer_scale``: see :meth:`commit`."""
+        A row-sparse key takes sparse COO gradients. ``defer_scale``: see :meth:`commit`."""
+        if key in self._row_keys:
+            return self._push_rows(key, value, defer_scale)
         info = self._info(key)
         requests = self._push_requests(key, info, value, pull_after=False, defer_scale=defer_scale)
         with self._connection.lock:
@@ -195,6 +214,7 @@ class DistKVStore(ServerKVStore):
             raise ConfigError(f"{what}: {sum(self._deferred.values())} push(es) sent with defer_scale=True wait "
                               f"for kv.commit(scale); commit them first")
 
+    @per_key("value", "out")
     def pushpull(self, key: Key, value: TensorOrList, out: TensorOrList | None = None,
                  priority: int = 0, block: bool = True, *, defer_scale: bool = False) -> Handle:
         """Push then pull in one round trip per slice: each push asks its server to
@@ -211,6 +231,7 @@ class DistKVStore(ServerKVStore):
             handle.wait(self._timeout_s + REPLY_MARGIN_S)
         return handle
 
+    @per_key("out")
     def pull(self, key: Key, out: TensorOrList, priority: int = 0, block: bool = True) -> Handle:
         """Read the key into ``out``; sees every push this worker made before."""
         info = self._info(key)
@@ -237,7 +258,7 @@ class DistKVStore(ServerKVStore):
         self._optimizer = built
 
     def set_gradient_compression(self, compression: dict | str | None) -> None:
-        """Compress pushes (``fp16``, ``bf16``, ``2bit``, ``topk``); each worker keeps
+        """Compress pushes (``fp16``, ``bf16``, ``2bit``, ``1bit``, ``topk``); each worker keeps
         its own error-feedback residual per key slice. Rank 0 tells the servers."""
         config = codecs.parse_compression(compression)
         check_choice("compression type for a parameter server", config.type, PS_CODECS)
@@ -249,6 +270,26 @@ class DistKVStore(ServerKVStore):
         self._compression = config
         for info in self._keys.values():
             info.codec_states.clear()
+
+    def _set_updater(self, updater: Any) -> None:
+        """MXNet's ``kv._set_updater``: the servers never run code sent over the wire, so
+        an update rule reaches them by name: register it (``register_optimizer(name,
+        server=Rule)``, or :func:`paratrain.optimizers.updater_rule` for a function) in
+        a module named in ``PARATRAIN_SERVER_IMPORTS``; here give the name, a spec or
+        the rule, as to :meth:`set_optimizer`."""
+        if callable(updater) and not isinstance(updater, (str, dict, ServerOptimizer, type)):
+            raise ConfigError("dist_* servers never unpickle code, so a Python updater function cannot reach them; "
+                              "register it in a module named in PARATRAIN_SERVER_IMPORTS with "
+                              "register_optimizer('name', server=paratrain.optimizers.updater_rule(fn)) and call "
+                              "kv._set_updater('name') (or kv.set_optimizer('name'))")
+        self.set_optimizer(updater)
+
+    def depart(self) -> None:
+        """This worker pushes no more: the servers stop waiting for it (dist_ssp bounds,
+        backup workers), while it may still pull (held-out evaluation of tables that
+        live there) until :meth:`close` says goodbye."""
+        self._check_committed("depart")
+        self._collect(self._connection.request_all(Op.DEPART), "depart")
 
     def barrier(self) -> None:
         """Block until every worker reached its same-numbered barrier (on server 0)."""
@@ -274,6 +315,9 @@ class DistKVStore(ServerKVStore):
 
     def _info(self, key: Key) -> _KeyInfo:
         check_key(key)
+        if key in self._row_keys:
+            raise ConfigError(f"key {key!r} is row-sparse: push sparse COO gradients and read its rows with "
+                              f"kv.row_sparse_pull({key!r}, out=..., row_ids=...)")
         if key not in self._keys:
             raise ConfigError(f"key {key!r} is not initialized on this worker; call kv.init({key!r}, value) first")
         return self._keys[key]

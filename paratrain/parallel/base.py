@@ -80,6 +80,11 @@ class GradientSync(abc.ABC):
     #: Where communication spans are recorded; :func:`paratrain.parallel.build_gradient_sync`
     #: sets the caller's timeline once.
     timeline = NULL_TIMELINE
+    #: True when the sync keeps a model's tables (:class:`~paratrain.parallel.server_tables.
+    #: ServerTable`) on its parameter servers: the Trainer then leaves their weights out
+    #: of ``attach`` and hands the tables to :meth:`attach_tables`; False elsewhere,
+    #: where the Trainer materializes them as plain local parameters.
+    holds_tables: bool = False
 
     def __init__(self) -> None:
         self._sync_enabled = True
@@ -97,6 +102,10 @@ class GradientSync(abc.ABC):
     @abc.abstractmethod
     def reduce(self, scale: float) -> None:
         """Finish aggregation; leave ``global_grad * scale`` in every ``p.grad``."""
+
+    def attach_tables(self, tables: Sequence) -> None:
+        """Keep ``tables`` on the servers (only where :attr:`holds_tables` is True)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no tables on servers (holds_tables is False)")
 
     def attach_state(self, tensors: Sequence[torch.Tensor]) -> None:
         """Make ``tensors`` (frozen weights, buffers) start equal on every worker, with

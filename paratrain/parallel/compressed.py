@@ -9,10 +9,10 @@ of fp16 chunk sums, PowerSGD's ``Q``) runs inside ``wait``.
 |---|---|---|
 | none | (the plain :class:`~paratrain.parallel.reducers.AllreduceReducer`) | the exact sum, in place |
 | fp16, bf16 | all_to_all of cast chunks, fp32 sum per chunk, all_gather | ``N * cast(sum_fp32(cast(x_r / N)))`` (fp16: pre-scaled by 1/N) |
-| 2bit, topk, quant | all_gather of payloads | the sum, in rank order, of each worker's decoded gradient |
+| 2bit, 1bit, topk, quant | all_gather of payloads | the sum, in rank order, of each worker's decoded gradient |
 | powersgd | all_reduce of ``P``, then of ``Q`` | ``P Q_sum^T``: the sum of each worker's ``P Q_r^T`` |
 
-``payload_bytes`` is 4 bytes per entry plain, 2 for fp16/bf16, 1/4 for 2bit, 8 * ratio
+``payload_bytes`` is 4 bytes per entry plain, 2 for fp16/bf16, 1/4 for 2bit, 1/8 for 1bit, 8 * ratio
 for topk, about bits/8 for quant, ``P`` and ``Q`` for PowerSGD; ``bytes_sent`` follows
 :mod:`paratrain.comm.accounting`, as the plain path does, so the numbers in one
 Speedometer line compare. Gathering costs N-1 copies, so on 4 workers 2bit saves 16x
@@ -89,13 +89,14 @@ class CastReducer(BucketReducer):
 
 # --------------------------------------------------------------------------- 2bit, topk
 
-GATHERED_CODECS = ("2bit", "topk", "quant")
+#: Codecs whose payloads are gathered, decoded and summed (no collective sums them).
+GATHERED_CODECS = ("2bit", "1bit", "topk", "quant")
 
 
 class GatherReducer(BucketReducer):
-    """2bit, topk and quant payloads cannot be summed by a collective: every worker
-    gathers all payloads and sums the decoded gradients in rank order. The residual
-    (error feedback) of each bucket stays on this worker."""
+    """2bit, 1bit, topk and quant payloads cannot be summed by a collective: every
+    worker gathers all payloads and sums the decoded gradients in rank order. The
+    residual (error feedback) of each bucket stays on this worker."""
 
     def __init__(self, config: CompressionConfig, group=None) -> None:
         if config.type not in GATHERED_CODECS:

@@ -34,10 +34,16 @@ from paratrain.errors import ConfigError
 from paratrain.kvstore.base import Handle, ServerKVStore, claim_key_namespace, namespaced
 from paratrain.optimizers import server_optimizer_spec
 from paratrain.parallel.base import GradientSync, start_from_store
+from paratrain.parallel.server_tables import ServerTable, TableClient
 from paratrain.strategies import SERVER_KVSTORE_TYPES, kvstore_spec
 
 class ParameterServerSync(GradientSync):
-    """Pushes gradients to the servers and pulls weights (or summed gradients) back."""
+    """Pushes gradients to the servers and pulls weights (or summed gradients) back.
+    A model's tables (:class:`~paratrain.parallel.server_tables.ServerTable`) live on
+    the servers as row-sparse keys: one sparse push per table per step, in ``reduce``,
+    covered by the step's commit."""
+
+    holds_tables = True
 
     def __init__(self, kv: ServerKVStore, optimizer: str | None, optimizer_params: dict,
                  update_on_kvstore: bool | None = None, buffers: Sequence[torch.Tensor] = ()):
@@ -75,6 +81,7 @@ class ParameterServerSync(GradientSync):
         self._namespace = claim_key_namespace()
         self._keys: list = []
         self._versions: dict[int, int] = {}       # key -> the pushed gradient's version counter
+        self._tables: list[TableClient] = []
         if not self.updates_on_server:
             kv.push_scale = 1.0   # summed gradients come back; reduce scales them here
 
@@ -85,6 +92,23 @@ class ParameterServerSync(GradientSync):
         start_from_store(self.kv, self._keys, self.params)
         self._index = {id(param): index for index, param in enumerate(self.params)}
         self._hook_gradients(self.params, self._on_grad_ready)
+
+    def attach_tables(self, tables: Sequence[ServerTable]) -> None:
+        """Each table becomes a row-sparse key ``table/<i>`` (in this Trainer's
+        namespace) whose rows the servers make from its initializer; the table is bound
+        to it. Needs the optimizer on the servers, which update the rows lazily."""
+        if not self.updates_on_server:
+            raise ConfigError("a model with ServerEmbedding tables needs the optimizer on the servers (their rows "
+                              "never reach the workers); update_on_kvstore=False (max_grad_norm or --max-restarts "
+                              "under dist_sync) is not supported with them")
+        for index, table in enumerate(tables):
+            spec = table.table_spec()
+            key = namespaced(self._namespace, f"table/{index}")
+            self.kv.init(key, torch.zeros((spec.num_rows, spec.dim), dtype=spec.dtype, layout=torch.sparse_coo),
+                         initializer=spec.initializer, lr_mult=spec.lr_mult)
+            client = TableClient(self.kv, key, spec, push_empty=self._lockstep)
+            table.bind(client)
+            self._tables.append(client)
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         if not self._sync_enabled:
@@ -162,6 +186,7 @@ class ParameterServerSync(GradientSync):
             handles.append(in_flight[index])
         if self.updates_on_server:
             self._check_unchanged()
+            handles += [handle for handle in (table.push() for table in self._tables) if handle is not None]
             # The servers apply the held pushes with this scale and learning rate;
             # after_step waits for the new weights (no local optimizer in between).
             self._pending = handles + [self.kv.commit(scale, lr=self._lr)]
@@ -195,6 +220,8 @@ class ParameterServerSync(GradientSync):
         super().close()
         self._pending = []
         self._in_flight = {}
+        for table in self._tables:
+            table.discard()
         if self._owns_group:
             destroy_process_group()
             self._owns_group = False

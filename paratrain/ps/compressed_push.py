@@ -8,7 +8,7 @@ from paratrain.comm import codecs
 from paratrain.ps.protocol import Message, RequestRejected
 
 #: Codecs whose payload a server can decode one key slice at a time.
-SERVER_CODECS = ("fp16", "bf16", "2bit", "topk")
+SERVER_CODECS = ("fp16", "bf16", "2bit", "topk", "1bit")
 
 
 def decode_push(config: codecs.CompressionConfig | None, message: Message, numel: int) -> torch.Tensor:
@@ -23,6 +23,8 @@ def decode_push(config: codecs.CompressionConfig | None, message: Message, numel
         expected = (torch.int32, codecs.scaled_2bit_words(numel))
     elif kind == "2bit":
         expected = (torch.int32, -(-numel // codecs.CODES_PER_WORD))
+    elif kind == "1bit":
+        expected = (torch.int32, -(-numel // codecs.BITS_PER_WORD))
     else:
         expected = (torch.int32, 2 * codecs.topk_count(numel, config.ratio))
     if (payload.dtype, payload.numel()) != expected:

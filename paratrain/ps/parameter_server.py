@@ -26,7 +26,7 @@ from paratrain.comm.transport import ServerChannel
 from paratrain.comm.wire import tensor_bytes
 from paratrain.errors import ConfigError
 from paratrain.optimizers import build_server_optimizer
-from paratrain.ps import protocol
+from paratrain.ps import protocol, row_sparse, state_transfer
 from paratrain.ps.admission import JobTerms, check_hello, policy_for
 from paratrain.ps.compressed_push import SERVER_CODECS, decode_push
 from paratrain.ps.heartbeat import LivenessTracker
@@ -143,7 +143,7 @@ class ParameterServer:
             if handler is None:
                 raise RequestRejected(f"op {message.op.name} is not a request")
             if peer in self.deferred and message.op not in (Op.COMMIT, Op.GOODBYE) and not (
-                    message.op == Op.PUSH and message.status & protocol.STATUS_DEFERRED):
+                    message.op in (Op.PUSH, Op.ROW_PUSH) and message.status & protocol.STATUS_DEFERRED):
                 raise RequestRejected(f"{message.op.name} while {len(self.deferred[peer])} deferred push(es) "
                                       f"wait for their COMMIT: commit first")
             handler(self, peer, rank, message)
@@ -207,6 +207,9 @@ class ParameterServer:
         self._reply(peer, protocol.encode(Op.ERROR, request_id=request_id, payload=payload))
 
     def _send_value(self, peer: bytes, message: Message, state: SliceState) -> None:
+        if message.op == Op.ROW_PULL:   # a parked row pull, answered when its round is complete
+            row_sparse.send_rows(self, peer, message, state)
+            return
         frames = protocol.encode(
             Op.DATA, key=message.key, request_id=message.request_id, dtype=state.value.dtype,
             shape=state.full_shape, offset=state.offset, length=state.value.numel(),
@@ -268,6 +271,9 @@ class ParameterServer:
         if state is None:
             raise RequestRejected(f"unknown key {message.key!r} on server {self.config.server_rank}; "
                                   f"call kv.init first")
+        if state.row_sparse:
+            raise RequestRejected(f"key {message.key!r} is row-sparse: push torch sparse COO gradients and read "
+                                  f"rows with kv.row_sparse_pull({message.key!r}, out=..., row_ids=...)")
         if message.op == Op.PULL:
             return state
         dtype = self.dtypes[message.key]
@@ -301,9 +307,17 @@ class ParameterServer:
             num_workers=self.num_workers)
         self.dtypes[message.key] = message.dtype
         self._ok(peer, message.request_id)
-        for waiter in self.parked.inits.pop(message.key, []):
+        self._release_inits(message.key)
+
+    def _release_inits(self, key: str) -> None:
+        """Answer the other workers' inits of ``key``, parked until rank 0's arrived."""
+        state = self.keys[key]
+        for waiter in self.parked.inits.pop(key, []):
             try:
-                self._state_for(waiter.message)
+                if waiter.message.op == Op.ROW_INIT:
+                    row_sparse.check_same_rows(state, waiter.message)
+                else:
+                    self._state_for(waiter.message)
                 self._ok(waiter.peer, waiter.message.request_id)
             except RequestRejected as exc:
                 self._error(waiter.peer, waiter.message.request_id, str(exc))
@@ -318,6 +332,10 @@ class ParameterServer:
         else:
             grad = message.tensor()
             grad = grad.float() if message.dtype != torch.float32 else grad
+        self._hold_or_apply(peer, rank, message, state, grad)
+
+    def _hold_or_apply(self, peer: bytes, rank: int, message: Message, state: SliceState, grad) -> None:
+        """A checked push: held for its COMMIT when deferred, applied now otherwise."""
         if message.status & protocol.STATUS_DEFERRED:   # checked; applied at the COMMIT
             held = self.deferred.setdefault(peer, [])
             if len(held) >= MAX_DEFERRED:
@@ -388,6 +406,9 @@ class ParameterServer:
             reply()
 
     def _apply(self, state: SliceState, grad: torch.Tensor, scale: float, lr: float | None = None) -> None:
+        if state.row_sparse:   # only the pushed rows change (lazily, with the rule's row form)
+            row_sparse.apply_rows(state, grad, scale, self.optimizer, lr)
+            return
         if self.optimizer is None:
             # Only dist_sync gets here: the round's sum (a fresh tensor, or a lone
             # push's received frame, never written) becomes the value, without a copy
@@ -431,6 +452,10 @@ class ParameterServer:
 
     def _on_set_compression(self, peer: bytes, rank: int, message: Message) -> None:
         config = codecs.parse_compression(message.control())
+        if not config.enabled:   # compression turned off: pushes come plain again
+            self.compression = None
+            self._ok(peer, message.request_id)
+            return
         if config.type not in SERVER_CODECS:
             raise RequestRejected(f"compression type={config.type!r} cannot be decoded per slice on a "
                                   f"server; choose one of: {', '.join(SERVER_CODECS)}")
@@ -445,14 +470,26 @@ class ParameterServer:
     def _on_goodbye(self, peer: bytes, rank: int, message: Message) -> None:
         self.deferred.pop(peer, None)   # never committed: they never happened
         self.goodbyes.add(rank)
-        self.policy.depart(rank)   # backup workers, ssp: stop waiting for this one
-        for key, state in self.keys.items():
-            self.policy.apply_ready(state, self._apply)
-            self._retry_pulls(key)
+        self._stop_waiting_for(rank)
         self._acknowledge(lambda: self._ok(peer, message.request_id), fresh=False)
         del self.ranks[peer]
         self.rejoined.discard(peer)
 
+    def _stop_waiting_for(self, rank: int) -> None:
+        """``rank`` pushes no more: policies that wait for workers (backup workers, ssp)
+        stop waiting for it, and whatever was waiting on it goes ahead."""
+        self.policy.depart(rank)
+        for key, state in self.keys.items():
+            self.policy.apply_ready(state, self._apply)
+            self._retry_pulls(key)
+
+    def _on_depart(self, peer: bytes, rank: int, message: Message) -> None:
+        """The worker pushes no more but still reads (its held-out evaluation pulls the
+        rows of tables that live here); its GOODBYE comes later."""
+        self._stop_waiting_for(rank)
+        self._ok(peer, message.request_id)
+
     _HANDLERS = {Op.INIT: _on_init, Op.PUSH: _on_push, Op.PULL: _on_pull,
                  Op.SET_OPTIMIZER: _on_set_optimizer, Op.SET_COMPRESSION: _on_set_compression, Op.BARRIER: _on_barrier, Op.GOODBYE: _on_goodbye,
-                 Op.COMMIT: _on_commit}
+                 Op.COMMIT: _on_commit, Op.DEPART: _on_depart,
+                 **row_sparse.HANDLERS, **state_transfer.HANDLERS}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -24,6 +24,10 @@ ApplyFn = Callable[["SliceState", torch.Tensor, float], None]
 @dataclass
 class SliceState:
     """One key slice on one server: its value, optimizer state and clocks."""
+
+    #: a dense slice; a row range of a row-sparse key is a RowSliceState
+    #: (:mod:`paratrain.ps.row_sparse`), whose pushes are RowGradients
+    row_sparse: ClassVar[bool] = False
 
     value: torch.Tensor                 # flat, the key's dtype
     full_shape: tuple[int, ...]
@@ -40,6 +44,23 @@ class SliceState:
     def __post_init__(self) -> None:
         self.pushes = [0] * self.num_workers
         self.pending = [deque() for _ in range(self.num_workers)]
+
+    @staticmethod
+    def sum_round(pushes: list[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, float]:
+        """A sync round's pushes ``(grad, scale)``, in rank order, summed: the total and
+        the scale the update applies to it once."""
+        scales = {s for _, s in pushes}
+        if len(scales) == 1:  # the usual case: sum, and let the update scale once
+            if len(pushes) == 1:   # nothing to add: the (read-only) push itself
+                return pushes[0][0], scales.pop()
+            total = torch.add(pushes[0][0], pushes[1][0])   # one pass for the first two, in rank order
+            for g, _ in pushes[2:]:
+                total.add_(g)
+            return total, scales.pop()
+        total = pushes[0][0] * pushes[0][1]
+        for g, s in pushes[1:]:
+            total.add_(g, alpha=s)
+        return total, 1.0
 
     def writable_value(self) -> torch.Tensor:
         """The value, safe to change in place: if a zero-copy reply may still be
@@ -118,19 +139,7 @@ class SyncPolicy(UpdatePolicy):
         while sum(1 for queue in state.pending if queue) >= needed:
             contributors = [rank for rank in range(state.num_workers) if state.pending[rank]]
             pushes = [state.pending[rank].popleft() for rank in contributors]
-            scales = {s for _, s in pushes}
-            if len(scales) == 1:  # the usual case: sum, and let the update scale once
-                round_scale = scales.pop()
-                if len(pushes) == 1:   # nothing to add: the (read-only) push itself
-                    total = pushes[0][0]
-                else:                  # one pass for the first two, in rank order
-                    total = torch.add(pushes[0][0], pushes[1][0])
-                    for g, _ in pushes[2:]:
-                        total.add_(g)
-            else:
-                total, round_scale = pushes[0][0] * pushes[0][1], 1.0
-                for g, s in pushes[1:]:
-                    total.add_(g, alpha=s)
+            total, round_scale = state.sum_round(pushes)
             if len(contributors) < state.num_workers:
                 round_scale *= state.num_workers / len(contributors)
             apply(state, total, round_scale)

@@ -1,7 +1,8 @@
 """The parameter server's wire format.
 
 A message is a list of frames: a fixed 116-byte header packed with :mod:`struct`,
-the key's name (UTF-8), and an optional payload. Tensor payloads are the raw bytes
+the key's name (UTF-8), an optional payload and, for the ops of :data:`VALUE_OPS`
+(row-sparse pushes, optimizer state), a fourth frame of tensor values. Tensor payloads are the raw bytes
 of a contiguous slice in the one tensor wire format (:mod:`paratrain.comm.wire`: dtype
 codes, bytes), sent and received without copies; control payloads are
 small UTF-8 JSON objects. Nothing on the wire is ever unpickled, and every field is
@@ -51,6 +52,16 @@ class Op(enum.IntEnum):
     GOODBYE = 8
     SET_COMPRESSION = 9
     COMMIT = 10
+    # Row-sparse keys (paratrain.ps.row_sparse) and the optimizer state's transfer
+    # (paratrain.ps.state_transfer); numbered apart so other ops can be added below.
+    ROW_INIT = 40
+    ROW_PUSH = 41
+    ROW_PULL = 42
+    STATE_PULL = 44
+    STATE_SET = 45
+    DEPART = 47
+    ROWS = 48
+    STATE = 49
     OK = 16
     DATA = 17
     ERROR = 18
@@ -65,6 +76,15 @@ CONTROL_OPS = (Op.HELLO, Op.AUTH, Op.SET_OPTIMIZER, Op.SET_COMPRESSION, Op.ERROR
 #: unapplied and unanswered, until this worker's ``COMMIT`` brings the scale
 #: (``scale`` field), the number of held pushes it covers (``clock`` field) and,
 #: optionally, the step's learning rate (JSON payload ``{"lr": ...}``).
+#: Row-sparse ops: the header's ``shape`` is the table's (rows, dim), ``offset`` the
+#: first row of the server's range, ``length`` the number of rows in the message.
+#: ROW_PULL carries their int64 row ids; ROW_PUSH the ids and, in its fourth frame,
+#: the rows' values; the ROWS reply the values; ROW_INIT a JSON object
+#: (``{"initializer": {...}, "lr_mult": x}``: the rows are made on the server).
+ROW_OPS = (Op.ROW_INIT, Op.ROW_PUSH, Op.ROW_PULL, Op.ROWS)
+#: Ops with a JSON payload and a fourth frame of tensor values (STATE_SET, STATE:
+#: one key slice's optimizer state; ROW_PUSH: ids then values).
+VALUE_OPS = (Op.ROW_PUSH, Op.STATE_SET, Op.STATE)
 STATUS_COMPRESSED = 1
 STATUS_PULL_AFTER = 2
 STATUS_DEFERRED = 4
@@ -95,6 +115,7 @@ class Message:
     scale: float = 1.0
     status: int = 0
     payload: memoryview | None = None
+    values: memoryview | None = None    # the fourth frame of a VALUE_OPS message
 
     def tensor(self) -> torch.Tensor:
         """The payload as a flat tensor of ``length`` elements (a view, not a copy)."""
@@ -105,6 +126,15 @@ class Message:
     def control(self) -> dict:
         """The payload as a JSON object (control messages)."""
         return decode_json(self.payload)
+
+    def row_ids(self) -> torch.Tensor:
+        """ROW_PULL, ROW_PUSH: the int64 row ids (a read-only view)."""
+        return view_tensor(self.payload, torch.int64)
+
+    def rows(self) -> torch.Tensor:
+        """ROW_PUSH, ROWS: the ``(length, dim)`` values (a read-only view)."""
+        frame = self.values if self.op == Op.ROW_PUSH else self.payload
+        return view_tensor(frame, self.dtype).view(self.length, self.shape[1])
 
 
 def encode_json(obj: dict) -> bytes:
@@ -131,16 +161,19 @@ def decode_json(payload: Any) -> dict:
 
 def encode(op: Op, *, key: str = "", request_id: int = 0, dtype: torch.dtype = torch.float32,
            shape: Sequence[int] = (), offset: int = 0, length: int = 0, clock: int = 0,
-           scale: float = 1.0, status: int = 0, payload: Any = None) -> list:
-    """Frames for one message; ``payload`` (bytes or memoryview) is not copied."""
+           scale: float = 1.0, status: int = 0, payload: Any = None, values: Any = None) -> list:
+    """Frames for one message; ``payload`` and ``values`` (bytes or memoryviews) are
+    not copied. ``values`` is the fourth frame of the :data:`VALUE_OPS`."""
     if len(shape) > MAX_NDIM:
         raise ValueError(f"tensors of {len(shape)} dimensions cannot be sent; at most {MAX_NDIM}")
     dims = list(shape) + [0] * (MAX_NDIM - len(shape))
     header = HEADER.pack(MAGIC, VERSION, int(op), dtype_code(dtype), len(shape), request_id,
                          offset, length, clock, scale, status, *dims)
     frames = [header, key.encode("utf-8")]
-    if payload is not None:
-        frames.append(payload)
+    if payload is not None or values is not None:
+        frames.append(b"" if payload is None else payload)
+    if values is not None:
+        frames.append(values)
     return frames
 
 
@@ -151,8 +184,8 @@ def request_id_of(frames: Sequence[Any]) -> int:
 
 def decode(frames: Sequence[Any], *, max_payload_bytes: int) -> Message:
     """Check and decode one message. Raises :class:`ProtocolError` on anything odd."""
-    if not 2 <= len(frames) <= 3:
-        raise ProtocolError(f"a message has 2 or 3 frames, got {len(frames)}")
+    if not 2 <= len(frames) <= 4:
+        raise ProtocolError(f"a message has 2 to 4 frames, got {len(frames)}")
     header = memoryview(frames[0])
     if header.nbytes != HEADER.size:
         raise ProtocolError(f"header is {header.nbytes} bytes, expected {HEADER.size}")
@@ -176,15 +209,21 @@ def decode(frames: Sequence[Any], *, max_payload_bytes: int) -> Message:
         key = bytes(key_frame).decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("key is not UTF-8") from None
-    payload = memoryview(frames[2]) if len(frames) == 3 else None
+    if len(frames) == 4 and op not in VALUE_OPS:
+        raise ProtocolError(f"{op.name} has at most 3 frames, got 4")
+    payload = memoryview(frames[2]) if len(frames) >= 3 else None
+    values = memoryview(frames[3]) if len(frames) == 4 else None
     message = Message(op, key, request_id, CODE_DTYPES[dtype_code_], tuple(dims[:ndim]),
-                      offset, length, clock, scale, status, payload)
+                      offset, length, clock, scale, status, payload, values)
     _check_payload(message, max_payload_bytes)
     return message
 
 
 def _check_payload(message: Message, max_payload_bytes: int) -> None:
     nbytes = 0 if message.payload is None else message.payload.nbytes
+    if message.op in _NEW_OP_CHECKS:
+        _NEW_OP_CHECKS[message.op](message, nbytes, max_payload_bytes)
+        return
     if message.op in TENSOR_OPS:
         itemsize = ITEMSIZES[message.dtype]
         if nbytes > max_payload_bytes:
@@ -197,6 +236,50 @@ def _check_payload(message: Message, max_payload_bytes: int) -> None:
             raise ProtocolError(f"control payload of {nbytes} bytes exceeds {MAX_CONTROL_BYTES}")
     elif nbytes:
         raise ProtocolError(f"{message.op.name} carries no payload, got {nbytes} bytes")
+
+
+def _value_bytes(message: Message) -> int:
+    return 0 if message.values is None else message.values.nbytes
+
+
+def _check_row_message(message: Message, nbytes: int, max_payload_bytes: int) -> None:
+    """Row ops: a 2-D table shape, and frames of exactly the sizes ``length`` rows need."""
+    if len(message.shape) != 2 or min(message.shape) < 1:
+        raise ProtocolError(f"{message.op.name} needs a table shape (rows, dim), got {message.shape}")
+    if nbytes + _value_bytes(message) > max_payload_bytes:
+        raise ProtocolError(f"payload of {nbytes + _value_bytes(message)} bytes exceeds the limit of "
+                            f"{max_payload_bytes}")
+    row_bytes = message.shape[1] * ITEMSIZES[message.dtype]
+    expected = {Op.ROW_PULL: (message.length * 8, 0), Op.ROW_PUSH: (message.length * 8, message.length * row_bytes),
+                Op.ROWS: (message.length * row_bytes, 0)}
+    if message.op == Op.ROW_INIT:
+        if nbytes > MAX_CONTROL_BYTES or message.values is not None:
+            raise ProtocolError(f"ROW_INIT carries one JSON object of at most {MAX_CONTROL_BYTES} bytes")
+        return
+    want_payload, want_values = expected[message.op]
+    if nbytes != want_payload or _value_bytes(message) != want_values:
+        raise ProtocolError(f"{message.op.name} of {message.length} rows of {message.shape[1]} x {message.dtype} "
+                            f"needs frames of {want_payload} and {want_values} bytes, got {nbytes} and "
+                            f"{_value_bytes(message)}")
+
+
+def _check_state_message(message: Message, nbytes: int, max_payload_bytes: int) -> None:
+    """STATE_SET, STATE: a JSON description (checked where it is decoded) and its tensors."""
+    if nbytes > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"state description of {nbytes} bytes exceeds {MAX_CONTROL_BYTES}")
+    if _value_bytes(message) > max_payload_bytes:
+        raise ProtocolError(f"state values of {_value_bytes(message)} bytes exceed the limit of {max_payload_bytes}")
+
+
+def _check_empty(message: Message, nbytes: int, max_payload_bytes: int) -> None:
+    if nbytes or message.values is not None:
+        raise ProtocolError(f"{message.op.name} carries no payload, got {nbytes} bytes")
+
+
+_NEW_OP_CHECKS = {Op.ROW_INIT: _check_row_message, Op.ROW_PUSH: _check_row_message,
+                  Op.ROW_PULL: _check_row_message, Op.ROWS: _check_row_message,
+                  Op.STATE_SET: _check_state_message, Op.STATE: _check_state_message,
+                  Op.STATE_PULL: _check_empty, Op.DEPART: _check_empty}
 
 
 def sign(secret: str, nonce: bytes, hello: bytes) -> bytes:

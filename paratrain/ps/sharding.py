@@ -76,3 +76,13 @@ def plan_key(key: Key, numel: int, num_servers: int,
         return [KeySlice(server_for_key(key, num_servers), 0, numel)]
     return [KeySlice(server, start, stop)
             for server, (start, stop) in enumerate(split_range(numel, num_servers))]
+
+
+def plan_rows(num_rows: int, num_servers: int) -> list[KeySlice]:
+    """The row ranges of a row-sparse key (a table of ``num_rows`` rows): contiguous,
+    one per server in server order (fewer when there are fewer rows than servers),
+    covering ``[0, num_rows)``. ``start``/``stop`` count rows, not elements."""
+    if num_rows < 1 or num_servers < 1:
+        raise ValueError(f"plan_rows needs num_rows >= 1 and num_servers >= 1, got {num_rows}, {num_servers}")
+    return [KeySlice(server, start, stop) for server, (start, stop) in enumerate(split_range(num_rows, num_servers))
+            if stop > start]

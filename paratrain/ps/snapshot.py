@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from paratrain.errors import ConfigError
+from paratrain.ps import row_sparse
 from paratrain.ps.policies import SliceState
 from paratrain.atomic import save_torch_atomic
 
@@ -43,14 +44,18 @@ def snapshot_path(directory: str | os.PathLike, server_rank: int) -> Path:
 
 def slice_to_dict(state: SliceState) -> dict:
     """One key slice as plain values (saved at once, so no copies are needed)."""
-    return {"value": state.value, "full_shape": list(state.full_shape), "offset": state.offset,
-            "num_workers": state.num_workers, "optimizer_state": dict(state.optimizer_state),
-            "pushes": list(state.pushes), "applied_rounds": state.applied_rounds,
-            "late_dropped": state.late_dropped,
-            "pending": [[(grad, scale) for grad, scale in queue] for queue in state.pending]}
+    saved = {"value": state.value, "full_shape": list(state.full_shape), "offset": state.offset,
+             "num_workers": state.num_workers, "optimizer_state": dict(state.optimizer_state),
+             "pushes": list(state.pushes), "applied_rounds": state.applied_rounds,
+             "late_dropped": state.late_dropped}
+    if state.row_sparse:   # a row range: its kind, lr_mult, and queued RowGradients as tensors
+        return {**saved, **row_sparse.row_fields(state)}
+    return {**saved, "pending": [[(grad, scale) for grad, scale in queue] for queue in state.pending]}
 
 
 def slice_from_dict(saved: dict) -> SliceState:
+    if saved.get("row_sparse"):
+        return row_sparse.row_slice_from_dict(saved)
     state = SliceState(value=saved["value"], full_shape=tuple(saved["full_shape"]), offset=saved["offset"],
                        num_workers=saved["num_workers"], optimizer_state=dict(saved["optimizer_state"]))
     state.pushes = list(saved["pushes"])

@@ -18,6 +18,7 @@ from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, check_choice
 from paratrain.optimizers import optimizer_name, server_optimizer_names
 from paratrain.parallel.diloco import DiLoCoConfig
+from paratrain.parallel.server_tables import local_parameters
 from paratrain.strategies import kvstore_spec
 from paratrain.train.objective import StepResult
 from paratrain.train.strategy import Strategy, TrainSpec
@@ -225,11 +226,17 @@ class DataParallelStrategy(Strategy):
         job ends with one model on every rank."""
         if not self.spec.uses_servers:
             return
+        # Tables that live on the servers are read by the held-out evaluation after
+        # this: the worker departs (pushes no more) and says goodbye in close().
+        reads_tables = bool(self.trainer.server_tables)
+        if reads_tables:
+            self.trainer.kvstore.depart()
         if not self._lockstep and self.env.distributed:
             # A worker that died and was not replaced never finishes: go on without it.
             self._wait_in_store("finished", "finished", required=False)
             self.trainer.pull_weights()
-        self.trainer.kvstore.close()
+        if not reads_tables:
+            self.trainer.kvstore.close()
 
     def end_epoch(self) -> None:
         self.trainer.sync.consolidate()
@@ -244,13 +251,14 @@ class DataParallelStrategy(Strategy):
         """Every worker holds the whole model: evaluate this worker's share locally,
         then sum the shares."""
         self.model.eval()
-        totals = StepResult(0.0, 0)
+        totals = self.objective.empty_totals()
         try:
             for batch in batches:
                 if batch is None:
                     continue
                 with autocast(self.device, self.train_spec.amp):
-                    totals.add(self.objective(self.model, move_to(batch, self.device)), self.objective.reduction)
+                    totals.add(self.objective.evaluate(self.model, move_to(batch, self.device)),
+                               self.objective.reduction)
         finally:
             self.model.train()
         return self._totals(totals) if self._lockstep else totals
@@ -276,7 +284,7 @@ class DataParallelStrategy(Strategy):
         return self.model.state_dict()
 
     def param_checksum(self) -> str:
-        return param_checksum(self.model.parameters())
+        return param_checksum(local_parameters(self.model))   # a table on the servers is not here
 
     @property
     def bytes_sent(self) -> int:

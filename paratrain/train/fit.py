@@ -22,13 +22,14 @@ from paratrain.timeline import NULL_TIMELINE
 from paratrain.train import fit_checkpoint
 from paratrain.train.build import build_strategy
 from paratrain.train.callbacks import Callback, FitState, notify
-from paratrain.train.objective import Objective, StepResult
+from paratrain.train.objective import HeldoutStats, Objective, StepResult
 from paratrain.train.strategy import Strategy, TrainSpec
 
 
 def fit(model: nn.Module, train_data: Any, *, heldout: Any = None, strategy: str | Strategy = "allreduce",
         epochs: int = 1, batch_size: int = 64, optimizer: Any = "sgd", optimizer_params: dict | None = None,
         step_fn: Callable | None = None, loss_fn: Callable | None = None, loss_reduction: str | None = None,
+        heldout_stats: HeldoutStats | None = None,
         collate_fn: Callable | None = None, num_workers: int = 0, pin_memory: bool = False,
         persistent_workers: bool = False, scheduler: Any = None, max_grad_norm: float | None = None,
         amp: str | None = None, seed: int = 0, callbacks: Sequence[Callback] = (),
@@ -43,7 +44,10 @@ def fit(model: nn.Module, train_data: Any, *, heldout: Any = None, strategy: str
     with neither, cross-entropy on ``(inputs, targets)`` batches; ``loss_reduction``
     says whether that loss is a ``"mean"`` or a ``"sum"`` over the batch (default:
     ``"mean"`` for your functions, ``"sum"`` for the built-in one). Either way the
-    update is that of one process over the whole global batch.
+    update is that of one process over the whole global batch. ``heldout_stats`` (a
+    :class:`~paratrain.train.objective.HeldoutStats`) adds sums that are not means to
+    the held-out totals (a score histogram for the AUC), for callbacks to read in
+    ``state.heldout.stats``.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs={epochs!r} must be an integer >= 1")
@@ -52,7 +56,8 @@ def fit(model: nn.Module, train_data: Any, *, heldout: Any = None, strategy: str
     strategy = build_strategy(strategy) if isinstance(strategy, str) else strategy
     torch.manual_seed(seed)
     strategy.setup(model, TrainSpec(optimizer=optimizer, optimizer_params=optimizer_params or {"lr": 0.1},
-                                    objective=Objective(step_fn=step_fn, loss_fn=loss_fn, reduction=loss_reduction),
+                                    objective=Objective(step_fn=step_fn, loss_fn=loss_fn, reduction=loss_reduction,
+                                                        stats=heldout_stats),
                                     scheduler=scheduler, max_grad_norm=max_grad_norm, amp=amp or "none",
                                     timeline=timeline))
     data = build_epoch_batches(train_data, global_batch=batch_size, rank=strategy.data_rank,

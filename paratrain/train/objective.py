@@ -23,6 +23,22 @@ from paratrain.errors import ConfigError
 REDUCTIONS = ("mean", "sum")
 
 
+@dataclass(frozen=True)
+class HeldoutStats:
+    """Statistics of the held-out set that are sums, not means (a histogram of scores,
+    from which the AUC is read): ``fn(outputs, batch)`` returns ``size`` numbers for
+    one batch; evaluation adds them up over batches and ranks (``StepResult.stats``)."""
+
+    size: int
+    fn: Callable
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ConfigError(f"HeldoutStats size={self.size!r} must be an int >= 1")
+        if not callable(self.fn):
+            raise ConfigError(f"HeldoutStats fn={self.fn!r} must be callable (outputs, batch) -> numbers")
+
+
 @dataclass
 class BatchLoss:
     """One (micro-)batch's loss and what is reported about it."""
@@ -31,6 +47,7 @@ class BatchLoss:
     samples: int
     correct: int | None = None         # classification only
     metrics: dict[str, float] = field(default_factory=dict)   # means over the batch
+    stats: torch.Tensor | None = None   # evaluation's HeldoutStats of the batch (float64)
 
     def summed(self, reduction: str) -> torch.Tensor:
         """The loss summed over the batch's samples (what backward is called on)."""
@@ -47,6 +64,7 @@ class StepResult:
     samples: int
     correct: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    stats: torch.Tensor | None = None   # sums of HeldoutStats (evaluation only)
 
     @property
     def loss(self) -> float:
@@ -67,24 +85,29 @@ class StepResult:
             self.correct = (self.correct or 0) + batch.correct
         for name, value in batch.metrics.items():
             self.metrics[name] = self.metrics.get(name, 0.0) + value * batch.samples
+        if batch.stats is not None:
+            self.stats = batch.stats.clone() if self.stats is None else self.stats + batch.stats
 
     def scaled(self, factor: float) -> "StepResult":
         """This worker's totals scaled to an estimate of the whole job (async steps)."""
         return StepResult(self.loss_sum * factor, int(self.samples * factor),
                           None if self.correct is None else int(self.correct * factor),
-                          {name: value * factor for name, value in self.metrics.items()})
+                          {name: value * factor for name, value in self.metrics.items()},
+                          None if self.stats is None else self.stats * factor)
 
     def to_vector(self) -> list[float]:
         """For one summing collective: loss, samples, correct, metrics (sorted names)."""
         return [self.loss_sum, float(self.samples), float(self.correct if self.correct is not None else -1),
-                *(self.metrics[name] for name in sorted(self.metrics))]
+                *(self.metrics[name] for name in sorted(self.metrics)),
+                *(self.stats.tolist() if self.stats is not None else ())]
 
     def from_vector(self, values: list[float], world: int) -> "StepResult":
         """The totals a :meth:`to_vector` summed over ``world`` ranks stands for."""
         names = sorted(self.metrics)
         correct = None if self.correct is None else int(round(values[2]))
+        stats = None if self.stats is None else torch.tensor(values[3 + len(names):], dtype=torch.float64)
         return StepResult(values[0], int(round(values[1])), correct,
-                          {name: value for name, value in zip(names, values[3:])})
+                          {name: value for name, value in zip(names, values[3:3 + len(names)])}, stats)
 
 
 def logits_of(outputs: Any) -> torch.Tensor:
@@ -107,9 +130,12 @@ class Objective:
     ``[N, C]`` and the targets class indices ``[N]``."""
 
     def __init__(self, *, step_fn: Callable | None = None, loss_fn: Callable | None = None,
-                 reduction: str | None = None) -> None:
+                 reduction: str | None = None, stats: HeldoutStats | None = None) -> None:
         if step_fn is not None and loss_fn is not None:
             raise ConfigError("give fit step_fn or loss_fn, not both")
+        if stats is not None and (step_fn is not None or not isinstance(stats, HeldoutStats)):
+            raise ConfigError("heldout_stats needs the model's outputs: give a HeldoutStats with loss_fn (or the "
+                              "default loss), not with step_fn")
         for name, fn in (("step_fn", step_fn), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise ConfigError(f"{name}={fn!r} must be callable")
@@ -117,7 +143,7 @@ class Objective:
             reduction = "sum" if step_fn is None and loss_fn is None else "mean"
         if reduction not in REDUCTIONS:
             raise ConfigError(f"loss_reduction={reduction!r} is not allowed; choose one of: {', '.join(REDUCTIONS)}")
-        self.step_fn, self.loss_fn, self.reduction = step_fn, loss_fn, reduction
+        self.step_fn, self.loss_fn, self.reduction, self.stats = step_fn, loss_fn, reduction, stats
         self.uses_model_directly = step_fn is not None
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> BatchLoss:
@@ -126,6 +152,23 @@ class Objective:
             return self._checked(self.step_fn(model, batch), samples)
         inputs = _inputs_of(batch) if self.loss_fn is None else _model_inputs(batch)
         return self.loss_of(model(inputs), batch, samples)
+
+    def evaluate(self, model: torch.nn.Module, batch: Any) -> BatchLoss:
+        """As a call, plus the batch's :class:`HeldoutStats` (where there are any)."""
+        if self.stats is None:
+            return self(model, batch)
+        outputs = model(_inputs_of(batch) if self.loss_fn is None else _model_inputs(batch))
+        result = self.loss_of(outputs, batch)
+        stats = torch.as_tensor(self.stats.fn(outputs, batch), dtype=torch.float64).reshape(-1)
+        if stats.numel() != self.stats.size:
+            raise TypeError(f"HeldoutStats fn returned {stats.numel()} numbers, its size is {self.stats.size}")
+        result.stats = stats
+        return result
+
+    def empty_totals(self) -> StepResult:
+        """Totals before the first batch (with zero stats, so every rank sums the same shape)."""
+        stats = None if self.stats is None else torch.zeros(self.stats.size, dtype=torch.float64)
+        return StepResult(0.0, 0, stats=stats)
 
     def loss_of(self, outputs: Any, batch: Any, samples: int | None = None) -> BatchLoss:
         """The loss of ``outputs`` against ``batch`` (the last pipeline stage calls this)."""

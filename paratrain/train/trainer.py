@@ -24,6 +24,7 @@ from paratrain.kvstore.base import KVStore
 from paratrain.optimizers import build_worker_optimizer, optimizer_name
 from paratrain.parallel import build_gradient_sync
 from paratrain.parallel.base import nearest_power_of_two
+from paratrain.parallel.server_tables import server_tables
 from paratrain.comm.process_group import broadcast_tensors
 from paratrain.strategies import SERVER_KVSTORE_TYPES, kvstore_spec
 from paratrain.timeline import NULL_TIMELINE
@@ -57,6 +58,11 @@ class Trainer:
     ``dist_async``, ``dist_ssp``) or a KVStore. Frozen parameters are skipped.
     ``sync_every`` runs local SGD, ``diloco`` (a
     :class:`~paratrain.parallel.diloco.DiLoCoConfig`) DiLoCo, both over ``allreduce``.
+
+    Tables of the module (:class:`paratrain.nn.ServerEmbedding`) live on the parameter
+    servers where the gradient sync keeps them (``dist_*``: ``server_tables`` lists
+    them, their weights are not among the dense parameters); elsewhere they become
+    plain local parameters.
     """
 
     def __init__(self, params, optimizer: Any = "sgd", optimizer_params: dict | None = None,
@@ -79,9 +85,19 @@ class Trainer:
                                   else optimizer_params or {}), compression=compression,
             sync_every=sync_every, update_on_kvstore=update_on_kvstore, buffers=self._buffers,
             timeline=timeline, diloco=diloco)
+        tables = server_tables(module) if module is not None else []
+        self.server_tables = tables if self.sync.holds_tables else []
+        if self.server_tables:   # their rows live on the servers: not dense parameters
+            remote = {id(table.weight) for table in tables}
+            self._params = [p for p in self._params if id(p) not in remote]
+            frozen = [p for p in frozen if id(p) not in remote]
+        for table in tables if not self.server_tables else ():
+            table.materialize()
         self.optimizer = build_worker_optimizer(self._params, optimizer, optimizer_params)
         self.loss_scaler = loss_scaler
         self.sync.attach(self._params)
+        if self.server_tables:
+            self.sync.attach_tables(self.server_tables)
         # Frozen weights too: every replica starts equal (rank 0's values).
         self.sync.attach_state(frozen + self._buffers)
         self.timeline = timeline
