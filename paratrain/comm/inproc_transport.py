@@ -13,7 +13,7 @@ from typing import Sequence
 
 from paratrain.comm.transport import (ClientChannel, DoneTracker, Frames, SendTracker, ServerChannel,
                                       Transport, register_transport)
-from paratrain.errors import PeerError
+from paratrain.errors import ConfigError, PeerError
 
 _LOCK = threading.Lock()
 _SERVERS: dict[str, "InprocServerChannel"] = {}
@@ -95,11 +95,18 @@ class InprocTransport(Transport):
 
     name = "inproc"
 
-    def listen(self, bind_addr: str, *, max_message_bytes: int) -> ServerChannel:
+    def listen(self, bind_addr: str, *, max_message_bytes: int, keys=None) -> ServerChannel:
+        _refuse_keys(keys)
         return InprocServerChannel(max_message_bytes)
 
-    def connect(self, addresses: Sequence[str]) -> ClientChannel:
+    def connect(self, addresses: Sequence[str], *, keys=None) -> ClientChannel:
+        _refuse_keys(keys)
         return InprocClientChannel(addresses)
+
+
+def _refuse_keys(keys) -> None:
+    if keys is not None:
+        raise ConfigError("transport='inproc' does not authenticate its peers; use 'zmq' for a keyed job")
 
 
 register_transport("inproc", InprocTransport)

@@ -9,9 +9,12 @@ one process, for unit tests that need no sockets).
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from paratrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from paratrain.comm.security import ClientKeys, ServerKeys
 
 Frames = Sequence[Any]  # bytes, memoryview or anything with the buffer protocol
 
@@ -57,6 +60,11 @@ class ServerChannel(abc.ABC):
     def drop(self, peer: bytes) -> None:
         """Forget a misbehaving peer (no more replies go to it)."""
 
+    def peer_role(self, peer: bytes) -> str | None:
+        """The role ``peer`` proved at the handshake (``"worker/3"``), or None where
+        this channel does not authenticate its peers."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -77,15 +85,18 @@ class ClientChannel(abc.ABC):
 
 
 class Transport(abc.ABC):
-    """Makes channels. ``max_message_bytes`` bounds what a server accepts."""
+    """Makes channels. ``max_message_bytes`` bounds what a server accepts; with
+    ``keys`` (see :mod:`paratrain.comm.security`) both ends authenticate each other
+    at the handshake, where the transport can."""
 
     name: str = "base"
 
     @abc.abstractmethod
-    def listen(self, bind_addr: str, *, max_message_bytes: int) -> ServerChannel: ...
+    def listen(self, bind_addr: str, *, max_message_bytes: int,
+               keys: "ServerKeys | None" = None) -> ServerChannel: ...
 
     @abc.abstractmethod
-    def connect(self, addresses: Sequence[str]) -> ClientChannel: ...
+    def connect(self, addresses: Sequence[str], *, keys: "ClientKeys | None" = None) -> ClientChannel: ...
 
 
 _REGISTRY: dict[str, Callable[[], Transport]] = {}

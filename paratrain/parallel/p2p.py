@@ -13,17 +13,26 @@ name with :func:`open_channel`:
 
 ``bench/bench_pipeline.py --transport`` measures both. Every receive has a timeout
 and raises :class:`paratrain.errors.CommTimeout` naming the peer.
+
+With the job's keys (:class:`paratrain.comm.security.Keyring`) a ZeroMQ link is
+CURVE-authenticated both ways with the two ranks' own key pairs: the binder admits
+only its peer's key, and the connector only completes the handshake with the holder
+of the binder's key, so an address rewritten in the store leads nowhere.
 """
 from __future__ import annotations
 
 import abc
 import struct
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from paratrain.errors import CommTimeout, ConfigError, PeerError, check_choice
+
+if TYPE_CHECKING:
+    from paratrain.comm.security import Keyring
 
 TRANSPORTS = ("zmq", "gloo")
 MAX_DIMS = 8
@@ -184,13 +193,14 @@ def _zmq_socket(timeout_s: float):
 
 
 def open_zmq_channel(store: dist.Store, key: str, *, rank: int, peer: int, bind_addr: str,
-                     timeout_s: float) -> ZmqChannel:
+                     timeout_s: float, keys: Keyring | None = None) -> ZmqChannel:
     """Open the PAIR link ``key`` between ``rank`` and ``peer``.
 
     The lower rank binds a free port and publishes ``tcp://addr:port`` under ``key``
     in the job's store; the higher rank reads it and connects. A hello message from
     the connecting side proves the link before any tensor goes over it (a PAIR
-    socket with no peer would otherwise block the first send).
+    socket with no peer would otherwise block the first send). With ``keys`` the
+    binder is the CURVE server (see the module's docstring).
     """
     if rank == peer:
         raise ConfigError(f"a p2p channel needs two ranks, got rank={rank} and peer={peer}")
@@ -198,6 +208,8 @@ def open_zmq_channel(store: dist.Store, key: str, *, rank: int, peer: int, bind_
     channel = ZmqChannel(socket, peer, timeout_s)
     try:
         if rank < peer:
+            if keys is not None:
+                _secure_binder(socket, keys, key, rank=rank, peer=peer)
             port = socket.bind_to_random_port(f"tcp://{bind_addr}")
             store.set(key, f"tcp://{bind_addr}:{port}")
             channel.recv(expected_tag=-1)
@@ -206,7 +218,12 @@ def open_zmq_channel(store: dist.Store, key: str, *, rank: int, peer: int, bind_
                 store.wait([key], timedelta(seconds=timeout_s))
             except RuntimeError:
                 raise CommTimeout(f"rank {peer} did not publish p2p address {key!r} within {timeout_s}s") from None
-            socket.connect(store.get(key).decode())
+            address = store.get(key).decode()
+            handshake = None if keys is None else _secure_connector(socket, keys, rank=rank, peer=peer,
+                                                                     address=address)
+            socket.connect(address)
+            if handshake is not None:
+                handshake.wait(min(timeout_s, 10.0))
             channel.send(torch.zeros(0), tag=-1)
     except BaseException:
         channel.close()
@@ -215,12 +232,28 @@ def open_zmq_channel(store: dist.Store, key: str, *, rank: int, peer: int, bind_
     return channel
 
 
+def _secure_binder(socket, keys: Keyring, link: str, *, rank: int, peer: int) -> None:
+    from paratrain.comm import security
+    server_keys = keys.server(security.worker_role(rank), [security.worker_role(peer)])
+    security.configure_curve_server(socket, server_keys, domain=f"p2p/{link}")
+
+
+def _secure_connector(socket, keys: Keyring, *, rank: int, peer: int, address: str):
+    from paratrain.comm import security
+    client_keys = keys.client(security.worker_role(rank), [security.worker_role(peer)])
+    security.configure_curve_client(socket, client_keys.identity, client_keys.server_public_keys[0])
+    handshake = security.HandshakeCheck()
+    handshake.watch(socket, f"rank {peer}'s p2p link at {address}")
+    return handshake
+
+
 def open_channel(transport: str, store: dist.Store | None, key: str, *, rank: int, peer: int,
-                 bind_addr: str = "127.0.0.1", timeout_s: float = 60.0) -> Channel:
+                 bind_addr: str = "127.0.0.1", timeout_s: float = 60.0, keys: Keyring | None = None) -> Channel:
     """A :class:`Channel` to ``peer`` over ``transport`` (``zmq`` or ``gloo``).
 
     Both ranks call this with the same ``key``; ``gloo`` needs the default process
-    group, ``zmq`` needs ``store`` to exchange its address.
+    group, ``zmq`` needs ``store`` to exchange its address. ``keys``: authenticate
+    and encrypt the ``zmq`` link with the job's keys.
     """
     check_choice("transport", transport, TRANSPORTS)
     if transport == "gloo":
@@ -229,4 +262,4 @@ def open_channel(transport: str, store: dist.Store | None, key: str, *, rank: in
         return GlooChannel(peer, timeout_s)
     if store is None:
         raise ConfigError("transport='zmq' needs the job's store to exchange addresses")
-    return open_zmq_channel(store, key, rank=rank, peer=peer, bind_addr=bind_addr, timeout_s=timeout_s)
+    return open_zmq_channel(store, key, rank=rank, peer=peer, bind_addr=bind_addr, timeout_s=timeout_s, keys=keys)
