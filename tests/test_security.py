@@ -96,8 +96,8 @@ def test_job_secret_comes_from_the_file_the_user_or_this_machine(tmp_path):
     path.write_text("f" * 64)
     path.chmod(0o600)
     resolve = security.resolve_job_secret
-    assert resolve(secret_file=str(path), env_secret="e" * 64, nnodes=2) == b"f" * 64
-    assert resolve(secret_file=None, env_secret="e" * 64, nnodes=2) == b"e" * 64
+    assert resolve(secret_file=str(path), env_secret="e" * 64, nnodes=2) == "f" * 64
+    assert resolve(secret_file=None, env_secret="e" * 64, nnodes=2) == "e" * 64
     fresh = {resolve(secret_file=None, env_secret="", nnodes=1) for _ in range(2)}
     assert len(fresh) == 2 and all(len(secret) == 64 for secret in fresh)
     with pytest.raises(ConfigError, match="nnodes=2: every node needs the same job secret"):
@@ -111,9 +111,9 @@ def test_secret_file_permissions(tmp_path):
     secret = new_secret()
     path.write_text(secret + "\n")
     path.chmod(0o600)
-    assert read_secret_file(str(path)) == secret.encode()
+    assert read_secret_file(str(path)) == secret
     path.chmod(0o400)
-    assert read_secret_file(str(path)) == secret.encode()
+    assert read_secret_file(str(path)) == secret
     for mode in (0o640, 0o604, 0o660, 0o644):
         path.chmod(mode)
         with pytest.raises(ConfigError, match=rf"^--secret-file {path}: mode 0{mode:o} lets other users read or "
@@ -122,6 +122,9 @@ def test_secret_file_permissions(tmp_path):
     path.chmod(0o600)
     path.write_text("short\n")
     with pytest.raises(ConfigError, match=rf"--secret-file {path} holds 5 bytes"):
+        read_secret_file(str(path))
+    path.write_bytes(os.urandom(31) + b"\xff")
+    with pytest.raises(ConfigError, match=rf"--secret-file {path}: not text; write the secret as hex"):
         read_secret_file(str(path))
     with pytest.raises(ConfigError, match=rf"--secret-file {tmp_path}: not a regular file"):
         read_secret_file(str(tmp_path))

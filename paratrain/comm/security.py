@@ -78,10 +78,11 @@ def secret_bytes(secret: str | bytes, source: str = "the job secret") -> bytes:
     return raw
 
 
-def read_secret_file(path: str) -> bytes:
-    """The secret in ``path`` (surrounding whitespace stripped). The file must be a
-    regular file of this user that no one else may read or write (mode 0600 or
-    stricter); anything else is a ConfigError naming the path and the problem."""
+def read_secret_file(path: str) -> str:
+    """The secret in ``path``: text (hex, as :func:`new_secret` makes), surrounding
+    whitespace stripped. The file must be a regular file of this user that no one
+    else may read or write (mode 0600 or stricter); anything else is a ConfigError
+    naming the path and the problem."""
     try:
         info = os.stat(path)
     except OSError as exc:
@@ -99,10 +100,16 @@ def read_secret_file(path: str) -> bytes:
             raw = handle.read(1 << 16)
     except OSError as exc:
         raise ConfigError(f"--secret-file {path}: cannot be read ({exc.strerror})") from None
-    return secret_bytes(raw.strip(), f"--secret-file {path}")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"--secret-file {path}: not text; write the secret as hex "
+                          f"(python -c 'import secrets; print(secrets.token_hex(32))')") from None
+    secret_bytes(text, f"--secret-file {path}")
+    return text
 
 
-def resolve_job_secret(*, secret_file: str | None, env_secret: str, nnodes: int) -> bytes:
+def resolve_job_secret(*, secret_file: str | None, env_secret: str, nnodes: int) -> str:
     """The job secret a launcher hands out: from ``secret_file``, else the user's
     ``PARATRAIN_SECRET`` (``env_secret``), else a fresh one for a one-machine job.
     A job across machines needs one of the first two: its nodes share nothing
@@ -110,11 +117,12 @@ def resolve_job_secret(*, secret_file: str | None, env_secret: str, nnodes: int)
     if secret_file:
         return read_secret_file(secret_file)
     if env_secret:
-        return secret_bytes(env_secret, "PARATRAIN_SECRET")
+        secret_bytes(env_secret, "PARATRAIN_SECRET")
+        return env_secret
     if nnodes > 1:
         raise ConfigError(f"nnodes={nnodes}: every node needs the same job secret, given out of band: "
                           f"--secret-file PATH (mode 0600) or PARATRAIN_SECRET on every node")
-    return new_secret().encode()
+    return new_secret()
 
 
 # -- key derivation (pure) -----------------------------------------------------------------
