@@ -222,8 +222,9 @@ def test_client_refuses_a_server_at_a_rewritten_address(context):
     real = _listen(job.ps_server(0, 1))
     fake_curve, fake_plain, silent = _listen(other.ps_server(0, 1)), _listen(None), _silent_listener()
     refused = "parameter server 0 at {} could not prove it holds this job's server key"
+    silent_address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
     fakes = {fake_curve.address: refused, fake_plain.address: refused,
-             f"tcp://127.0.0.1:{silent.getsockname()[1]}": "no CURVE handshake with parameter server 0 at {} within 2.0s"}
+             silent_address: "no CURVE handshake with parameter server 0 at {} within 2.0s"}
     try:
         for fake, error in fakes.items():
             store.set("ps/server/0", fake)   # the attack: any process that reaches the store can do it
