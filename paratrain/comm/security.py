@@ -344,7 +344,7 @@ class ZapHandler:
             while True:
                 for sock, _ in poller.poll():
                     if sock is self._socket:
-                        self._socket.send_multipart(self._answer(self._socket.recv_multipart()))
+                        self._socket.send_multipart(self._answer_safely(self._socket.recv_multipart()))
                     elif sock is self._control_in:
                         command = self._control_in.recv()
                         if command == b"stop":
@@ -360,6 +360,14 @@ class ZapHandler:
         finally:
             for sock in [self._socket, self._control_in, *monitors]:
                 sock.close(linger=0)
+
+    def _answer_safely(self, request: list[bytes]) -> list[bytes]:
+        # The thread must outlive any bug: without it libzmq would admit every key.
+        try:
+            return self._answer(request)
+        except Exception:   # noqa: BLE001 - refused and logged, never fatal
+            log.exception("ZAP request refused after an internal error")
+            return [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"internal error", b"", b""]
 
     def _answer(self, request: list[bytes]) -> list[bytes]:
         if len(request) < 6:   # not even a request id to answer to: only libzmq writes here
