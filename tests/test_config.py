@@ -17,7 +17,7 @@ from paratrain.strategies import STRATEGIES
 OPTIONS = sorted("""
 workers servers strategy epochs batch_size seed model dataset loader_workers pin_memory optimizer lr momentum
 accumulate amp max_grad_norm lr_schedule warmup_steps stages micro_batches schedule replicas sync_every staleness backup_workers compression bind
-checkpoint_dir checkpoint_every resume max_restarts server_snapshot_dir server_snapshot_every
+secret_file checkpoint_dir checkpoint_every keep_checkpoints resume max_restarts server_snapshot_dir server_snapshot_every
 log_dir timeline log_interval no_progress json straggler step_delay
 """.split())
 
@@ -80,10 +80,11 @@ def _strategy_where(name: str, fits: bool) -> str | None:
 
 VALUES = {"servers": "1", "server_snapshot_dir": "snap", "server_snapshot_every": "5", "backup_workers": "1",
           "staleness": "1", "sync_every": "4", "stages": "2", "micro_batches": "2", "schedule": "gpipe",
-          "replicas": "2", "compression": "fp16", "accumulate": "2", "bind": "127.0.0.1", "amp": "bf16"}
+          "replicas": "2", "compression": "fp16", "accumulate": "2", "bind": "127.0.0.1", "amp": "bf16",
+          "secret_file": "job.secret"}
 
 
-@pytest.mark.parametrize("name", sorted(n for n in cfg.APPLIES if n != "momentum"))
+@pytest.mark.parametrize("name", sorted(n for n in cfg.APPLIES if cfg.APPLIES[n].on == "strategy"))
 def test_every_option_is_refused_where_the_tree_says_it_does_not_apply(name):
     strategy = _strategy_where(name, fits=False)
     assert strategy is not None, f"{name} applies everywhere: drop it from APPLIES"
@@ -101,6 +102,13 @@ def test_every_option_is_refused_where_the_tree_says_it_does_not_apply(name):
 def test_momentum_applies_to_sgd_only():
     code, _, err = run_cli("train", "--optimizer", "adam", "--momentum", "0.5", "--print-config")
     assert code == 2 and "--momentum 0.5 applies to --optimizer sgd | rmsprop, not to --optimizer adam" in err
+
+
+def test_keep_checkpoints_needs_a_checkpoint_dir():
+    code, _, err = run_cli("train", "--keep-checkpoints", "3", "--print-config")
+    assert code == 2 and "--keep-checkpoints 3 applies to --checkpoint-dir FOLDER, not to --checkpoint-dir None" in err
+    code, printed, err = run_cli("train", "--keep-checkpoints", "3", "--checkpoint-dir", "ck", "--print-config")
+    assert code == 0 and "keep_checkpoints = 3" in printed, err
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -162,7 +170,7 @@ def test_fit_keywords_are_options_of_the_tree_or_python_only():
     below), or takes Python objects no flag can carry."""
     from paratrain import fit
     python_only = {"model", "train_data", "heldout", "optimizer_params", "step_fn", "loss_fn", "loss_reduction",
-                   "collate_fn", "persistent_workers", "scheduler", "callbacks", "timeline"}
+                   "collate_fn", "persistent_workers", "scheduler", "callbacks", "timeline", "run_identity"}
     named_in_tree = {"num_workers": "loader_workers"}
     keywords = set(inspect.signature(fit).parameters) - python_only
     options = {named_in_tree.get(keyword, keyword) for keyword in keywords}

@@ -221,7 +221,7 @@ def test_client_refuses_a_server_at_a_rewritten_address(context):
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
     real = _listen(job.ps_server(0, 1))
     fake_curve, fake_plain, silent = _listen(other.ps_server(0, 1)), _listen(None), _silent_listener()
-    refused = "parameter server 0 at {} could not prove it holds this job's server key"
+    refused = "parameter server 0 at {} could not prove it holds this job's key"
     silent_address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
     fakes = {fake_curve.address: refused, fake_plain.address: refused,
              silent_address: "no CURVE handshake with parameter server 0 at {} within 2.0s"}
@@ -561,7 +561,7 @@ def test_pipeline_link_refuses_an_impostor_and_another_job():
     port = impostor.bind_to_random_port("tcp://127.0.0.1")
     try:
         ends, errors = _open_pair({1: job}, rewrite=f"tcp://127.0.0.1:{port}")
-        assert isinstance(errors.get(1), PeerError) and "rank 0's p2p link" in str(errors[1]), errors
+        assert isinstance(errors.get(1), PeerError) and "worker/0's link" in str(errors[1]), errors
         assert not impostor.poll(300)   # the hello never reached it
     finally:
         impostor.close()

@@ -486,7 +486,8 @@ def key_refused(what: str) -> HandshakeError:
 def key_unproven(what: str, detail: str) -> HandshakeError:
     """The error for a peer (``what``) that did not prove its key (``detail``: how)."""
     return HandshakeError(f"{what} could not prove it holds this job's key ({detail}): the address may have "
-                          f"been rewritten, or it is another job's process")
+                          f"been rewritten, it is another job's process, or this process runs with another job "
+                          f"secret (check --secret-file / PARATRAIN_SECRET)")
 
 
 class HandshakeCheck:
