@@ -174,9 +174,11 @@ def save_checkpoint(state: dict, directory: str | os.PathLike, shard: str, *, st
 
 
 def _sweep(directory: Path, shard: str, listed: set[str]) -> None:
-    """Delete this shard's files the manifest no longer lists (older ones, and those a
-    kill left between writing a file and listing it)."""
-    pattern = re.compile(rf"{re.escape(shard)}-\d+{re.escape(SUFFIX)}")
+    """Delete this shard's files the manifest no longer lists: older ones, one a kill
+    left between writing it and listing it, and temporary files of writes a kill cut
+    short (one process writes a shard, and its own write is done)."""
+    pattern = re.compile(rf"\.?{re.escape(shard)}-\d+{re.escape(SUFFIX)}(\.[0-9a-f]+\.tmp)?|"
+                         rf"\.{re.escape(shard)}{re.escape(MANIFEST_SUFFIX)}\.[0-9a-f]+\.tmp")
     for path in directory.iterdir():
         if pattern.fullmatch(path.name) and path.name not in listed:
             path.unlink(missing_ok=True)

@@ -71,8 +71,9 @@ def fit(model: nn.Module, train_data: Any, *, heldout: Any = None, strategy: str
     evaluation = None if heldout is None else build_eval_batches(heldout, global_batch=batch_size, rank=eval_rank,
                                                                  world=eval_world, config=loader)
     state = FitState(strategy.name, epochs, data.steps_per_epoch, batch_size, strategy=strategy)
-    plan = fit_checkpoint.CheckpointPlan(checkpoint_dir, checkpoint_every, seed, keep_checkpoints, run_identity or
-                                         fit_checkpoint.default_identity(strategy, seed=seed, global_batch=batch_size))
+    identity = run_identity or fit_checkpoint.default_identity(strategy, seed=seed, global_batch=batch_size,
+                                                               optimizer=optimizer, optimizer_params=optimizer_params)
+    plan = fit_checkpoint.CheckpointPlan(checkpoint_dir, checkpoint_every, seed, keep_checkpoints, identity)
     try:
         if checkpoint_dir or resume:
             fit_checkpoint.restore(strategy, state, checkpoint_dir, seed=seed, identity=plan.identity, resume=resume)
@@ -146,7 +147,7 @@ def _summary(strategy: Strategy, state: FitState, epoch_loss: StepResult, sample
         "accuracy": heldout.accuracy if heldout is not None else None,
         "heldout_loss": heldout.loss if heldout is not None else None,
         "samples_per_sec": samples_per_sec,
-        "steps": max(state.step, steps_per_worker[0]) if steps_per_worker else state.step,   # every incarnation
+        "steps": max(state.step, steps_per_worker[0]) if steps_per_worker else state.step,   # all incarnations
         "steps_per_worker": steps_per_worker,
         "wall_s": round(state.wall_s, 3),
         "param_checksum": strategy.param_checksum(),

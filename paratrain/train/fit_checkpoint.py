@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from paratrain.env import read_env
 from paratrain.errors import ConfigError
+from paratrain.optimizers import optimizer_name
 from paratrain.train import checkpoint as ckpt
 from paratrain.train.callbacks import FitState
 from paratrain.train.checkpoint import RunIdentity
@@ -22,11 +23,16 @@ from paratrain.train.strategy import Strategy
 log = logging.getLogger("paratrain.train.checkpoint")
 
 
-def default_identity(strategy: Strategy, *, seed: int, global_batch: int) -> RunIdentity:
+def default_identity(strategy: Strategy, *, seed: int, global_batch: int, optimizer, optimizer_params: dict | None
+                     ) -> RunIdentity:
     """The identity of a ``fit`` call given none: the job's run id (the launcher's or
     torchrun's; a fresh one outside a launcher) and the options every resume must keep."""
+    name = optimizer_name(optimizer) or repr(optimizer)
+    params = {key: value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+              for key, value in sorted((optimizer_params or {}).items())}
     return RunIdentity(read_env().job_run_id or secrets.token_hex(8),
-                       {"strategy": strategy.name, "seed": seed, "batch_size": global_batch})
+                       {"strategy": strategy.name, "seed": seed, "batch_size": global_batch, "optimizer": name,
+                        "optimizer_params": params})
 
 
 @dataclass(frozen=True)
