@@ -3,6 +3,7 @@ policies, and a whole server driven through the in-process transport."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -210,7 +211,7 @@ def test_async_never_blocks_and_ssp_blocks_beyond_staleness():
 class InprocJob:
     """Servers on threads, workers made on demand, all over the inproc transport."""
 
-    def __init__(self, num_servers: int, timeout_s: float = 5.0, max_workers: int = 8):
+    def __init__(self, num_servers: int, timeout_s: float = 5.0, max_workers: int = 8, **server_options):
         transport = get_transport("inproc")
         secret = new_secret()
         self.servers = []
@@ -219,8 +220,8 @@ class InprocJob:
         for rank in range(num_servers):
             channel = transport.listen("127.0.0.1", max_message_bytes=1 << 24,
                                        keys=JobKeys(secret).ps_server(rank, max_workers))
-            server = ParameterServer(ServerConfig(server_rank=rank, num_servers=num_servers, timeout_s=timeout_s),
-                                     channel)
+            server = ParameterServer(ServerConfig(server_rank=rank, num_servers=num_servers, timeout_s=timeout_s,
+                                                  **server_options), channel)
             thread = threading.Thread(target=server.serve, kwargs=dict(
                 keep_running=lambda: not self.stop.is_set(), poll_s=0.02, liveness_every_s=0.05), daemon=True)
             thread.start()
@@ -230,10 +231,10 @@ class InprocJob:
         self.secret, self.timeout_s = secret, timeout_s
 
     def worker(self, rank: int, num_workers: int, mode: str = "dist_sync", secret: str | None = None,
-               **options) -> DistKVStore:
+               rejoin: bool = False, **options) -> DistKVStore:
         return DistKVStore(DistKVStoreConfig(mode=mode, transport="inproc", **options), rank=rank,
                            num_workers=num_workers, addresses=self.addresses,
-                           secret=self.secret if secret is None else secret, timeout_s=self.timeout_s)
+                           secret=self.secret if secret is None else secret, timeout_s=self.timeout_s, rejoin=rejoin)
 
     def close(self):
         self.stop.set()
@@ -424,3 +425,57 @@ def test_server_refuses_other_requests_while_pushes_wait_and_a_wrong_commit(job)
     kv.pushpull("k", torch.full((3,), 2.0), out=out)      # the server still works
     assert torch.equal(out, torch.full((3,), 2.0))
     kv.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fixed_by_the_job", [True, False])
+def test_async_rank_0_killed_before_its_set_optimizer_rejoins_and_training_goes_on(job, fixed_by_the_job):
+    """Issue 14 finding 3: rank 0 dies after its init, before its SET_OPTIMIZER; rank 1
+    waits at the set_optimizer barrier. The restarted rank 0 rejoins (it skips that
+    barrier): the barrier lets rank 1 go once the servers run an optimizer (the job's
+    configuration fixes it, or the rejoined rank 0 sends it), and both ranks' pushes
+    are applied."""
+    sgd = {"type": "sgd", "lr": 0.5}
+    j = job(num_servers=1, timeout_s=8.0, **({"optimizer": sgd} if fixed_by_the_job else {}))
+    first = j.worker(0, 2, mode="dist_async")
+    first.init("k", torch.zeros(4))
+    first._connection.close()   # killed: no goodbye, no set_optimizer
+
+    def rank_1():
+        kv = j.worker(1, 2, mode="dist_async")
+        kv.init("k", torch.zeros(4))
+        kv.set_optimizer(sgd)   # waits at the barrier for rank 0
+        kv.push("k", torch.ones(4))
+        kv.close()
+
+    def rank_0_again():
+        time.sleep(0.5)   # rank 1 is at its barrier by now
+        kv = j.worker(0, 2, mode="dist_async", rejoin=True)
+        kv.init("k", torch.zeros(4))   # a rejoining rank 0 keeps the value the servers hold
+        kv.set_optimizer(sgd)
+        kv.push("k", torch.ones(4))
+        kv.close()
+    _in_threads([rank_1, rank_0_again])
+    server = j.servers[0]
+    assert server.stats["pushes"] == 2 and server.stats["rejoins"] == 1
+    (state,) = server.keys.values()
+    assert torch.equal(state.value, torch.full((4,), -1.0))   # two pushes of ones at lr 0.5
+
+
+def test_a_timeout_names_who_was_waited_for_never_none_seconds():
+    """Issue 14 finding 6: a wait without its own limit read "timed out after Nones"."""
+    from paratrain.errors import CommTimeout
+    from paratrain.kvstore.base import Handle
+
+    def named(timeout):
+        raise CommTimeout("no reply from parameter server 0 (tcp://127.0.0.1:5) within 70s")
+
+    def bare(timeout):
+        raise TimeoutError("socket")
+    with pytest.raises(CommTimeout) as caught:
+        Handle(named, "push of key 'w'").wait(None)
+    assert str(caught.value) == "no reply from parameter server 0 (tcp://127.0.0.1:5) within 70s"
+    with pytest.raises(CommTimeout, match=r"^timed out after the default limit waiting for pull of key 'w': socket$"):
+        Handle(bare, "pull of key 'w'").wait(None)
+    with pytest.raises(CommTimeout, match=r"^timed out after 2.5s waiting"):
+        Handle(bare, "pull of key 'w'").wait(2.5)

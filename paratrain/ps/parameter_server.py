@@ -95,6 +95,9 @@ class ParameterServer:
         self.parked = ParkedRequests()
         self.goodbyes: set[int] = set()
         self.rejoined: set[bytes] = set()            # peers restarted into a running job
+        # Ranks restarted into a running async job meet nobody at a barrier (the others
+        # passed theirs), so no barrier waits for them either.
+        self.excused: set[int] = set()
         self.sessions: dict[bytes, str] = {}         # peer -> the worker incarnation it speaks for
         self.last_push: dict[str, int] = {}          # session -> request id of its last applied push
         # Pushes sent during backward, before their scale was known: held (checked,
@@ -252,6 +255,7 @@ class ParameterServer:
         if hello.get("rejoin") is True:
             self.rejoined.add(peer)
             self.stats["rejoins"] += 1
+            self._excuse_from_barriers(rank)
         # The OK says how large a message this server accepts (workers check their keys).
         self._reply(peer, protocol.encode(Op.OK, request_id=message.request_id,
                                           length=self.config.max_message_bytes))
@@ -439,6 +443,7 @@ class ParameterServer:
                     state.optimizer_state = {}
             self.optimizer = optimizer
         self._ok(peer, message.request_id)
+        self._release_barriers()
 
     def _on_set_compression(self, peer: bytes, rank: int, message: Message) -> None:
         config = _server_codec(message.control())
@@ -450,8 +455,25 @@ class ParameterServer:
 
     def _on_barrier(self, peer: bytes, rank: int, message: Message) -> None:
         waiter = Waiter(peer, message, rank, time.monotonic() + self.config.timeout_s)
-        for released in self.parked.arrive(message.clock, waiter, self.num_workers):
+        for released in self.parked.arrive(message.clock, waiter, self.num_workers, self._barrier_excused()):
             self._ok(released.peer, released.message.request_id)
+
+    def _barrier_excused(self) -> set[int]:
+        # Until the job's optimizer is here, barriers keep waiting for everyone: the
+        # start-up barrier is what keeps pushes behind rank 0's set_optimizer.
+        ready = self.optimizer is not None or self.policy is None or not self.policy.needs_optimizer
+        return self.excused if ready else set()
+
+    def _excuse_from_barriers(self, rank: int) -> None:
+        """A rank that rejoined skips its barriers: release those that only wait for it
+        (a rank 0 restarted before its first barrier would otherwise hold the others there)."""
+        self.excused.add(rank)
+        self._release_barriers()
+
+    def _release_barriers(self) -> None:
+        for generation in list(self.parked.barriers):
+            for released in self.parked.release(generation, self.num_workers, self._barrier_excused()):
+                self._ok(released.peer, released.message.request_id)
 
     def _on_goodbye(self, peer: bytes, rank: int, message: Message) -> None:
         self.deferred.pop(peer, None)   # never committed: they never happened
