@@ -93,26 +93,19 @@ def build_run_config(args: argparse.Namespace, env: DistEnv):
 def _check_before_launch(config, run_id: str) -> dict:
     """What can be checked only with the data, the model and the file system, before
     anything starts. Returns the environment the job's servers get from it."""
-    from paratrain.data import build_dataset
+    from paratrain.data.loading import dataset_len
+    from paratrain.workloads import build_workload
     config_module.check_paths(config)
     config_module.check_bind(config)
     _job_secret(config)
     from paratrain.train.checkpoint import check_directory
     check_directory(config.resilience.checkpoint_dir, _run_identity(config, run_id), resume=config.resilience.resume)
-    train, _ = build_dataset(config.data.dataset)
-    config_module.check_batch(config, len(train))
-
-    def model_factory():
-        return _build_model(config, train)
+    workload = build_workload(config)
+    config_module.check_batch(config, dataset_len(workload.train))
     # Builds the strategy (its own checks) and validates it against the model; starts nothing.
     _build_strategy(config, DistEnv(world_size=config.job.workers)).validate(
-        config.job.batch_size, config.job.workers, model_factory)
-    return _server_env(config, model_factory) if config.spec.uses_servers else {}
-
-
-def _build_model(config, train):
-    from paratrain.models import build_model
-    return build_model(config.model.model, train.sample_shape, train.num_classes, seed=config.job.seed)
+        config.job.batch_size, config.job.workers, lambda: workload.model)
+    return _server_env(config, workload.model) if config.spec.uses_servers else {}
 
 
 def _job_secret(config) -> str | None:
@@ -129,21 +122,25 @@ def _run_identity(config, run_id: str):
 
 
 def _optimizer_params(config) -> dict:
+    """The optimizer's parameters the options give (the same for workers and servers)."""
     optim = config.optim
     params = {"lr": optim.lr}
     if optim.momentum is not None:
         params["momentum"] = optim.momentum
+    if optim.weight_decay is not None:
+        params["weight_decay"] = optim.weight_decay
+    if optim.beta1 is not None or optim.beta2 is not None:
+        params["betas"] = (0.9 if optim.beta1 is None else optim.beta1, 0.999 if optim.beta2 is None else optim.beta2)
     return params
 
 
-def _server_env(config, model_factory) -> dict:
+def _server_env(config, model) -> dict:
     """What the job's configuration fixes for its parameter servers: their message limit
     (the model's largest key slice), the compression, and, for the asynchronous kinds
     (whose servers always run the optimizer), the optimizer: so a restarted rank 0
     never has to be the one that tells them."""
     from paratrain.comm.codecs import parse_compression
     from paratrain.ps.sharding import largest_message_bytes
-    model = model_factory()
     tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
     largest = largest_message_bytes(tensors, config.job.servers)
     env = {"PARATRAIN_MAX_MESSAGE_MB": str(max(1, -(-largest // MiB)) + 1)}   # one MiB of headroom
@@ -170,34 +167,40 @@ def _build_strategy(config, env: DistEnv):
 
 
 def run_worker(config, env: DistEnv, run_id: str = "") -> dict:
-    """One worker's whole job: data, model, strategy, callbacks, fit. ``run_id`` names
-    the run in its checkpoints when no launcher gave one (``PARATRAIN_RUN_ID``)."""
+    """One worker's whole job: workload (data, model, task), strategy, callbacks, fit.
+    ``run_id`` names the run in its checkpoints when no launcher gave one
+    (``PARATRAIN_RUN_ID``)."""
     import torch
-    from paratrain.data import build_dataset
-    from paratrain.models import build_model
+    from paratrain.data.loading import dataset_len
     from paratrain.timeline import build_timeline
     from paratrain.train import MetricsLogger, ProgressBar, Speedometer, fit
     from paratrain.train.schedules import build_lr_schedule
+    from paratrain.workloads import SummaryExtras, build_workload, dataset_tokens_per_sample
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")) if env.launched else torch.get_num_threads())
     job, optim, output, resilience = config.job, config.optim, config.output, config.resilience
-    train, heldout = build_dataset(config.data.dataset)
-    model = build_model(config.model.model, train.sample_shape, train.num_classes, seed=job.seed)
-    callbacks = [ProgressBar(enabled=not output.no_progress and sys.stderr.isatty()),
-                 Speedometer(output.log_interval)]
+    workload = build_workload(config)
+    tokens = dataset_tokens_per_sample(workload.train) if workload.task.name == "lm" else None
+    callbacks = [SummaryExtras(workload), ProgressBar(enabled=not output.no_progress and sys.stderr.isatty()),
+                 Speedometer(output.log_interval, tokens_per_sample=tokens)]
     if output.log_dir:
         callbacks.append(MetricsLogger(output.log_dir))
     optimizer_params = _optimizer_params(config)
-    total_steps = job.epochs * -(-len(train) // job.batch_size)
+    length = dataset_len(workload.train)
+    total_steps = job.epochs * -(-length // job.batch_size) if length else None
     scheduler = None if optim.lr_schedule == "constant" and not optim.warmup_steps else (
         lambda opt: build_lr_schedule(opt, kind=optim.lr_schedule, warmup_steps=optim.warmup_steps,
-                                      total_steps=total_steps))
-    return fit(model, train, heldout=heldout, strategy=_build_strategy(config, env), epochs=job.epochs,
-               batch_size=job.batch_size, optimizer=optim.optimizer, optimizer_params=optimizer_params,
-               seed=job.seed, callbacks=callbacks, checkpoint_dir=resilience.checkpoint_dir,
-               checkpoint_every=resilience.checkpoint_every, resume=resilience.resume, amp=optim.amp,
-               keep_checkpoints=resilience.keep_checkpoints,
+                                      total_steps=total_steps or optim.warmup_steps + 1,
+                                      min_factor=optim.min_lr_factor))
+    # A restart resumes its own run's checkpoints by itself (fit knows it restarted);
+    # --resume also continues another run's with the same options.
+    return fit(workload.model, workload.train, heldout=workload.heldout, strategy=_build_strategy(config, env),
+               epochs=job.epochs, batch_size=job.batch_size, optimizer=optim.optimizer,
+               optimizer_params=optimizer_params, loss_fn=workload.task.loss_fn,
+               loss_reduction=workload.task.loss_reduction, seed=job.seed, callbacks=callbacks,
+               checkpoint_dir=resilience.checkpoint_dir, checkpoint_every=resilience.checkpoint_every,
+               resume=resilience.resume, keep_checkpoints=resilience.keep_checkpoints,
                run_identity=_run_identity(config, env.job_run_id or run_id or secrets.token_hex(8)),
-               max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
+               amp=optim.amp, max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
                num_workers=config.data.loader_workers, pin_memory=config.data.pin_memory,
                timeline=build_timeline(output.timeline, env.rank))
 
@@ -238,9 +241,8 @@ def _torchrun_server_env(config, env: DistEnv) -> dict:
     """Under torchrun rank 0 starts the servers: what they need, from its own checks."""
     if env.rank != 0:
         return {}
-    from paratrain.data import build_dataset
-    train, _ = build_dataset(config.data.dataset)
-    return _server_env(config, lambda: _build_model(config, train))
+    from paratrain.workloads import build_workload
+    return _server_env(config, build_workload(config).model)
 
 
 def _server_args(config) -> tuple:

@@ -479,3 +479,18 @@ def test_a_timeout_names_who_was_waited_for_never_none_seconds():
         Handle(bare, "pull of key 'w'").wait(None)
     with pytest.raises(CommTimeout, match=r"^timed out after 2.5s waiting"):
         Handle(bare, "pull of key 'w'").wait(2.5)
+
+
+def test_server_adamw_matches_torch_adamw_bitwise():
+    from paratrain.ps.optimizer import AdamW
+    torch.manual_seed(0)
+    start = torch.randn(10)
+    reference, mine, state = torch.nn.Parameter(start.clone()), start.clone(), {}
+    optimizer = torch.optim.AdamW([reference], lr=0.01, weight_decay=0.1)
+    rule = AdamW(lr=0.01, weight_decay=0.1)
+    for _ in range(5):
+        grad = torch.randn(10)
+        reference.grad = grad.clone()
+        optimizer.step()
+        rule.update(mine, grad, state)
+    assert torch.equal(reference.detach(), mine)
