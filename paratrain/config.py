@@ -132,7 +132,7 @@ class ResilienceConfig(Section):
 class OutputConfig(Section):
     log_dir: Optional[str] = _opt(None, "metrics.jsonl and TensorBoard events", min_length=1)
     timeline: Optional[str] = _opt(None, "Chrome trace file (rank r writes FILE.rank<r>)", min_length=1)
-    log_interval: int = _opt(50, "Speedometer period in batches", ge=1)
+    log_interval: int = _opt(50, "Speedometer period in batches", ge=1, le=1 << 30)
     no_progress: bool = _opt(False, "no progress bar")
     # "json" itself would shadow a pydantic method: the option keeps its name as an alias
     json_summary: bool = Field(False, alias="json", description="print the summary as one JSON line, last")
