@@ -10,8 +10,10 @@ worker directly, so the same command serves both.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import secrets
 import sys
 import tempfile
 import typing
@@ -19,9 +21,12 @@ from pathlib import Path
 
 from paratrain import config as config_module
 from paratrain.env import DistEnv, read_env
-from paratrain.errors import ConfigError
+from paratrain.errors import ConfigError, TrainingDiverged
 
+#: A usage error, a checkpoint that cannot be used, a diverged run: one line on
+#: stderr, and no restart could fix it (the launcher ends the job at once).
 EXIT_USAGE = 2
+MiB = 1 << 20
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _positive(name: str, *, zero_ok: bool = False):
+def _positive(name: str, *, zero_ok: bool = False, most: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -39,6 +44,8 @@ def _positive(name: str, *, zero_ok: bool = False):
             raise argparse.ArgumentTypeError(f"{name} {text!r}: must be an integer") from None
         if value < (0 if zero_ok else 1):
             raise argparse.ArgumentTypeError(f"{name} {value}: must be >= {0 if zero_ok else 1}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{name} {value}: must be <= {most}")
         return value
     return parse
 
@@ -83,21 +90,69 @@ def build_run_config(args: argparse.Namespace, env: DistEnv):
     return config_module.resolve_run_config(config, launched_world=env.world_size if env.launched else None)
 
 
-def _check_before_launch(config) -> None:
+def _check_before_launch(config, run_id: str) -> dict:
     """What can be checked only with the data, the model and the file system, before
-    anything starts."""
+    anything starts. Returns the environment the job's servers get from it."""
     from paratrain.data.loading import dataset_len
     from paratrain.workloads import build_workload
     config_module.check_paths(config)
-    resilience = config.resilience
-    if resilience.resume and not any(Path(resilience.checkpoint_dir).glob("*.pt")):
-        raise ConfigError(f"--resume: no checkpoint in --checkpoint-dir {resilience.checkpoint_dir!r}")
+    config_module.check_bind(config)
+    _job_secret(config)
+    from paratrain.train.checkpoint import check_directory
+    check_directory(config.resilience.checkpoint_dir, _run_identity(config, run_id), resume=config.resilience.resume)
     workload = build_workload(config)
     config_module.check_batch(config, dataset_len(workload.train))
     _check_server_tables(config, workload.model)
     # Builds the strategy (its own checks) and validates it against the model; starts nothing.
     _build_strategy(config, DistEnv(world_size=config.job.workers)).validate(
         config.job.batch_size, config.job.workers, lambda: workload.model)
+    return _server_env(config, workload.model) if config.spec.uses_servers else {}
+
+
+def _job_secret(config) -> str | None:
+    """The secret of ``--secret-file`` (checked: a file of this user, mode 0600), if given."""
+    if not config.comm.secret_file:
+        return None
+    from paratrain.comm.security import read_secret_file
+    return read_secret_file(config.comm.secret_file)
+
+
+def _run_identity(config, run_id: str):
+    from paratrain.train.checkpoint import RunIdentity
+    return RunIdentity(run_id, config_module.resume_options(config))
+
+
+def _optimizer_params(config) -> dict:
+    """The optimizer's parameters the options give (the same for workers and servers)."""
+    optim = config.optim
+    params = {"lr": optim.lr}
+    if optim.momentum is not None:
+        params["momentum"] = optim.momentum
+    if optim.weight_decay is not None:
+        params["weight_decay"] = optim.weight_decay
+    if optim.beta1 is not None or optim.beta2 is not None:
+        params["betas"] = (0.9 if optim.beta1 is None else optim.beta1, 0.999 if optim.beta2 is None else optim.beta2)
+    return params
+
+
+def _server_env(config, model) -> dict:
+    """What the job's configuration fixes for its parameter servers: their message limit
+    (the model's largest key slice), the compression, and, for the asynchronous kinds
+    (whose servers always run the optimizer), the optimizer: so a restarted rank 0
+    never has to be the one that tells them."""
+    from paratrain.comm.codecs import parse_compression
+    from paratrain.ps.sharding import largest_message_bytes
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    largest = largest_message_bytes(tensors, config.job.servers)
+    env = {"PARATRAIN_MAX_MESSAGE_MB": str(max(1, -(-largest // MiB)) + 1)}   # one MiB of headroom
+    compression = parse_compression(config.comm.compression)
+    if compression.enabled:
+        env["PARATRAIN_SERVER_COMPRESSION"] = json.dumps(compression.to_dict())
+    if config.spec.asynchronous:
+        from paratrain.optimizers import build_server_optimizer, server_optimizer_spec
+        spec = server_optimizer_spec(config.optim.optimizer, _optimizer_params(config))
+        env["PARATRAIN_SERVER_OPTIMIZER"] = json.dumps(build_server_optimizer(spec).to_spec())
+    return env
 
 
 def _check_server_tables(config, model) -> None:
@@ -134,8 +189,10 @@ def _build_strategy(config, env: DistEnv):
     return Straggler(strategy, factor, step_delay) if factor != 1.0 or step_delay else strategy
 
 
-def run_worker(config, env: DistEnv) -> dict:
-    """One worker's whole job: workload (data, model, task), strategy, callbacks, fit."""
+def run_worker(config, env: DistEnv, run_id: str = "") -> dict:
+    """One worker's whole job: workload (data, model, task), strategy, callbacks, fit.
+    ``run_id`` names the run in its checkpoints when no launcher gave one
+    (``PARATRAIN_RUN_ID``)."""
     import torch
     from paratrain.data.loading import dataset_len
     from paratrain.timeline import build_timeline
@@ -150,34 +207,26 @@ def run_worker(config, env: DistEnv) -> dict:
                  Speedometer(output.log_interval, tokens_per_sample=tokens)]
     if output.log_dir:
         callbacks.append(MetricsLogger(output.log_dir))
-    optimizer_params = {"lr": optim.lr}
-    if optim.momentum is not None:
-        optimizer_params["momentum"] = optim.momentum
-    if optim.weight_decay is not None:
-        optimizer_params["weight_decay"] = optim.weight_decay
-    if optim.beta1 is not None or optim.beta2 is not None:
-        optimizer_params["betas"] = (0.9 if optim.beta1 is None else optim.beta1,
-                                     0.999 if optim.beta2 is None else optim.beta2)
-    resume = resilience.resume or (env.restart_count > 0 and _has_checkpoint(resilience.checkpoint_dir))
+    optimizer_params = _optimizer_params(config)
     length = dataset_len(workload.train)
     total_steps = job.epochs * -(-length // job.batch_size) if length else None
     scheduler = None if optim.lr_schedule == "constant" and not optim.warmup_steps else (
         lambda opt: build_lr_schedule(opt, kind=optim.lr_schedule, warmup_steps=optim.warmup_steps,
                                       total_steps=total_steps or optim.warmup_steps + 1,
                                       min_factor=optim.min_lr_factor))
+    # A restart resumes its own run's checkpoints by itself (fit knows it restarted);
+    # --resume also continues another run's with the same options.
     return fit(workload.model, workload.train, heldout=workload.heldout, strategy=_build_strategy(config, env),
                epochs=job.epochs, batch_size=job.batch_size, optimizer=optim.optimizer,
                optimizer_params=optimizer_params, loss_fn=workload.task.loss_fn,
                loss_reduction=workload.task.loss_reduction, heldout_stats=workload.task.heldout_stats,
                seed=job.seed, callbacks=callbacks,
                checkpoint_dir=resilience.checkpoint_dir, checkpoint_every=resilience.checkpoint_every,
-               resume=resume, amp=optim.amp, max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
+               resume=resilience.resume, keep_checkpoints=resilience.keep_checkpoints,
+               run_identity=_run_identity(config, env.job_run_id or run_id or secrets.token_hex(8)),
+               amp=optim.amp, max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
                num_workers=config.data.loader_workers, pin_memory=config.data.pin_memory,
                timeline=build_timeline(output.timeline, env.rank))
-
-
-def _has_checkpoint(directory: str | None) -> bool:
-    return bool(directory) and any(Path(directory).glob("*.pt"))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -186,15 +235,19 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_module.to_toml(config), end="", flush=True)
         return 0
-    if not env.launched:
-        _check_before_launch(config)
+    run_id = secrets.token_hex(8)
+    server_env = {} if env.launched else _check_before_launch(config, run_id)
     servers = []
     if config.spec.uses_servers and env.under_torchrun and env.num_servers == 0:
         from paratrain.launch import start_servers_under_torchrun
-        env, servers = start_servers_under_torchrun(env, config.job.servers, _server_args(config))
+        env, servers = start_servers_under_torchrun(env, config.job.servers, _server_args(config),
+                                                    server_env=_torchrun_server_env(config, env),
+                                                    secret=_job_secret(config))
+    elif env.launched and config.comm.secret_file:   # torchrun: every rank reads the same file
+        env = dataclasses.replace(env, secret=_job_secret(config))
     if env.launched or (config.job.workers == 1 and config.job.servers == 0):
         try:
-            summary = run_worker(config, env)
+            summary = run_worker(config, env, run_id)
         finally:
             if servers:   # they exit once every worker said goodbye
                 from paratrain.launch import wait_children
@@ -205,7 +258,15 @@ def _train(args: argparse.Namespace) -> int:
             elif config.output.json_summary:
                 print(json.dumps(summary), flush=True)
         return 0
-    return _launch_workers(config)
+    return _launch_workers(config, run_id, server_env)
+
+
+def _torchrun_server_env(config, env: DistEnv) -> dict:
+    """Under torchrun rank 0 starts the servers: what they need, from its own checks."""
+    if env.rank != 0:
+        return {}
+    from paratrain.workloads import build_workload
+    return _server_env(config, build_workload(config).model)
 
 
 def _server_args(config) -> tuple:
@@ -214,7 +275,7 @@ def _server_args(config) -> tuple:
         "--snapshot-dir", resilience.server_snapshot_dir, "--snapshot-every", str(resilience.server_snapshot_every))
 
 
-def _launch_workers(config) -> int:
+def _launch_workers(config, run_id: str, server_env: dict) -> int:
     """Run the job's workers (and servers) on this machine; each reads the resolved
     config this process wrote, so they all run exactly what was checked here."""
     from paratrain.launch import LaunchConfig, launch
@@ -231,7 +292,9 @@ def _launch_workers(config) -> int:
                                                   max_restarts=resilience.max_restarts, restart_policy=policy,
                                                   bind=config.comm.bind, server_args=server_args,
                                                   server_restarts=resilience.max_restarts if server_args else 0,
-                                                  extra_env={"PARATRAIN_SUMMARY_FILE": str(summary_file)}))
+                                                  secret_file=config.comm.secret_file, run_id=run_id,
+                                                  extra_env={"PARATRAIN_SUMMARY_FILE": str(summary_file),
+                                                             **server_env}))
         if status == 0 and config.output.json_summary and summary_file.exists():
             print(summary_file.read_text(), flush=True)   # unprefixed, and the last line
     return status
@@ -243,7 +306,7 @@ def _launch(args: argparse.Namespace) -> int:
         raise ConfigError("launch needs a script: paratrain launch -n N script.py [args...]")
     config = LaunchConfig(num_workers=args.nproc, num_servers=args.servers, nnodes=args.nnodes,
                           node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-                          max_restarts=args.max_restarts, bind=args.bind)
+                          max_restarts=args.max_restarts, bind=args.bind, secret_file=args.secret_file)
     script = args.script
     argv = [sys.executable, "-m", script[2:]] if script.startswith("-m") else [sys.executable, script]
     return launch(argv + args.script_args, config)
@@ -260,14 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a reference model (defaults: digits, CNN, 2 workers)")
     add_config_flags(train)
     launch = commands.add_parser("launch", help="run a script as N workers with the torchrun environment")
-    launch.add_argument("-n", "--nproc", type=_positive("-n"), default=1, help="workers on this node")
-    launch.add_argument("--servers", type=_positive("--servers", zero_ok=True), default=0)
-    launch.add_argument("--nnodes", type=_positive("--nnodes"), default=1)
+    most = config_module.MAX_LOCAL_PROCESSES
+    launch.add_argument("-n", "--nproc", type=_positive("-n", most=most), default=1, help="workers on this node")
+    launch.add_argument("--servers", type=_positive("--servers", zero_ok=True, most=most), default=0)
+    launch.add_argument("--nnodes", type=_positive("--nnodes", most=1 << 16), default=1)
     launch.add_argument("--node-rank", type=_positive("--node-rank", zero_ok=True), default=0)
     launch.add_argument("--master-addr", default="127.0.0.1")
-    launch.add_argument("--master-port", type=_positive("--master-port", zero_ok=True), default=0)
-    launch.add_argument("--max-restarts", type=_positive("--max-restarts", zero_ok=True), default=0)
+    launch.add_argument("--master-port", type=_positive("--master-port", zero_ok=True, most=65535), default=0)
+    launch.add_argument("--max-restarts", type=_positive("--max-restarts", zero_ok=True, most=1000), default=0)
     launch.add_argument("--bind", default=None)
+    launch.add_argument("--secret-file", default=None, help="the job secret (hex, mode 0600), the same file on "
+                        "every node (default PARATRAIN_SECRET; one machine: a fresh one)")
     launch.add_argument("script", nargs="?", help="script.py, or -mmodule")
     launch.add_argument("script_args", nargs=argparse.REMAINDER)
     commands.add_parser("server", help="run one parameter server (reads PARATRAIN_* variables)", add_help=False)
@@ -287,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": _train, "launch": _launch}
     try:
         return handlers[args.command](args)
-    except ConfigError as exc:   # user error: one line, no traceback
+    except (ConfigError, TrainingDiverged) as exc:   # user error, or a run that cannot succeed: one line
         print(f"paratrain {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

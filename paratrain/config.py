@@ -126,11 +126,15 @@ class CommConfig(Section):
                                       min_length=1)
     bind: Optional[str] = _opt(None, "address parameter servers and pipeline links bind to (default 127.0.0.1)",
                                min_length=1)
+    secret_file: Optional[str] = _opt(None, "the job secret (hex, mode 0600), the same file on every machine; "
+                                            "default PARATRAIN_SECRET, else a fresh one", min_length=1)
 
 
 class ResilienceConfig(Section):
     checkpoint_dir: Optional[str] = _opt(None, "atomic checkpoints go here (end of each epoch)", min_length=1)
-    checkpoint_every: Optional[int] = _opt(None, "also checkpoint every N steps", ge=1)
+    checkpoint_every: Optional[int] = _opt(None, "also checkpoint every N steps", ge=1, le=1 << 30)
+    keep_checkpoints: int = _opt(2, "checkpoints kept per shard; a restart falls back to an older one when the "
+                                    "newest is damaged", ge=1, le=1000)
     resume: bool = _opt(False, "continue from --checkpoint-dir")
     max_restarts: int = _opt(0, "restart the worker group from the last checkpoint when a worker dies",
                              ge=0, le=1000)
@@ -143,7 +147,7 @@ class ResilienceConfig(Section):
 class OutputConfig(Section):
     log_dir: Optional[str] = _opt(None, "metrics.jsonl and TensorBoard events", min_length=1)
     timeline: Optional[str] = _opt(None, "Chrome trace file (rank r writes FILE.rank<r>)", min_length=1)
-    log_interval: int = _opt(50, "Speedometer period in batches", ge=1)
+    log_interval: int = _opt(50, "Speedometer period in batches", ge=1, le=1 << 30)
     no_progress: bool = _opt(False, "no progress bar")
     # "json" itself would shadow a pydantic method: the option keeps its name as an alias
     json_summary: bool = Field(False, alias="json", description="print the summary as one JSON line, last")
@@ -238,11 +242,14 @@ APPLIES: dict[str, Applies] = {
     "accumulate": _strategies(lambda s: not s.pipelined),
     "amp": _strategies(lambda s: not s.pipelined),
     "bind": _strategies(lambda s: s.uses_servers or s.pipelined),
+    "secret_file": _strategies(lambda s: s.uses_servers or s.pipelined),
     "momentum": Applies(lambda config: config.optim.optimizer in ("sgd", "rmsprop"), "sgd | rmsprop", on="optimizer"),
     "table_sizes": Applies(lambda config: config.model.model == "dlrm", "dlrm", on="model"),
     "embedding_dim": Applies(lambda config: config.model.model == "dlrm", "dlrm", on="model"),
     "train_samples": Applies(lambda config: config.data.dataset == "clicks", "clicks", on="dataset"),
     "heldout_samples": Applies(lambda config: config.data.dataset == "clicks", "clicks", on="dataset"),
+    "keep_checkpoints": Applies(lambda config: config.resilience.checkpoint_dir is not None, "FOLDER",
+                                on="checkpoint_dir"),
     **{name: Applies(lambda config: config.optim.optimizer in ("adam", "adamw"), "adam | adamw", on="optimizer")
        for name in ("beta1", "beta2")},
     "min_lr_factor": Applies(lambda config: config.optim.lr_schedule in ("cosine", "linear"), "cosine | linear",
@@ -280,6 +287,21 @@ def parse_table_sizes(text: str | None) -> tuple[int, ...] | None:
         raise ConfigError(f"--table-sizes {text!r}: give rows per table as comma-separated ints in [1, 2**31), "
                           f"e.g. 4000000,1000000,1000")
     return sizes
+
+
+#: Options a resumed run may change: how long it runs, where and how often it saves,
+#: what it reports, and how its processes reach each other. Every other option is part
+#: of a checkpoint's identity (:func:`resume_options`).
+RESUME_MUTABLE = frozenset({
+    "epochs", "resume", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_dir", "timeline",
+    "log_interval", "no_progress", "json", "straggler", "step_delay", "loader_workers", "pin_memory", "bind",
+    "secret_file", "server_snapshot_dir", "server_snapshot_every",
+})
+
+
+def resume_options(config: RunConfig) -> dict[str, Any]:
+    """The options a checkpoint of this run must have been written with to be resumed."""
+    return {name: value for name, value in config.flat().items() if name not in RESUME_MUTABLE}
 
 
 def applies(name: str, config: RunConfig) -> bool:
@@ -541,6 +563,19 @@ def check_paths(config: RunConfig) -> None:
                               ("log_dir", output.log_dir, "dir"), ("timeline", output.timeline, "file")):
         if value:
             _check_writable(name, Path(value), kind)
+
+
+def check_bind(config: RunConfig) -> None:
+    """Refuse a ``--bind`` address this machine cannot listen on, before anything starts."""
+    import socket
+    if not config.comm.bind:
+        return
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((config.comm.bind, 0))
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"--bind {config.comm.bind!r}: this machine cannot listen there "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def _check_writable(name: str, path: Path, kind: str) -> None:

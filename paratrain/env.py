@@ -16,7 +16,7 @@ job from these variables, and nothing else in paratrain reads ``os.environ`` for
 | ``PARATRAIN_ROLE`` | launcher | ``worker`` (default) or ``server`` |
 | ``PARATRAIN_NUM_SERVERS`` | launcher | number of parameter-server processes (0: none) |
 | ``PARATRAIN_SERVER_RANK`` | launcher | index of this server, for ``PARATRAIN_ROLE=server`` |
-| ``PARATRAIN_SECRET`` | launcher | job secret that parameter-server clients must present |
+| ``PARATRAIN_SECRET`` | launcher / user | the job secret (>= 32 bytes): every CURVE key of the job is derived from it; across machines the user gives the same one to every node (or ``--secret-file``), it never goes through the store |
 | ``PARATRAIN_BIND`` | user / launcher | address servers bind to (default ``127.0.0.1``) |
 | ``TORCHELASTIC_USE_AGENT_STORE`` | torchrun | ``True``: the agent hosts the TCP store; every rank is a client |
 | ``TORCHELASTIC_RUN_ID`` | torchrun | the job's id (names the folder where a torchrun job's rank 0 leaves the secret for its servers) |
@@ -25,6 +25,10 @@ job from these variables, and nothing else in paratrain reads ``os.environ`` for
 | ``PARATRAIN_REJOIN`` | launcher | ``1``: this worker was restarted alone and rejoins a running async job |
 | ``PARATRAIN_SUMMARY_FILE`` | launcher | ``paratrain train``: rank 0 writes the run's summary (JSON) here for the launcher to print |
 | ``PARATRAIN_SERVER_IMPORTS`` | user / launcher | comma-separated modules a parameter server imports at start-up (to register update rules: ``paratrain.optimizers.register_optimizer``) |
+| ``PARATRAIN_SERVER_OPTIMIZER`` | launcher | the server optimizer spec the job's configuration fixes (JSON, ``{"type": "sgd", "lr": 0.1}``): servers run it from the start, so no worker needs to send it |
+| ``PARATRAIN_SERVER_COMPRESSION`` | launcher | the gradient compression the job's configuration fixes (JSON, ``{"type": "2bit", "threshold": 0.5}``) |
+| ``PARATRAIN_MAX_MESSAGE_MB`` | launcher / user | the largest message (MiB) a parameter server accepts (``paratrain train`` derives it from the model's largest key slice; default 64) |
+| ``PARATRAIN_RUN_ID`` | launcher | the job's id, the same in every incarnation of every rank (a restart resumes only its own job's checkpoints) |
 """
 from __future__ import annotations
 
@@ -79,6 +83,10 @@ class DistEnv:
     server_imports: tuple[str, ...] = ()
     summary_file: str = ""
     run_id: str = ""
+    server_optimizer: str = ""
+    server_compression: str = ""
+    max_message_mb: int = 0
+    job_id: str = ""
     launched: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -92,11 +100,19 @@ class DistEnv:
             raise ValueError(f"PARATRAIN_NUM_SERVERS={self.num_servers} must be >= 0")
         if self.timeout_s <= 0:
             raise ValueError(f"PARATRAIN_TIMEOUT={self.timeout_s} must be > 0")
+        if self.max_message_mb < 0:
+            raise ValueError(f"PARATRAIN_MAX_MESSAGE_MB={self.max_message_mb} must be >= 1 (or unset)")
 
     @property
     def under_torchrun(self) -> bool:
         """Started by torchrun (its agent hosts the store), not by paratrain's launcher."""
         return self.launched and bool(self.run_id) and not self.secret
+
+    @property
+    def job_run_id(self) -> str:
+        """The job's id across restarts: paratrain's launcher's, else torchrun's ("" when
+        neither started this process)."""
+        return self.job_id or self.run_id
 
     @property
     def distributed(self) -> bool:
@@ -134,5 +150,9 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
                              if name.strip()),
         summary_file=environ.get("PARATRAIN_SUMMARY_FILE", ""),
         run_id=environ.get("TORCHELASTIC_RUN_ID", ""),
+        server_optimizer=environ.get("PARATRAIN_SERVER_OPTIMIZER", ""),
+        server_compression=environ.get("PARATRAIN_SERVER_COMPRESSION", ""),
+        max_message_mb=_int(environ, "PARATRAIN_MAX_MESSAGE_MB", 0),
+        job_id=environ.get("PARATRAIN_RUN_ID", ""),
         launched="RANK" in environ,
     )

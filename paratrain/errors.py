@@ -19,6 +19,10 @@ class PeerError(RuntimeError):
     """A peer (worker or server) answered with an error or went away."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: the message says at which step."""
+
+
 def check_choice(name: str, value, allowed) -> None:
     """Raise :class:`ConfigError` unless ``value`` is one of ``allowed``."""
     if value not in allowed:

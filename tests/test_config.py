@@ -20,7 +20,7 @@ workers servers strategy epochs batch_size seed model table_sizes embedding_dim 
 dataset train_samples heldout_samples loader_workers pin_memory optimizer lr momentum
 accumulate amp max_grad_norm weight_decay beta1 beta2 lr_schedule warmup_steps min_lr_factor stages micro_batches schedule replicas sync_every staleness backup_workers compression bind
 fragments outer_optimizer outer_lr outer_momentum
-checkpoint_dir checkpoint_every resume max_restarts server_snapshot_dir server_snapshot_every
+secret_file checkpoint_dir checkpoint_every keep_checkpoints resume max_restarts server_snapshot_dir server_snapshot_every
 log_dir timeline log_interval no_progress json straggler step_delay
 """.split())
 
@@ -84,7 +84,8 @@ def _strategy_where(name: str, fits: bool) -> str | None:
 VALUES = {"servers": "1", "server_snapshot_dir": "snap", "server_snapshot_every": "5", "backup_workers": "1",
           "staleness": "1", "sync_every": "4", "stages": "2", "micro_batches": "2", "schedule": "gpipe",
           "replicas": "2", "compression": "fp16", "accumulate": "2", "bind": "127.0.0.1", "amp": "bf16",
-          "fragments": "2", "outer_optimizer": "sgd", "outer_lr": "0.5", "outer_momentum": "0.5"}
+          "fragments": "2", "outer_optimizer": "sgd", "outer_lr": "0.5", "outer_momentum": "0.5",
+          "secret_file": "job.secret"}
 
 
 @pytest.mark.parametrize("name", sorted(n for n, rule in cfg.APPLIES.items() if rule.on == "strategy"))
@@ -112,7 +113,9 @@ NOT_STRATEGY = {"momentum": ("sgd", "adam", "0.5"), "beta1": ("adam", "sgd", "0.
 
 
 def test_every_rule_not_on_the_strategy_is_tested():
-    assert sorted(NOT_STRATEGY) == sorted(n for n, rule in cfg.APPLIES.items() if rule.on != "strategy")
+    """(--keep-checkpoints, keyed on whether --checkpoint-dir is given, has its own test.)"""
+    assert sorted(NOT_STRATEGY) == sorted(n for n, rule in cfg.APPLIES.items()
+                                          if rule.on != "strategy" and n != "keep_checkpoints")
 
 
 @pytest.mark.parametrize("name", sorted(NOT_STRATEGY))
@@ -132,6 +135,13 @@ def test_a_model_preset_that_does_not_apply_is_dropped_not_refused():
     code, printed, err = run_cli("train", "--model", "gpt", "--optimizer", "sgd", "--print-config")
     assert code == 0, err
     assert "beta1" not in printed and "momentum = 0.9" in printed and "min_lr_factor = 0.1" in printed
+
+
+def test_keep_checkpoints_needs_a_checkpoint_dir():
+    code, _, err = run_cli("train", "--keep-checkpoints", "3", "--print-config")
+    assert code == 2 and "--keep-checkpoints 3 applies to --checkpoint-dir FOLDER, not to --checkpoint-dir None" in err
+    code, printed, err = run_cli("train", "--keep-checkpoints", "3", "--checkpoint-dir", "ck", "--print-config")
+    assert code == 0 and "keep_checkpoints = 3" in printed, err
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -202,7 +212,7 @@ def test_fit_keywords_are_options_of_the_tree_or_python_only():
     below), or takes Python objects no flag can carry."""
     from paratrain import fit
     python_only = {"model", "train_data", "heldout", "optimizer_params", "step_fn", "loss_fn", "loss_reduction",
-                   "collate_fn", "persistent_workers", "scheduler", "callbacks", "timeline", "heldout_stats"}
+                   "collate_fn", "persistent_workers", "scheduler", "callbacks", "timeline", "heldout_stats", "run_identity"}
     named_in_tree = {"num_workers": "loader_workers"}
     keywords = set(inspect.signature(fit).parameters) - python_only
     options = {named_in_tree.get(keyword, keyword) for keyword in keywords}

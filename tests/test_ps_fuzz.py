@@ -1,16 +1,21 @@
 """Bad input against a live parameter-server process: thousands of random and
-truncated frames, wrong secrets, replayed handshakes, oversized messages, and bad
+truncated frames from peers without the job's keys (raw TCP, plain ZeroMQ, another
+job's CURVE keys, a key outside the job), a wrong secret, oversized messages, and bad
 requests from an authenticated worker. Afterwards the server is alive, its state is
 unchanged, and a normal worker gets the exact expected values."""
 from __future__ import annotations
 
 import os
 import random
+import socket
 
 import pytest
 import torch
 import zmq
 
+from paratrain.comm import security
+from paratrain.comm.security import JobKeys, new_secret
+from paratrain.comm.transport import get_transport
 from paratrain.comm.wire import tensor_bytes
 from paratrain.errors import PeerError
 from paratrain.kvstore.dist import DistKVStore, DistKVStoreConfig
@@ -44,19 +49,34 @@ def _junk(rng: random.Random) -> list[bytes]:
     return frames      # a well-formed push without authentication
 
 
-def _dealer(context: zmq.Context, address: str) -> zmq.Socket:
+def _dealer(context: zmq.Context, address: str, keys: JobKeys | None = None, role: str = "worker/0") -> zmq.Socket:
+    """A DEALER as an attacker opens it: plain, or CURVE with ``keys``' key of ``role``."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        security.configure_curve_client(sock, keys.keypair(role), keys.public_key("server/0"))
     sock.connect(address)
     return sock
 
 
-def _replies(sock: zmq.Socket, timeout_ms: int = 300) -> list[list[bytes]]:
-    out = []
-    while sock.poll(timeout_ms):
-        out.append(sock.recv_multipart())
-        timeout_ms = 50
-    return out
+def _send_junk(sock, frames: list[bytes]) -> None:
+    """A socket whose handshake never completes has no pipe: the send is refused at once."""
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+
+
+def _raw_junk(address: str, rng: random.Random, count: int) -> None:
+    """``count`` random writes over raw TCP, half after a ZeroMQ greeting."""
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    greeting = b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
+    for index in range(count):
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0) as conn:
+                conn.sendall((greeting if index % 2 else b"") + os.urandom(rng.randrange(1, 400)))
+        except OSError:
+            pass
 
 
 def _pull(kv: DistKVStore) -> torch.Tensor:
@@ -105,24 +125,21 @@ def test_live_server_survives_bad_input_and_keeps_exact_state():
         before = _pull(kv)
 
         context = zmq.Context()
-        attackers = [_dealer(context, address) for _ in range(8)]
+        other = JobKeys(new_secret())
+        attackers = [_dealer(context, address), _dealer(context, address, other),
+                     _dealer(context, address, JobKeys(job.secret), role="worker/5")]   # a 1-worker job
         for _ in range(3000):
-            rng.choice(attackers).send_multipart(_junk(rng))
-        # Wrong secret, and a replay of a correct AUTH against a fresh nonce.
-        sock = attackers[0]
-        sock.send_multipart(protocol.encode(Op.HELLO, request_id=7))
-        challenge = [r for r in _replies(sock, 5000) if protocol.decode(r, max_payload_bytes=64).op == Op.CHALLENGE]
-        assert challenge, "the server stopped answering HELLO"
-        nonce = challenge[-1][2]
-        hello = protocol.encode_json({"rank": 0, "num_workers": 1, "mode": "dist_sync", "staleness": 2})
-        sock.send_multipart(protocol.encode(Op.AUTH, request_id=8, payload=protocol.sign("wrong", nonce, hello) + hello))
-        sock.send_multipart(_valid_push(9))
-        assert not any(protocol.decode(r, max_payload_bytes=64).op == Op.OK for r in _replies(sock, 500))
-        # Oversized: libzmq drops the connection (MAXMSGSIZE of 1 MB).
-        attackers[1].send_multipart([b"x" * (2 << 20)])
-        with pytest.raises(PeerError, match="secret"):
+            _send_junk(rng.choice(attackers), _junk(rng))
+        _raw_junk(address, rng, 200)
+        # A key outside the job may not even queue one message: 1000 of them, all refused.
+        for _ in range(1000):
+            _send_junk(attackers[2], _valid_push(9))
+        # Oversized, from a connection with the job's key: libzmq drops it (MAXMSGSIZE of 1 MB).
+        big = get_transport("zmq").connect([address], keys=JobKeys(job.secret).ps_client(0, 1))
+        big.send(0, [b"x" * (2 << 20)])
+        with pytest.raises(PeerError, match="could not prove it holds this job's key"):
             DistKVStore(DistKVStoreConfig("dist_sync"), rank=0, num_workers=1, addresses=[address],
-                        secret="not-the-secret", timeout_s=5)
+                        secret=new_secret(), timeout_s=5)
 
         errors = _authenticated_bad_requests(kv)
         assert any("unknown key" in e for e in errors) and any("holds torch.float32" in e for e in errors)
@@ -132,6 +149,7 @@ def test_live_server_survives_bad_input_and_keeps_exact_state():
         assert torch.equal(before, after) and torch.equal(after, torch.ones(SHAPE))
         kv.push("w", -torch.ones(SHAPE))
         assert torch.equal(_pull(kv), torch.full(SHAPE, 3.0))   # 1 - lr * (-1)
+        big.close()
         for sock in attackers:
             sock.close()
         context.term()

@@ -3,6 +3,7 @@ policies, and a whole server driven through the in-process transport."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from paratrain.ps import protocol
 from paratrain.optimizers import build_server_optimizer as build_optimizer
 from paratrain.ps.optimizer import SGD, Adam
 from paratrain.ps.policies import AsyncPolicy, SliceState, StalenessPolicy, SyncPolicy, build_policy
-from paratrain.ps.protocol import Op, ProtocolError
+from paratrain.comm.security import JobKeys, new_secret
+from paratrain.ps.admission import check_hello, control_change
+from paratrain.ps.protocol import Op, ProtocolError, RequestRejected
 from paratrain.ps.parameter_server import ParameterServer, ServerConfig
 from paratrain.ps.sharding import key_name, plan_key, server_for_key, split_range
 
@@ -108,12 +111,26 @@ def test_oversized_payload_is_rejected():
         protocol.decode(_good_push(), max_payload_bytes=8)
 
 
-def test_hmac_depends_on_secret_nonce_and_hello():
-    mac = protocol.sign("s3cret", b"n" * 32, b"{}")
-    assert protocol.verify("s3cret", b"n" * 32, b"{}", mac)
-    assert not protocol.verify("other", b"n" * 32, b"{}", mac)
-    assert not protocol.verify("s3cret", b"m" * 32, b"{}", mac)
-    assert not protocol.verify("s3cret", b"n" * 32, b'{"rank": 1}', mac)
+def test_a_hello_speaks_for_the_rank_its_key_proved():
+    hello = {"rank": 1, "num_workers": 2, "mode": "dist_sync", "staleness": 0}
+    rank, terms = check_hello(hello, None, proved_rank=1, job_workers=2)
+    assert rank == 1 and terms.num_workers == 2
+    with pytest.raises(RequestRejected, match="hello says rank 1, but the peer's key is worker 0's"):
+        check_hello(hello, None, proved_rank=0)
+    with pytest.raises(RequestRejected, match="differs from the 3 workers this server was started for"):
+        check_hello(hello, None, proved_rank=1, job_workers=3)
+
+
+def test_control_changes_only_from_worker_0_before_training_or_unchanged():
+    sgd, fast = {"type": "sgd", "lr": 0.1}, {"type": "sgd", "lr": 1000.0}
+    change = control_change
+    assert change("SET_OPTIMIZER", rank=0, current=None, requested=sgd, fixed=False, started=False)
+    assert not change("SET_OPTIMIZER", rank=3, current=sgd, requested=sgd, fixed=True, started=True)
+    for rank, fixed, started, fragment in ((0, True, False, "the job's configuration fixes it"),
+                                           (1, False, False, "from worker 1 refused: only worker 0"),
+                                           (0, False, True, "pushes were applied already")):
+        with pytest.raises(RequestRejected, match=fragment):
+            change("SET_OPTIMIZER", rank=rank, current=sgd, requested=fast, fixed=fixed, started=started)
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -194,15 +211,17 @@ def test_async_never_blocks_and_ssp_blocks_beyond_staleness():
 class InprocJob:
     """Servers on threads, workers made on demand, all over the inproc transport."""
 
-    def __init__(self, num_servers: int, secret: str = "k3y", timeout_s: float = 5.0):
+    def __init__(self, num_servers: int, timeout_s: float = 5.0, max_workers: int = 8, **server_options):
         transport = get_transport("inproc")
+        secret = new_secret()
         self.servers = []
         self.stop = threading.Event()
         self.threads = []
         for rank in range(num_servers):
-            channel = transport.listen("127.0.0.1", max_message_bytes=1 << 24)
-            server = ParameterServer(ServerConfig(server_rank=rank, num_servers=num_servers, secret=secret,
-                                                  timeout_s=timeout_s), channel)
+            channel = transport.listen("127.0.0.1", max_message_bytes=1 << 24,
+                                       keys=JobKeys(secret).ps_server(rank, max_workers))
+            server = ParameterServer(ServerConfig(server_rank=rank, num_servers=num_servers, timeout_s=timeout_s,
+                                                  **server_options), channel)
             thread = threading.Thread(target=server.serve, kwargs=dict(
                 keep_running=lambda: not self.stop.is_set(), poll_s=0.02, liveness_every_s=0.05), daemon=True)
             thread.start()
@@ -212,10 +231,10 @@ class InprocJob:
         self.secret, self.timeout_s = secret, timeout_s
 
     def worker(self, rank: int, num_workers: int, mode: str = "dist_sync", secret: str | None = None,
-               **options) -> DistKVStore:
+               rejoin: bool = False, **options) -> DistKVStore:
         return DistKVStore(DistKVStoreConfig(mode=mode, transport="inproc", **options), rank=rank,
                            num_workers=num_workers, addresses=self.addresses,
-                           secret=self.secret if secret is None else secret, timeout_s=self.timeout_s)
+                           secret=self.secret if secret is None else secret, timeout_s=self.timeout_s, rejoin=rejoin)
 
     def close(self):
         self.stop.set()
@@ -303,8 +322,8 @@ def test_inproc_bad_requests_get_clear_errors(job):
         kv.pull("nope", out=torch.empty(3))
     with pytest.raises(ConfigError, match="already initialized"):
         kv.init("k", torch.zeros(3))
-    with pytest.raises(PeerError, match="secret"):
-        j.worker(0, 1, mode="dist_async", secret="wrong")
+    with pytest.raises(PeerError, match="could not prove it holds this job's key .* another job secret"):
+        j.worker(0, 1, mode="dist_async", secret=new_secret())
     kv.close()
 
 
@@ -319,9 +338,19 @@ def test_inproc_compressed_pushes_decode_on_the_server(job):
     kv.pushpull("g", grad, out=out)
     expected = torch.where(grad >= 0.5, 0.5, torch.where(grad <= -0.5, -0.5, 0.0))
     assert torch.equal(out, expected)
+    with pytest.raises(PeerError, match="a running job's SET_COMPRESSION never changes"):
+        kv.set_gradient_compression("fp16")   # pushes were applied: the job's codec is fixed
+    with pytest.raises(ConfigError):
+        kv.set_gradient_compression("powersgd")
+    kv.close()
+    kv = job(num_servers=2).worker(0, 1, bigarray_bound=8)
+    kv.init("g", torch.zeros(20))
     kv.set_gradient_compression("fp16")
     kv.pushpull("g", grad, out=out)
     assert torch.equal(out, grad.half().float())
+    kv.close()
+    kv = job(num_servers=2).worker(0, 1, bigarray_bound=8)
+    kv.init("g", torch.zeros(20))
     kv.set_gradient_compression("2bit")   # scaled: each slice's scales travel with it
     kv.pushpull("g", grad, out=out)
     states = kv._keys["g"].codec_states
@@ -408,6 +437,60 @@ def test_server_refuses_other_requests_while_pushes_wait_and_a_wrong_commit(job)
     kv.pushpull("k", torch.full((3,), 2.0), out=out)      # the server still works
     assert torch.equal(out, torch.full((3,), 2.0))
     kv.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fixed_by_the_job", [True, False])
+def test_async_rank_0_killed_before_its_set_optimizer_rejoins_and_training_goes_on(job, fixed_by_the_job):
+    """Issue 14 finding 3: rank 0 dies after its init, before its SET_OPTIMIZER; rank 1
+    waits at the set_optimizer barrier. The restarted rank 0 rejoins (it skips that
+    barrier): the barrier lets rank 1 go once the servers run an optimizer (the job's
+    configuration fixes it, or the rejoined rank 0 sends it), and both ranks' pushes
+    are applied."""
+    sgd = {"type": "sgd", "lr": 0.5}
+    j = job(num_servers=1, timeout_s=8.0, **({"optimizer": sgd} if fixed_by_the_job else {}))
+    first = j.worker(0, 2, mode="dist_async")
+    first.init("k", torch.zeros(4))
+    first._connection.close()   # killed: no goodbye, no set_optimizer
+
+    def rank_1():
+        kv = j.worker(1, 2, mode="dist_async")
+        kv.init("k", torch.zeros(4))
+        kv.set_optimizer(sgd)   # waits at the barrier for rank 0
+        kv.push("k", torch.ones(4))
+        kv.close()
+
+    def rank_0_again():
+        time.sleep(0.5)   # rank 1 is at its barrier by now
+        kv = j.worker(0, 2, mode="dist_async", rejoin=True)
+        kv.init("k", torch.zeros(4))   # a rejoining rank 0 keeps the value the servers hold
+        kv.set_optimizer(sgd)
+        kv.push("k", torch.ones(4))
+        kv.close()
+    _in_threads([rank_1, rank_0_again])
+    server = j.servers[0]
+    assert server.stats["pushes"] == 2 and server.stats["rejoins"] == 1
+    (state,) = server.keys.values()
+    assert torch.equal(state.value, torch.full((4,), -1.0))   # two pushes of ones at lr 0.5
+
+
+def test_a_timeout_names_who_was_waited_for_never_none_seconds():
+    """Issue 14 finding 6: a wait without its own limit read "timed out after Nones"."""
+    from paratrain.errors import CommTimeout
+    from paratrain.kvstore.base import Handle
+
+    def named(timeout):
+        raise CommTimeout("no reply from parameter server 0 (tcp://127.0.0.1:5) within 70s")
+
+    def bare(timeout):
+        raise TimeoutError("socket")
+    with pytest.raises(CommTimeout) as caught:
+        Handle(named, "push of key 'w'").wait(None)
+    assert str(caught.value) == "no reply from parameter server 0 (tcp://127.0.0.1:5) within 70s"
+    with pytest.raises(CommTimeout, match=r"^timed out after the default limit waiting for pull of key 'w': socket$"):
+        Handle(bare, "pull of key 'w'").wait(None)
+    with pytest.raises(CommTimeout, match=r"^timed out after 2.5s waiting"):
+        Handle(bare, "pull of key 'w'").wait(2.5)
 
 
 def test_server_adamw_matches_torch_adamw_bitwise():

@@ -59,6 +59,28 @@ def test_chaos_three_sigkilled_async_workers_rejoin_and_training_completes(tmp_p
 
 
 @pytest.mark.timeout(300)
+def test_async_summary_counts_the_steps_of_every_incarnation():
+    """Issue 14 finding 3: a worker killed mid-run and restarted alone; the summary's
+    step counts include what it did before the kill. The async queue hands out every
+    slice of every epoch once, so the steps of all incarnations add up to them (the
+    one slice the killed worker held may be lost)."""
+    from paratrain.data import build_dataset
+    epochs, batch, workers = 3, 64, 2
+    args = ("train", "--strategy", "dist_async", "--workers", str(workers), "--servers", "1", "--model", "mlp",
+            "--epochs", str(epochs), "--batch-size", str(batch), "--step-delay", "0.05", "--json", "--no-progress",
+            "--log-interval", "1", "--max-restarts", "1")
+    lines, stderr, code, kills = run_with_kills([sys.executable, "-m", "paratrain.cli", *args], [15], workers,
+                                                random.Random(11), progress=log_lines_counter())
+    assert code == 0 and kills == [15], stderr[-3000:]
+    assert stderr.count("restarting it alone") == 1
+    summary = json.loads(lines[-1])
+    train, _ = build_dataset("digits")
+    slices = epochs * -(-len(train) // (batch // workers))
+    assert slices - 1 <= sum(summary["steps_per_worker"]) <= slices, (summary["steps_per_worker"], slices)
+    assert summary["steps"] == summary["steps_per_worker"][0]
+
+
+@pytest.mark.timeout(300)
 def test_sigkilled_server_resumes_from_snapshot_and_keeps_every_acknowledged_push(tmp_path):
     snapshots = tmp_path / "snap"
     args = ("train", "--strategy", "dist_async", "--workers", "4", "--servers", "1", "--model", "mlp",

@@ -6,6 +6,8 @@ addresses.
 """
 from __future__ import annotations
 
+import ipaddress
+import socket
 import time
 from datetime import timedelta
 
@@ -28,6 +30,37 @@ _STORES: dict[tuple, dist.Store] = {}
 _GROUP_TIMEOUT_S: float | None = None   # the default group's timeout, when we created it
 
 
+def store_bind_host(host: str) -> str:
+    """The address the store's listening socket binds to for clients that dial ``host``:
+    that address itself (so a one-machine job's store, at 127.0.0.1, is reachable from
+    this machine only); a wildcard (``0.0.0.0``, ``*``, ``""``) binds every interface."""
+    if host in ("", "*", "0.0.0.0", "::"):
+        return "0.0.0.0"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return socket.gethostbyname(host)
+
+
+def host_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    """Host the job's TCP store on ``host:port`` (port 0: a free one; ``.port`` says which),
+    listening on :func:`store_bind_host` only. torch's own server listens on every
+    interface; given a bound socket it listens there instead."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((store_bind_host(host), port))
+        listener.listen(socket.SOMAXCONN)
+        port = listener.getsockname()[1]
+        store = dist.TCPStore(host, port, world_size=None, is_master=True, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False, master_listen_fd=listener.fileno(), use_libuv=True)
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()   # the store's server owns the socket now
+    return store
+
+
 def connect_store(env: DistEnv, *, is_master: bool | None = None) -> dist.Store:
     """Connect to the job's TCP store at ``MASTER_ADDR:MASTER_PORT``.
 
@@ -40,8 +73,8 @@ def connect_store(env: DistEnv, *, is_master: bool | None = None) -> dist.Store:
     cache_key = (env.master_addr, env.master_port, env.restart_count)
     if cache_key in _STORES:  # one connection per process; a second master would not bind
         return _STORES[cache_key]
-    store = dist.TCPStore(
-        env.master_addr, env.master_port, world_size=None, is_master=is_master,
+    store = host_store(env.master_addr, env.master_port, env.timeout_s) if is_master else dist.TCPStore(
+        env.master_addr, env.master_port, world_size=None, is_master=False,
         timeout=timedelta(seconds=env.timeout_s), wait_for_workers=False,
         use_libuv=True,
     )

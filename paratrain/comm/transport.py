@@ -14,9 +14,12 @@ and ``inproc`` (queues inside one process, for unit tests that need no sockets).
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from paratrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from paratrain.comm.security import ClientKeys, ServerKeys
 
 Frames = Sequence[Any]  # bytes, memoryview or anything with the buffer protocol
 
@@ -62,6 +65,11 @@ class ServerChannel(abc.ABC):
     def drop(self, peer: bytes) -> None:
         """Forget a misbehaving peer (no more replies go to it)."""
 
+    def peer_role(self, peer: bytes) -> str | None:
+        """The role ``peer`` proved at the handshake (``"worker/3"``), or None where
+        this channel does not authenticate its peers."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -103,23 +111,29 @@ class Link(abc.ABC):
 
 class Transport(abc.ABC):
     """Makes channels. ``max_message_bytes`` bounds what a server accepts;
-    ``send_timeout_s`` bounds how long a link's send may wait for queue space."""
+    ``send_timeout_s`` bounds how long a link's send may wait for queue space. With
+    ``keys`` (see :mod:`paratrain.comm.security`) both ends prove their keys to each
+    other before any message is delivered: a client or a link's connecting side
+    raises :class:`paratrain.errors.PeerError` when the other end cannot."""
 
     name: str = "base"
 
     @abc.abstractmethod
-    def listen(self, bind_addr: str, *, max_message_bytes: int) -> ServerChannel: ...
+    def listen(self, bind_addr: str, *, max_message_bytes: int,
+               keys: "ServerKeys | None" = None) -> ServerChannel: ...
 
     @abc.abstractmethod
-    def connect(self, addresses: Sequence[str]) -> ClientChannel: ...
+    def connect(self, addresses: Sequence[str], *, keys: "ClientKeys | None" = None) -> ClientChannel: ...
 
     @abc.abstractmethod
-    def bind_link(self, bind_addr: str, *, send_timeout_s: float) -> Link:
-        """A link waiting for its peer at a free port of ``bind_addr``."""
+    def bind_link(self, bind_addr: str, *, send_timeout_s: float, keys: "ServerKeys | None" = None) -> Link:
+        """A link waiting for its peer at a free port of ``bind_addr``; with ``keys``
+        only the peer they admit gets through."""
 
     @abc.abstractmethod
-    def connect_link(self, address: str, *, send_timeout_s: float) -> Link:
-        """A link to the peer that bound ``address``."""
+    def connect_link(self, address: str, *, send_timeout_s: float, keys: "ClientKeys | None" = None) -> Link:
+        """A link to the peer that bound ``address``; with ``keys`` it returns once that
+        peer proved it holds the one server key in them."""
 
 
 _REGISTRY: dict[str, Callable[[], Transport]] = {}

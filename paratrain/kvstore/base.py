@@ -38,8 +38,11 @@ class Handle:
         if not self._done:
             try:
                 self._result = self._wait_fn(timeout)
+            except CommTimeout:
+                raise   # it names who was waited for, and for how long
             except TimeoutError as exc:
-                raise CommTimeout(f"timed out after {timeout}s waiting for {self._what}: {exc}") from exc
+                limit = "the default limit" if timeout is None else f"{timeout}s"
+                raise CommTimeout(f"timed out after {limit} waiting for {self._what}: {exc}") from exc
             self._done = True
         return self._result
 

@@ -161,10 +161,24 @@ class DistKVStore(RowSparseKeys, ServerOptimizerStates, ServerKVStore):
                         plan_key(key, flat.numel(), self.num_servers, self.config.bigarray_bound))
         if flat.numel() == 0:
             raise ConfigError(f"key {key!r} has no elements")
+        self._check_message_size(key, info)
         requests = [self._send(part.server, Op.INIT, key, info, part, flat[part.start:part.stop])
                     for part in info.slices]
         self._collect(requests, f"init of key {key!r}")
         self._keys[key] = info
+
+    def _check_message_size(self, key: Key, info: _KeyInfo) -> None:
+        """A slice larger than its server accepts would only drop the connection:
+        refuse the key, naming the limit and the ways out."""
+        itemsize = torch.empty(0, dtype=info.dtype).element_size()
+        for part in info.slices:
+            limit = self._connection.max_message_bytes[part.server]
+            if part.length * itemsize > limit:
+                raise ConfigError(f"key {key!r}: its slice on server {part.server} is {part.length * itemsize} "
+                                  f"bytes, more than the {limit} bytes a message to that server may have; start the "
+                                  f"servers with a larger PARATRAIN_MAX_MESSAGE_MB (paratrain train sets it from "
+                                  f"the model), or use more servers (keys above bigarray_bound elements are "
+                                  f"split across them)")
 
     @per_key("value")
     def push(self, key: Key, value: TensorOrList, priority: int = 0, *, defer_scale: bool = False) -> Handle:
@@ -245,24 +259,26 @@ class DistKVStore(RowSparseKeys, ServerOptimizerStates, ServerKVStore):
 
     def set_optimizer(self, optimizer: Any) -> None:
         """Run ``optimizer`` (a spec dict, a name, or a ServerOptimizer) on the
-        servers. Every worker calls it; rank 0's is sent, then all meet at a barrier."""
+        servers. Every worker calls it; rank 0's is sent, then all meet at a barrier.
+        The servers accept it once, before any push was applied, or when it repeats
+        what they run (a rank 0 that rejoins sends it again and waits for nobody); a
+        job's configuration may fix it at their start-up."""
         built = build_server_optimizer(optimizer)
         self._check_committed("set_optimizer")
-        if self._rejoin:   # the servers already run the job's optimizer, with its state
-            self._optimizer = built
-            return
         if self._rank == 0:
             self._collect(self._connection.request_all(Op.SET_OPTIMIZER, payload=protocol.encode_json(built.to_spec())),
                           "set_optimizer")
-        self.barrier()
+        if not self._rejoin:   # the others passed this barrier long ago
+            self.barrier()
         self._optimizer = built
 
     def set_gradient_compression(self, compression: dict | str | None) -> None:
         """Compress pushes (``fp16``, ``bf16``, ``2bit``, ``1bit``, ``topk``); each worker keeps
-        its own error-feedback residual per key slice. Rank 0 tells the servers."""
+        its own error-feedback residual per key slice. Rank 0 tells the servers (on
+        the terms of :meth:`set_optimizer`)."""
         config = codecs.parse_compression(compression)
         check_choice("compression type for a parameter server", config.type, PS_CODECS)
-        if self._rank == 0 and not self._rejoin:
+        if self._rank == 0:
             self._collect(self._connection.request_all(Op.SET_COMPRESSION, payload=protocol.encode_json(config.to_dict())),
                           "set_gradient_compression")
         if not self._rejoin:

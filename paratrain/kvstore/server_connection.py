@@ -4,8 +4,14 @@ As in ps-lite, the KVStore API sits on request tracking: every request gets an i
 replies are matched to it when someone waits, an ``ERROR`` reply raises naming the
 server, and every wait has a deadline. A server that restarts (from its snapshot)
 counts its epoch up in the job's store; a worker that has waited a while for a reply
-looks there, reconnects to the new address, proves the job's secret again and resends
-every request still unanswered (the server drops a push it already applied).
+looks there, reconnects to the new address, says hello again and resends every
+request still unanswered (the server drops a push it already applied).
+
+Connections are CURVE-authenticated both ways (:mod:`paratrain.comm.security`): this
+worker proves its own key, and each server must prove it holds its server key. An
+address in the store that leads to anything else (someone rewrote it) is refused: at
+start-up the worker reads the addresses again until its timeout (the real server puts
+its own back), and after a "restart" it keeps talking to the servers it has.
 """
 from __future__ import annotations
 
@@ -17,8 +23,9 @@ from typing import Sequence
 
 import torch.distributed as dist
 
+from paratrain.comm.security import HandshakeError, JobKeys
 from paratrain.comm.transport import ClientChannel, get_transport
-from paratrain.errors import CommTimeout, PeerError
+from paratrain.errors import CommTimeout, ConfigError, PeerError
 from paratrain.ps import protocol
 from paratrain.ps.protocol import Message, Op
 
@@ -28,8 +35,8 @@ log = logging.getLogger("paratrain.kvstore.dist")
 #: it asks again after twice as long each time, up to PROBE_MAX_S (backoff).
 PROBE_FIRST_S = 1.0
 PROBE_MAX_S = 4.0
-#: Seconds the handshake's second leg may take before the secret counts as refused.
-AUTH_TIMEOUT_S = 5.0
+#: Pause before a worker reads the servers' addresses again after one failed to prove its key.
+REREAD_AFTER_S = 0.5
 # The worker's receive path trusts nothing more than the server's does.
 _MAX_REPLY_BYTES = 1 << 34
 
@@ -38,9 +45,11 @@ Request = tuple[int, int]   # (server, request id)
 
 class ServerConnection:
     """One worker's channel to every server, with request ids, reply matching and
-    restart recovery. ``hello`` is what the worker tells each server when it connects
-    (rank, job terms, its session name); ``store`` (the job's TCP store, or None in
-    unit tests) is where servers announce restarts."""
+    restart recovery. ``secret``: the job's, from which this worker's key and the
+    servers' public keys are derived. ``hello`` is what the worker tells each server
+    when it connects (rank, job terms, its session name); ``store`` (the job's TCP
+    store, or None in unit tests) is where servers announce their addresses and
+    restarts. :attr:`max_message_bytes` is each server's limit (its HELLO reply)."""
 
     def __init__(self, *, rank: int, addresses: Sequence[str], transport: str, secret: str, hello: dict,
                  timeout_s: float, store=None) -> None:
@@ -50,13 +59,18 @@ class ServerConnection:
         #: held by the KVStore across operations that must not interleave with others
         self.lock = threading.RLock()
         self.reconnects = 0
-        self._transport, self._secret, self._hello, self._store = transport, secret, hello, store
+        self.max_message_bytes: list[int] = []
+        try:
+            self._keys = JobKeys(secret).ps_client(rank, len(self.addresses))
+        except ConfigError as exc:
+            raise ConfigError(f"worker {rank}: {exc} (PARATRAIN_SECRET)") from None
+        self._transport, self._hello, self._store = transport, hello, store
         self._ids = itertools.count(1)
         self._replies: dict[int, tuple[int, Message]] = {}
         self._unanswered: dict[int, tuple[int, list]] = {}   # kept to be resent after a restart
         self._handshaking = False
         self._epochs = self._server_epochs()
-        self.channel: ClientChannel = get_transport(transport).connect(self.addresses)
+        self.channel: ClientChannel = self._connect_verified()
         self._handshake()
 
     @property
@@ -147,17 +161,46 @@ class ServerConnection:
                             f"(hosted on node 0) while waiting for parameter server(s) at {self.addresses}: "
                             f"node 0 is down or unreachable ({exc})") from None
 
+    def _connect(self) -> ClientChannel:
+        return get_transport(self._transport).connect(self.addresses, keys=self._keys)
+
+    def _read_addresses(self) -> list[str]:
+        return [self._store.get(f"ps/server/{s}").decode("utf-8") for s in range(self.num_servers)]
+
+    def _connect_verified(self) -> ClientChannel:
+        """Connect to every server; while one does not prove its key and the timeout
+        allows, read the addresses from the store again and retry."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return self._connect()
+            except HandshakeError as exc:
+                if exc.refused or self._store is None or time.monotonic() + REREAD_AFTER_S > deadline:
+                    raise PeerError(f"worker {self.rank}: {exc}") from None
+                log.warning("worker %d: %s; reading the servers' addresses again", self.rank, exc)
+            time.sleep(REREAD_AFTER_S)
+            self.addresses = self._read_addresses()
+
     def _reconnect_if_restarted(self) -> bool:
-        """If a server restarted, connect to its new address, authenticate again, and
-        resend every request still unanswered."""
+        """If a server restarted, connect to its new address, say hello again, and
+        resend every request still unanswered. An announced address whose server does
+        not prove its key is ignored: this worker keeps its connections."""
         epochs = self._server_epochs()
         if epochs == self._epochs:
             return False
         restarted = [s for s, (old, new) in enumerate(zip(self._epochs, epochs)) if old != new]
-        self._epochs = epochs
-        self.addresses = [self._store.get(f"ps/server/{s}").decode("utf-8") for s in range(self.num_servers)]
+        addresses = self._read_addresses()
+        try:
+            channel = get_transport(self._transport).connect(addresses, keys=self._keys)
+        except HandshakeError as exc:
+            if exc.refused:
+                raise PeerError(f"worker {self.rank}: {exc}") from None
+            log.warning("worker %d: server(s) %s announced a restart, but %s; keeping the current connections",
+                        self.rank, restarted, exc)
+            return False
+        self._epochs, self.addresses = epochs, addresses
         self.channel.close()
-        self.channel = get_transport(self._transport).connect(self.addresses)
+        self.channel = channel
         self._handshake()
         for request_id in sorted(self._unanswered):
             if request_id not in self._replies:
@@ -169,22 +212,13 @@ class ServerConnection:
         return True
 
     def _handshake(self) -> None:
-        """HELLO, then AUTH with ``HMAC(secret, nonce + hello)`` to every server."""
-        hello = protocol.encode_json(self._hello)
+        """HELLO to every server: the keys are proved already, it says how this worker
+        joins the job; each OK carries that server's message limit."""
         self._handshaking = True
         try:
-            requests = self.request_all(Op.HELLO)
-            challenges = self.collect(requests, "hello", self.timeout_s)
-            auths = []
-            for server, request_id in requests:
-                nonce = bytes(challenges[request_id].payload or b"")
-                mac = protocol.sign(self._secret, nonce, hello)
-                auths.append(self.request(server, Op.AUTH, payload=mac + hello))
-            try:
-                self.collect(auths, "authentication", min(self.timeout_s, AUTH_TIMEOUT_S))
-            except CommTimeout:
-                raise PeerError(f"worker {self.rank}: the parameter servers did not accept this job's "
-                                f"secret (PARATRAIN_SECRET)") from None
+            requests = self.request_all(Op.HELLO, payload=protocol.encode_json(self._hello))
+            replies = self.collect(requests, "hello", self.timeout_s)
+            self.max_message_bytes = [replies[request_id].length for _, request_id in requests]
         finally:
             self._handshaking = False
 

@@ -14,12 +14,18 @@ by name with :func:`open_channel`:
   has the comparison); for hosts where only the process group's ports are open.
 
 Every receive has a timeout and raises :class:`paratrain.errors.CommTimeout` naming the peer.
+
+With the job's keys (:class:`paratrain.comm.security.Keyring`) a link is authenticated
+both ways with the two ranks' own key pairs (over ZeroMQ, CURVE: encrypted too): the
+binder admits only its peer's key, and the connector only completes the handshake with
+the holder of the binder's key, so an address rewritten in the store leads nowhere.
 """
 from __future__ import annotations
 
 import abc
 import struct
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,6 +33,9 @@ import torch.distributed as dist
 from paratrain.comm.transport import Link, get_transport
 from paratrain.comm.wire import CODE_DTYPES, copy_tensor, dtype_code, tensor_bytes
 from paratrain.errors import CommTimeout, ConfigError, PeerError, check_choice
+
+if TYPE_CHECKING:
+    from paratrain.comm.security import Keyring
 
 TRANSPORTS = ("zmq", "inproc", "gloo")
 MAX_DIMS = 8
@@ -156,24 +165,28 @@ class GlooChannel(Channel):
 
 
 def open_link_channel(transport: str, store: dist.Store, key: str, *, rank: int, peer: int,
-                      bind_addr: str, timeout_s: float) -> LinkChannel:
+                      bind_addr: str, timeout_s: float, keys: Keyring | None = None) -> LinkChannel:
     """Open the link ``key`` between ``rank`` and ``peer`` over a message transport.
 
     The lower rank binds a free port and publishes the link's address under ``key`` in
     the job's store; the higher rank reads it and connects. A hello message from the
-    connecting side proves the link before any tensor goes over it.
+    connecting side proves the link before any tensor goes over it. With ``keys`` the
+    binder is the server of the handshake (see the module's docstring).
     """
     if rank == peer:
         raise ConfigError(f"a p2p channel needs two ranks, got rank={rank} and peer={peer}")
     links = get_transport(transport)
     if rank < peer:
-        channel = LinkChannel(links.bind_link(bind_addr, send_timeout_s=timeout_s), peer, timeout_s)
+        server_keys = None if keys is None else keys.link_server(rank, peer)
+        channel = LinkChannel(links.bind_link(bind_addr, send_timeout_s=timeout_s, keys=server_keys), peer, timeout_s)
     else:
         try:
             store.wait([key], timedelta(seconds=timeout_s))
         except RuntimeError:
             raise CommTimeout(f"rank {peer} did not publish p2p address {key!r} within {timeout_s}s") from None
-        channel = LinkChannel(links.connect_link(store.get(key).decode(), send_timeout_s=timeout_s), peer, timeout_s)
+        client_keys = None if keys is None else keys.link_client(rank, peer)
+        link = links.connect_link(store.get(key).decode(), send_timeout_s=timeout_s, keys=client_keys)
+        channel = LinkChannel(link, peer, timeout_s)
     try:
         if rank < peer:
             store.set(key, channel.address)
@@ -188,17 +201,22 @@ def open_link_channel(transport: str, store: dist.Store, key: str, *, rank: int,
 
 
 def open_channel(transport: str, store: dist.Store | None, key: str, *, rank: int, peer: int,
-                 bind_addr: str = "127.0.0.1", timeout_s: float = 60.0) -> Channel:
+                 bind_addr: str = "127.0.0.1", timeout_s: float = 60.0, keys: Keyring | None = None) -> Channel:
     """A :class:`Channel` to ``peer`` over ``transport`` (``zmq``, ``inproc`` or ``gloo``).
 
     Both ranks call this with the same ``key``; ``gloo`` needs the default process
     group, the message transports need ``store`` to exchange the link's address.
+    ``keys``: authenticate (and over ZeroMQ encrypt) the link with the job's keys;
+    ``gloo`` has no such thing, so it refuses them.
     """
     check_choice("transport", transport, TRANSPORTS)
     if transport == "gloo":
+        if keys is not None:
+            raise ConfigError("transport='gloo' cannot authenticate a link; use 'zmq' for a keyed job")
         if not dist.is_initialized():
             raise ConfigError("transport='gloo' needs the default process group; call init_process_group first")
         return GlooChannel(peer, timeout_s)
     if store is None:
         raise ConfigError(f"transport={transport!r} needs the job's store to exchange addresses")
-    return open_link_channel(transport, store, key, rank=rank, peer=peer, bind_addr=bind_addr, timeout_s=timeout_s)
+    return open_link_channel(transport, store, key, rank=rank, peer=peer, bind_addr=bind_addr, timeout_s=timeout_s,
+                             keys=keys)

@@ -2,7 +2,9 @@
 answers pulls. :mod:`paratrain.ps.server` runs one as a process.
 
 Every request is checked before any state changes; a bad one gets an ``ERROR``
-reply (or, before authentication, no reply at all) and the server keeps running.
+reply and the server keeps running. The channel proves each peer's role at its
+handshake; a message from a peer without one is dropped unanswered, and a peer's
+first message must be the HELLO that joins it to the job (:mod:`paratrain.ps.admission`).
 Requests that must wait (a sync pull before its round is complete, an ssp pull
 ahead of the staleness bound, an init before rank 0's, a barrier) are parked with a
 deadline (:mod:`paratrain.ps.parking`); past it, the reply is an error naming the
@@ -13,21 +15,21 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from paratrain.comm import codecs
+from paratrain.comm.security import worker_rank
 from paratrain.comm.transport import ServerChannel
 from paratrain.comm.wire import tensor_bytes
 from paratrain.errors import ConfigError
 from paratrain.optimizers import build_server_optimizer
 from paratrain.ps import protocol, row_sparse, state_transfer
-from paratrain.ps.admission import JobTerms, check_hello, policy_for
+from paratrain.ps.admission import JobTerms, check_hello, control_change, policy_for
 from paratrain.ps.compressed_push import SERVER_CODECS, decode_push
 from paratrain.ps.heartbeat import LivenessTracker
 from paratrain.ps.optimizer import ServerOptimizer
@@ -38,27 +40,35 @@ from paratrain.ps.snapshot import SnapshotConfig, save_snapshot, snapshot_state
 
 log = logging.getLogger("paratrain.ps.server")
 
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
-MAX_PENDING_HELLOS = 1024
+#: The largest message a server accepts unless the job says (the CLI derives it from
+#: the model's largest key slice): a peer that has not finished its handshake may have
+#: one frame up to this size buffered, so it is kept small.
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 #: Pushes one worker may have waiting for their COMMIT (a step's keys from hooks).
 MAX_DEFERRED = 1 << 16
 
 
 @dataclass
 class ServerConfig:
-    """One server's settings (from the environment when run as a process)."""
+    """One server's settings (from the environment when run as a process).
+
+    ``num_workers``: the job's, when known at start-up (HELLOs must agree).
+    ``optimizer``/``compression``: specs the job's configuration fixes (JSON dicts);
+    None leaves them to worker 0's ``set_optimizer``/``set_gradient_compression``."""
 
     server_rank: int = 0
     num_servers: int = 1
-    secret: str = ""
     timeout_s: float = 60.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    num_workers: int | None = None
+    optimizer: dict | None = None
+    compression: dict | None = None
 
     def __post_init__(self) -> None:
         if self.num_servers < 1 or not 0 <= self.server_rank < self.num_servers:
             raise ConfigError(f"server_rank={self.server_rank} must be in [0, num_servers={self.num_servers})")
-        if not self.secret:
-            raise ConfigError("secret='' : a parameter server needs the job secret (PARATRAIN_SECRET)")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ConfigError(f"num_workers={self.num_workers} must be >= 1")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s={self.timeout_s} must be > 0")
         if self.max_message_bytes < 1024:
@@ -75,15 +85,19 @@ class ParameterServer:
         self.channel = channel
         self.keys: dict[str, SliceState] = {}
         self.dtypes: dict[str, torch.dtype] = {}
-        self.ranks: dict[bytes, int] = {}             # authenticated peers
-        self.nonces: OrderedDict[bytes, bytes] = OrderedDict()
+        self.ranks: dict[bytes, int] = {}             # peers that joined with a HELLO
         self.terms: JobTerms | None = None          # fixed by the first admitted worker
         self.policy: UpdatePolicy | None = None
-        self.optimizer: ServerOptimizer | None = None
-        self.compression: codecs.CompressionConfig | None = None
+        self.optimizer: ServerOptimizer | None = (
+            build_server_optimizer(config.optimizer) if config.optimizer is not None else None)
+        self.compression: codecs.CompressionConfig | None = (
+            _server_codec(config.compression) if config.compression is not None else None)
         self.parked = ParkedRequests()
         self.goodbyes: set[int] = set()
         self.rejoined: set[bytes] = set()            # peers restarted into a running job
+        # Ranks restarted into a running async job meet nobody at a barrier (the others
+        # passed theirs), so no barrier waits for them either.
+        self.excused: set[int] = set()
         self.sessions: dict[bytes, str] = {}         # peer -> the worker incarnation it speaks for
         self.last_push: dict[str, int] = {}          # session -> request id of its last applied push
         # Pushes sent during backward, before their scale was known: held (checked,
@@ -221,38 +235,36 @@ class ParameterServer:
     # -- authentication -----------------------------------------------------------------
 
     def _handle_unauthenticated(self, peer: bytes, message: Message) -> None:
-        if message.op == Op.HELLO:
-            nonce = os.urandom(protocol.NONCE_BYTES)
-            self.nonces[peer] = nonce
-            while len(self.nonces) > MAX_PENDING_HELLOS:
-                self.nonces.popitem(last=False)
-            self._reply(peer, protocol.encode(Op.CHALLENGE, request_id=message.request_id, payload=nonce))
-            return
-        nonce = self.nonces.pop(peer, None)
-        payload = bytes(message.payload or b"")
-        mac, hello = payload[:32], payload[32:]
-        if message.op != Op.AUTH or nonce is None or not protocol.verify(self.config.secret, nonce, hello, mac):
+        """A peer's first message: a HELLO joins it as the worker its key proved."""
+        proved_rank = worker_rank(self.channel.peer_role(peer))
+        if proved_rank is None:   # the channel did not authenticate it: not one of the job's
             self.stats["unauthenticated"] += 1
             self.channel.drop(peer)
             return
         try:
-            rank = self._admit(protocol.decode_json(hello))
+            if message.op != Op.HELLO:
+                raise RequestRejected(f"{message.op.name} before HELLO: a worker's first message is its HELLO")
+            hello = message.control()
+            rank = self._admit(hello, proved_rank)
         except (ProtocolError, RequestRejected) as exc:
             self._error(peer, message.request_id, str(exc))
             return
         self.ranks[peer] = rank
-        session = protocol.decode_json(hello).get("session")
+        session = hello.get("session")
         if isinstance(session, str) and session:
             for old in [p for p, s in self.sessions.items() if s == session[:64]]:
                 self.deferred.pop(old, None)   # the worker reconnected and resends those
             self.sessions[peer] = session[:64]
-        if protocol.decode_json(hello).get("rejoin") is True:
+        if hello.get("rejoin") is True:
             self.rejoined.add(peer)
             self.stats["rejoins"] += 1
-        self._ok(peer, message.request_id)
+            self._excuse_from_barriers(rank)
+        # The OK says how large a message this server accepts (workers check their keys).
+        self._reply(peer, protocol.encode(Op.OK, request_id=message.request_id,
+                                          length=self.config.max_message_bytes))
 
-    def _admit(self, hello: dict) -> int:
-        rank, terms = check_hello(hello, self.terms)
+    def _admit(self, hello: dict, proved_rank: int) -> int:
+        rank, terms = check_hello(hello, self.terms, proved_rank=proved_rank, job_workers=self.config.num_workers)
         if self.policy is None:
             self.policy = policy_for(terms)
         self.terms = terms
@@ -444,28 +456,47 @@ class ParameterServer:
 
     def _on_set_optimizer(self, peer: bytes, rank: int, message: Message) -> None:
         optimizer = build_server_optimizer(message.control())
-        if self.optimizer is None or type(optimizer) is not type(self.optimizer):
-            for state in self.keys.values():  # a different rule: its state starts afresh
-                state.optimizer_state = {}
-        self.optimizer = optimizer
+        current = self.optimizer.to_spec() if self.optimizer is not None else None
+        if control_change("SET_OPTIMIZER", rank=rank, current=current, requested=optimizer.to_spec(),
+                          fixed=self.config.optimizer is not None, started=self.stats["pushes"] > 0):
+            if self.optimizer is None or type(optimizer) is not type(self.optimizer):
+                for state in self.keys.values():  # a different rule: its state starts afresh
+                    state.optimizer_state = {}
+            self.optimizer = optimizer
         self._ok(peer, message.request_id)
+        self._release_barriers()
 
     def _on_set_compression(self, peer: bytes, rank: int, message: Message) -> None:
         config = codecs.parse_compression(message.control())
-        if not config.enabled:   # compression turned off: pushes come plain again
-            self.compression = None
-            self._ok(peer, message.request_id)
-            return
-        if config.type not in SERVER_CODECS:
-            raise RequestRejected(f"compression type={config.type!r} cannot be decoded per slice on a "
-                                  f"server; choose one of: {', '.join(SERVER_CODECS)}")
-        self.compression = config
+        config = _server_codec(config) if config.enabled else None   # None: pushes come plain again
+        current = self.compression.to_dict() if self.compression is not None else None
+        if control_change("SET_COMPRESSION", rank=rank, current=current,
+                          requested=config.to_dict() if config is not None else None,
+                          fixed=self.config.compression is not None, started=self.stats["pushes"] > 0):
+            self.compression = config
         self._ok(peer, message.request_id)
 
     def _on_barrier(self, peer: bytes, rank: int, message: Message) -> None:
         waiter = Waiter(peer, message, rank, time.monotonic() + self.config.timeout_s)
-        for released in self.parked.arrive(message.clock, waiter, self.num_workers):
+        for released in self.parked.arrive(message.clock, waiter, self.num_workers, self._barrier_excused()):
             self._ok(released.peer, released.message.request_id)
+
+    def _barrier_excused(self) -> set[int]:
+        # Until the job's optimizer is here, barriers keep waiting for everyone: the
+        # start-up barrier is what keeps pushes behind rank 0's set_optimizer.
+        ready = self.optimizer is not None or self.policy is None or not self.policy.needs_optimizer
+        return self.excused if ready else set()
+
+    def _excuse_from_barriers(self, rank: int) -> None:
+        """A rank that rejoined skips its barriers: release those that only wait for it
+        (a rank 0 restarted before its first barrier would otherwise hold the others there)."""
+        self.excused.add(rank)
+        self._release_barriers()
+
+    def _release_barriers(self) -> None:
+        for generation in list(self.parked.barriers):
+            for released in self.parked.release(generation, self.num_workers, self._barrier_excused()):
+                self._ok(released.peer, released.message.request_id)
 
     def _on_goodbye(self, peer: bytes, rank: int, message: Message) -> None:
         self.deferred.pop(peer, None)   # never committed: they never happened
@@ -493,3 +524,12 @@ class ParameterServer:
                  Op.SET_OPTIMIZER: _on_set_optimizer, Op.SET_COMPRESSION: _on_set_compression, Op.BARRIER: _on_barrier, Op.GOODBYE: _on_goodbye,
                  Op.COMMIT: _on_commit, Op.DEPART: _on_depart,
                  **row_sparse.HANDLERS, **state_transfer.HANDLERS}
+
+
+def _server_codec(spec) -> codecs.CompressionConfig:
+    """A compression setting the servers can decode one slice at a time, or ConfigError."""
+    config = codecs.parse_compression(spec)
+    if config.type not in SERVER_CODECS:
+        raise ConfigError(f"compression type={config.type!r} cannot be decoded per slice on a "
+                              f"server; choose one of: {', '.join(SERVER_CODECS)}")
+    return config

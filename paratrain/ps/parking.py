@@ -46,12 +46,16 @@ class ParkedRequests:
                     del table[key]
         return due
 
-    def arrive(self, generation: int, waiter: Waiter, num_workers: int) -> list[Waiter]:
-        """Park ``waiter`` at barrier ``generation``; when it was the last to arrive,
-        the barrier is released and every waiter of it returned."""
-        arrived = self.barriers[generation]
-        arrived[waiter.rank] = waiter
-        if len(arrived) < num_workers:
+    def arrive(self, generation: int, waiter: Waiter, num_workers: int, excused=frozenset()) -> list[Waiter]:
+        """Park ``waiter`` at barrier ``generation``; when every worker but the
+        ``excused`` ones has arrived, the barrier is released and its waiters returned."""
+        self.barriers[generation][waiter.rank] = waiter
+        return self.release(generation, num_workers, excused)
+
+    def release(self, generation: int, num_workers: int, excused=frozenset()) -> list[Waiter]:
+        """Release barrier ``generation`` if nobody it waits for is missing any more."""
+        arrived = self.barriers.get(generation, {})
+        if not arrived or set(range(num_workers)) - set(arrived) - set(excused):
             return []
         del self.barriers[generation]
         return list(arrived.values())

@@ -9,15 +9,15 @@ small UTF-8 JSON objects. Nothing on the wire is ever unpickled, and every field
 checked before it is used, so a malformed message is rejected with
 :class:`ProtocolError` instead of crashing or corrupting a server.
 
-Authentication is a challenge-response on connect: the client sends ``HELLO``,
-the server answers with a random nonce, and the client proves it knows the job
-secret with ``HMAC-SHA256(secret, nonce + hello_json)``.
+Authentication is the transport's: each connection's CURVE handshake proves the
+peer's key (:mod:`paratrain.comm.security`) before any message arrives. A worker's
+first message is ``HELLO`` (JSON: its rank, which its key must match, and the job's
+terms); the server's ``OK`` to it carries, in ``length``, the largest message that
+server accepts.
 """
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import json
 import struct
 from dataclasses import dataclass
@@ -28,11 +28,10 @@ import torch
 from paratrain.comm.wire import CODE_DTYPES, ITEMSIZES, dtype_code, view_tensor
 
 MAGIC = b"PTPS"
-VERSION = 2
+VERSION = 3
 MAX_NDIM = 8
 MAX_KEY_BYTES = 256
 MAX_CONTROL_BYTES = 64 * 1024
-NONCE_BYTES = 32
 
 # magic, version, op, dtype, ndim, request_id, offset, length, clock, scale, status, shape[8]
 HEADER = struct.Struct(f"<4sBBBBQQQQdI{MAX_NDIM}q")
@@ -43,7 +42,6 @@ class Op(enum.IntEnum):
     """Requests (worker to server) and replies (server to worker)."""
 
     HELLO = 1
-    AUTH = 2
     INIT = 3
     PUSH = 4
     PULL = 5
@@ -65,11 +63,10 @@ class Op(enum.IntEnum):
     OK = 16
     DATA = 17
     ERROR = 18
-    CHALLENGE = 19
 
 
 TENSOR_OPS = (Op.INIT, Op.PUSH, Op.DATA)
-CONTROL_OPS = (Op.HELLO, Op.AUTH, Op.SET_OPTIMIZER, Op.SET_COMPRESSION, Op.ERROR, Op.CHALLENGE, Op.COMMIT)
+CONTROL_OPS = (Op.HELLO, Op.SET_OPTIMIZER, Op.SET_COMPRESSION, Op.ERROR, Op.COMMIT)
 #: ``status`` bits of a PUSH: the payload is compressed with the job's codec; the
 #: push also asks for the value (pushpull: one round trip, answered as a pull); the
 #: push's scale is not known yet (sent from a backward hook): the server holds it,
@@ -281,11 +278,3 @@ _NEW_OP_CHECKS = {Op.ROW_INIT: _check_row_message, Op.ROW_PUSH: _check_row_messa
                   Op.STATE_SET: _check_state_message, Op.STATE: _check_state_message,
                   Op.STATE_PULL: _check_empty, Op.DEPART: _check_empty}
 
-
-def sign(secret: str, nonce: bytes, hello: bytes) -> bytes:
-    """The client's proof that it knows the job secret."""
-    return hmac.new(secret.encode("utf-8"), nonce + hello, hashlib.sha256).digest()
-
-
-def verify(secret: str, nonce: bytes, hello: bytes, mac: bytes) -> bool:
-    return hmac.compare_digest(sign(secret, nonce, hello), bytes(mac))

@@ -86,3 +86,15 @@ def plan_rows(num_rows: int, num_servers: int) -> list[KeySlice]:
         raise ValueError(f"plan_rows needs num_rows >= 1 and num_servers >= 1, got {num_rows}, {num_servers}")
     return [KeySlice(server, start, stop) for server, (start, stop) in enumerate(split_range(num_rows, num_servers))
             if stop > start]
+
+
+def largest_message_bytes(tensors, num_servers: int, bound: int = DEFAULT_BIGARRAY_BOUND) -> int:
+    """The largest payload a worker sends for these tensors (keys): the biggest slice
+    :func:`plan_key` makes of any of them, in bytes. A server's message limit must be
+    at least this."""
+    largest = 0
+    for tensor in tensors:
+        numel = tensor.numel()
+        slices = plan_key("size", numel, num_servers, bound)
+        largest = max(largest, max(part.length for part in slices) * tensor.element_size())
+    return largest

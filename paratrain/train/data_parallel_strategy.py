@@ -142,7 +142,8 @@ class DataParallelStrategy(Strategy):
     def job_totals(self, steps: int, samples: int, seconds: float) -> tuple[list[int], float]:
         """Async: workers ran at their own pace, so each posts its real step count,
         sample count and training time to the store; the job's speed is all samples
-        over the longest time. A rank that never posts (dead) counts as -1 steps."""
+        over the longest time. A rank's steps are those of all its incarnations; a rank
+        that never posts (dead, not replaced) counts as -1 steps."""
         if self._lockstep or not self.env.distributed:
             return super().job_totals(steps, samples, seconds)
         store = connect_store(self.env)
@@ -156,8 +157,8 @@ class DataParallelStrategy(Strategy):
             if not store.check([key]):
                 counts.append(-1)
                 continue
-            rank_steps, rank_samples, rank_seconds = store.get(key).decode().split()
-            counts.append(int(rank_steps))
+            _, rank_samples, rank_seconds = store.get(key).decode().split()
+            counts.append(store.add(f"steps/rank{rank}", 0))
             total_samples += int(rank_samples)
             longest = max(longest, float(rank_seconds))
         return counts, total_samples / longest if longest else 0.0
@@ -192,10 +193,17 @@ class DataParallelStrategy(Strategy):
         if self.scheduler is not None:
             self.scheduler.step()
         self._local_samples += samples
+        self._count_step()
         # After trainer.step, not overlapped with it: a bucket holding a parameter unused
         # on one rank only is launched inside trainer.step there and during backward on
         # the others, so a collective issued in between would pair up differently per rank.
         return self._totals(totals)
+
+    def _count_step(self) -> None:
+        """Async workers count their steps in the job's store, so the job's totals
+        include those of a worker's earlier incarnations (restarted alone, it rejoins)."""
+        if not self._lockstep and self.env.distributed:
+            connect_store(self.env).add(f"steps/rank{self.env.rank}", 1)
 
     def _totals(self, totals: StepResult) -> StepResult:
         """The step's (or evaluation's) totals over the job: summed over workers in

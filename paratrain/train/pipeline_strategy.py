@@ -23,6 +23,7 @@ from paratrain.comm.process_group import collective_device, connect_store, init_
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError, check_choice
 from paratrain.parallel.hybrid import StageReplicaSync, build_mesh, new_stage_groups
+from paratrain.comm.security import JobKeys
 from paratrain.parallel.p2p import TRANSPORTS, open_channel
 from paratrain.parallel.pipeline import (BALANCE_MODES, SCHEDULES, build_schedule, build_stage_module,
                                          check_stage_count, resolve_partition, split_by_counts)
@@ -146,6 +147,9 @@ class PipelineStrategy(Strategy):
     def _open_links(self):
         session = next(_SESSIONS)
         store = connect_store(self.env) if self.transport == "zmq" and self.env.distributed else None
+        # With the job's secret (paratrain's launcher gives one) links authenticate and
+        # encrypt: an address rewritten in the store leads nowhere.
+        keys = JobKeys(self.env.secret) if self.env.secret and self.transport != "gloo" else None
         links = []
         # The link to the previous stage first: its binder publishes before waiting,
         # so opening in stage order cannot deadlock.
@@ -156,7 +160,7 @@ class PipelineStrategy(Strategy):
             low, high = sorted((self.env.rank, peer))
             key = f"pipeline/{session}/link{low}-{high}"
             links.append(open_channel(self.transport, store, key, rank=self.env.rank, peer=peer,
-                                      bind_addr=self.env.bind_addr, timeout_s=self.env.timeout_s))
+                                      bind_addr=self.env.bind_addr, timeout_s=self.env.timeout_s, keys=keys))
         self._channels = [c for c in links if c is not None]
         return links
 
