@@ -100,6 +100,9 @@ class ParallelConfig(Section):
     schedule: Optional[Literal[SCHEDULES]] = _opt(None, "pipeline schedule (default 1f1b)")
     replicas: Optional[int] = _opt(None, "data-parallel replicas of the pipeline (default 1)",
                                    ge=1, le=MAX_LOCAL_PROCESSES)
+    split_points: Optional[str] = _opt(None, "where a model that is not nn.Sequential is cut: comma-separated "
+                                             "module names each starting a stage (transformer.h.2), or auto "
+                                             "(default: balanced over its repeated blocks)", min_length=1)
     sync_every: Optional[int] = _opt(None, "local SGD period H (default 8)", ge=1, le=1 << 20)
     staleness: Optional[int] = _opt(None, "dist_ssp bound (default 2)", ge=0, le=1 << 20)
     backup_workers: int = _opt(0, "dist_sync: apply a round once N-b workers pushed it", ge=0,
@@ -213,6 +216,7 @@ APPLIES: dict[str, Applies] = {
     "stages": _PIPELINED,
     "micro_batches": _PIPELINED,
     "schedule": _PIPELINED,
+    "split_points": _PIPELINED,
     "replicas": _strategies(lambda s: s.name == "hybrid"),
     "compression": _strategies(lambda s: s.name == "allreduce" or s.uses_servers),
     "accumulate": _strategies(lambda s: not s.pipelined),

@@ -23,3 +23,10 @@ def not_a_model(train):
 
 def not_a_pair():
     return [1, 2, 3]
+
+
+def text():
+    """A few kilobytes of the pytext corpus (32-byte windows): a language-model
+    dataset small enough for a CLI run of a few steps."""
+    from paratrain.data.text import build_pytext
+    return build_pytext(context=32, max_train_bytes=33 * 32 * 6, max_heldout_bytes=33 * 16)

@@ -17,7 +17,7 @@ from paratrain.strategies import STRATEGIES
 #: The option surface, frozen: a new option must be added here on purpose (and to docs).
 OPTIONS = sorted("""
 workers servers strategy epochs batch_size seed model n_layer n_head n_embd context dataset loader_workers pin_memory optimizer lr momentum
-accumulate amp max_grad_norm weight_decay beta1 beta2 lr_schedule warmup_steps min_lr_factor stages micro_batches schedule replicas sync_every staleness backup_workers compression bind
+accumulate amp max_grad_norm weight_decay beta1 beta2 lr_schedule warmup_steps min_lr_factor stages micro_batches schedule replicas split_points sync_every staleness backup_workers compression bind
 checkpoint_dir checkpoint_every resume max_restarts server_snapshot_dir server_snapshot_every
 log_dir timeline log_interval no_progress json straggler step_delay
 """.split())
