@@ -145,3 +145,34 @@ def test_hybrid_2x2_gpt_matches_one_process():
     runs = [{"kind": "gpt", "stages": 2, "replicas": 2, "schedule": "1f1b", "split_points": "transformer.h.2"}]
     results = finished(run_workers(_worker, 4, 400, runs))
     check_against_reference([rank[0] for rank in results], "gpt")
+
+
+# ------------------------------------------------------------------------ the CLI
+
+CLI_RUN = ("train", "--model", "gpt", "--dataset", "factory_example:text", "--n-layer", "2", "--n-embd", "32",
+           "--n-head", "2", "--batch-size", "16", "--epochs", "1", "--json")
+
+
+def cli_env():
+    from conftest import REPO, clean_env
+    return clean_env(PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+
+
+def test_cli_two_stage_gpt_matches_one_process():
+    """13 steps, the last one short (198 windows at batch 16), clipped at norm 1 (the GPT default)."""
+    from conftest import run_paratrain, summary_of
+    single = summary_of(run_paratrain(*CLI_RUN, "--strategy", "local", timeout=200, env=cli_env()))
+    split = summary_of(run_paratrain(*CLI_RUN, "--strategy", "pipeline", "--workers", "2",
+                                     "--split-points", "transformer.h.1", timeout=300, env=cli_env()))
+    assert split["steps"] == single["steps"] == 13
+    assert abs(split["final_loss"] - single["final_loss"]) < TOLERANCE
+    assert abs(split["heldout_loss"] - single["heldout_loss"]) < TOLERANCE
+
+
+def test_cli_refuses_a_split_point_the_model_does_not_have():
+    from conftest import run_paratrain
+    result = run_paratrain(*CLI_RUN, "--strategy", "pipeline", "--workers", "2", "--split-points", "blocks.1",
+                           timeout=120, env=cli_env())
+    assert result.returncode == 2
+    assert "split point 'blocks.1' is not a module of GPT (names look like transformer.h.0, transformer.h.1)" \
+        in result.stderr
