@@ -176,3 +176,15 @@ def test_cli_refuses_a_split_point_the_model_does_not_have():
     assert result.returncode == 2
     assert "split point 'blocks.1' is not a module of GPT (names look like transformer.h.0, transformer.h.1)" \
         in result.stderr
+
+
+def test_cli_two_stage_gpt_resumes_in_the_same_layout_bitwise(tmp_path):
+    from conftest import run_paratrain, summary_of
+    run = (*CLI_RUN, "--strategy", "pipeline", "--workers", "2")
+    straight = summary_of(run_paratrain(*run, "--epochs", "2", "--checkpoint-dir", str(tmp_path / "a"),
+                                        timeout=300, env=cli_env()))
+    summary_of(run_paratrain(*run, "--checkpoint-dir", str(tmp_path / "b"), timeout=300, env=cli_env()))
+    resumed = summary_of(run_paratrain(*run, "--epochs", "2", "--checkpoint-dir", str(tmp_path / "b"), "--resume",
+                                       timeout=300, env=cli_env()))
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.pt")) == ["stage0.pt", "stage1.pt"]
+    assert resumed["param_checksum"] == straight["param_checksum"] and resumed["steps"] == straight["steps"] == 26
