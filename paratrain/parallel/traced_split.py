@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -222,16 +223,11 @@ def _check_chain(split_gm, num_stages: int) -> None:
         previous = nodes[f"submod_pp_{stage - 1}"]
         args = list(call.args)
         direct = args == [previous]
-        indexed = all(a.target is _getitem() and a.args == (previous, i) for i, a in enumerate(args)) \
+        indexed = all(a.target is operator.getitem and a.args == (previous, i) for i, a in enumerate(args)) \
             and len(previous.users) == len(args)
         if not (direct or indexed):
             raise ConfigError(f"stage {stage} takes values that do not all come from stage {stage - 1} in order; "
                               "choose split points where the model's data flow is a chain")
-
-
-def _getitem():
-    import operator
-    return operator.getitem
 
 
 def _input_kinds(stage: nn.Module) -> tuple[bool, ...]:
