@@ -177,13 +177,14 @@ def _check_server_tables(config, model) -> None:
                           f"workers) cannot be used")
 
 
-def _build_strategy(config, env: DistEnv):
+def _build_strategy(config, env: DistEnv, example_input=None):
     from paratrain.train import build_strategy
     from paratrain.train.straggler import Straggler
     # A dist_sync group restarts from the workers' checkpoint with fresh servers, so the
     # optimizer and its state must live on the workers.
     workers_optimize = config.job.strategy == "dist_sync" and config.resilience.max_restarts > 0
-    strategy = build_strategy(config, env=env, update_on_kvstore=False if workers_optimize else None)
+    strategy = build_strategy(config, env=env, update_on_kvstore=False if workers_optimize else None,
+                              example_input=example_input)
     factor = config_module.parse_stragglers(config.output.straggler).get(env.rank, 1.0)
     step_delay = config.output.step_delay
     return Straggler(strategy, factor, step_delay) if factor != 1.0 or step_delay else strategy
@@ -216,7 +217,8 @@ def run_worker(config, env: DistEnv, run_id: str = "") -> dict:
                                       min_factor=optim.min_lr_factor))
     # A restart resumes its own run's checkpoints by itself (fit knows it restarted);
     # --resume also continues another run's with the same options.
-    return fit(workload.model, workload.train, heldout=workload.heldout, strategy=_build_strategy(config, env),
+    return fit(workload.model, workload.train, heldout=workload.heldout,
+               strategy=_build_strategy(config, env, _example_input(config, workload)),
                epochs=job.epochs, batch_size=job.batch_size, optimizer=optim.optimizer,
                optimizer_params=optimizer_params, loss_fn=workload.task.loss_fn,
                loss_reduction=workload.task.loss_reduction, heldout_stats=workload.task.heldout_stats,
@@ -227,6 +229,16 @@ def run_worker(config, env: DistEnv, run_id: str = "") -> dict:
                amp=optim.amp, max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
                num_workers=config.data.loader_workers, pin_memory=config.data.pin_memory,
                timeline=build_timeline(output.timeline, env.rank))
+
+
+def _example_input(config, workload):
+    """One micro-batch of the training inputs, which a pipeline traces a model that is
+    not ``nn.Sequential`` with (None for other strategies and models)."""
+    import torch
+    if not config.spec.pipelined or isinstance(workload.model, torch.nn.Sequential):
+        return None
+    rows = max(2, config.job.batch_size // (config.parallel.replicas * config.parallel.micro_batches))
+    return torch.stack([workload.train[i][0] for i in range(min(rows, len(workload.train)))])
 
 
 def _train(args: argparse.Namespace) -> int:

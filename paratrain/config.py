@@ -108,6 +108,9 @@ class ParallelConfig(Section):
     schedule: Optional[Literal[SCHEDULES]] = _opt(None, "pipeline schedule (default 1f1b)")
     replicas: Optional[int] = _opt(None, "data-parallel replicas of the pipeline (default 1)",
                                    ge=1, le=MAX_LOCAL_PROCESSES)
+    split_points: Optional[str] = _opt(None, "where a model that is not nn.Sequential is cut: comma-separated "
+                                             "module names each starting a stage (transformer.h.2), or auto "
+                                             "(default: balanced over its repeated blocks)", min_length=1)
     sync_every: Optional[int] = _opt(None, "local SGD / DiLoCo period H in inner steps (default 8 / 16)",
                                      ge=1, le=1 << 20)
     fragments: Optional[int] = _opt(None, "diloco: sync 1/F of the parameters every H/F steps, overlapped "
@@ -237,6 +240,7 @@ APPLIES: dict[str, Applies] = {
     "stages": _PIPELINED,
     "micro_batches": _PIPELINED,
     "schedule": _PIPELINED,
+    "split_points": _PIPELINED,
     "replicas": _strategies(lambda s: s.name == "hybrid"),
     "compression": _strategies(lambda s: s.name in ("allreduce", "diloco") or s.uses_servers),
     "accumulate": _strategies(lambda s: not s.pipelined),

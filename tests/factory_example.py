@@ -25,6 +25,13 @@ def not_a_pair():
     return [1, 2, 3]
 
 
+def text():
+    """A few kilobytes of the pytext corpus (32-byte windows): a language-model
+    dataset small enough for a CLI run of a few steps."""
+    from paratrain.data.text import build_pytext
+    return build_pytext(context=32, max_train_bytes=33 * 32 * 6, max_heldout_bytes=33 * 16)
+
+
 def tinytext():
     """A few kilobytes of the pytext corpus at context 16: a language-model dataset small
     enough to train under every strategy in seconds (tests/test_gpt_strategies.py)."""

@@ -18,7 +18,7 @@ from paratrain.strategies import STRATEGIES
 OPTIONS = sorted("""
 workers servers strategy epochs batch_size seed model table_sizes embedding_dim n_layer n_head n_embd context
 dataset train_samples heldout_samples loader_workers pin_memory optimizer lr momentum
-accumulate amp max_grad_norm weight_decay beta1 beta2 lr_schedule warmup_steps min_lr_factor stages micro_batches schedule replicas sync_every staleness backup_workers compression bind
+accumulate amp max_grad_norm weight_decay beta1 beta2 lr_schedule warmup_steps min_lr_factor stages micro_batches schedule replicas split_points sync_every staleness backup_workers compression bind
 fragments outer_optimizer outer_lr outer_momentum
 secret_file checkpoint_dir checkpoint_every keep_checkpoints resume max_restarts server_snapshot_dir server_snapshot_every
 log_dir timeline log_interval no_progress json straggler step_delay
@@ -85,7 +85,7 @@ VALUES = {"servers": "1", "server_snapshot_dir": "snap", "server_snapshot_every"
           "staleness": "1", "sync_every": "4", "stages": "2", "micro_batches": "2", "schedule": "gpipe",
           "replicas": "2", "compression": "fp16", "accumulate": "2", "bind": "127.0.0.1", "amp": "bf16",
           "fragments": "2", "outer_optimizer": "sgd", "outer_lr": "0.5", "outer_momentum": "0.5",
-          "secret_file": "job.secret"}
+          "secret_file": "job.secret", "split_points": "transformer.h.2"}
 
 
 @pytest.mark.parametrize("name", sorted(n for n, rule in cfg.APPLIES.items() if rule.on == "strategy"))

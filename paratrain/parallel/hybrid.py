@@ -130,3 +130,46 @@ class StageReplicaSync(GradientSync):
     @property
     def bytes_sent(self) -> int:
         return self._bytes_sent
+
+
+class TiedGradientSum:
+    """Sums the gradients of a weight whose copies live on several stages (a traced
+    pipeline's tied embedding and head): one allreduce per tied weight over the ranks
+    of one replica that hold a copy, so every copy gets the gradient the unsplit
+    model's single weight would get and the copies stay equal.
+
+    ``groups``: per tied weight, ``{stage: that stage's name for its copy}``
+    (:class:`paratrain.parallel.traced_split.TiedGroup.names`); ``module``: this rank's
+    stage. Collective to build: every rank creates every subgroup, in the same order.
+    """
+
+    def __init__(self, mesh: Mesh, groups, module: torch.nn.Module) -> None:
+        self._entries: list[tuple[torch.nn.Parameter, object, bool]] = []
+        self._bytes_sent = 0
+        for group in groups:
+            names = getattr(group, "names", group)
+            stages = sorted(names)
+            if len(stages) < 2:
+                continue
+            for replica in range(mesh.replicas):
+                process_group = dist.new_group([mesh.rank_of(replica, s) for s in stages])
+                if replica == mesh.replica and mesh.stage in names:
+                    param = module.get_parameter(names[mesh.stage])
+                    self._entries.append((param, process_group, mesh.stage != stages[0]))
+
+    def reduce(self) -> None:
+        """Replace each copy's gradient by the sum over all copies."""
+        for param, group, _ in self._entries:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=group)
+            self._bytes_sent += ring_allreduce_bytes(tensor_nbytes(param.grad), dist.get_world_size(group))
+
+    def duplicate_ids(self) -> set[int]:
+        """``id`` of the copies that are not their weight's first: left out of a global
+        gradient norm, so each tied weight counts once."""
+        return {id(param) for param, _, duplicate in self._entries if duplicate}
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_sent

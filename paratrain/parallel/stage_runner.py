@@ -89,13 +89,20 @@ def _unwrap(packed):
 class StageRunner:
     """Runs one stage's action list: receive, compute, send, stash for backward.
 
+    A stage takes one tensor or several values and returns one or a tuple; each value
+    travels as its own message, and gradients go back for the floating-point ones only.
     On the last stage, ``loss_fn(outputs, micro_batch) -> (loss, report)`` gives the
     loss to back-propagate and a report of it (whatever the caller wants to add up);
     the runner returns the reports, one per micro-batch, in order."""
 
     def __init__(self, module, stage: int, num_stages: int, previous, following, loss_fn, *,
-                 timeline=NULL_TIMELINE, device: torch.device | str = "cpu") -> None:
+                 timeline=NULL_TIMELINE, device: torch.device | str = "cpu", input_is_int=None,
+                 eval_module=None) -> None:
         self.module, self.stage, self.num_stages = module, stage, num_stages
+        # Traced stages take several inputs, some Python ints (sent as 0-d int64 tensors);
+        # None: one tensor, as an nn.Sequential slice takes.
+        self.input_is_int = tuple(input_is_int) if input_is_int is not None else (False,)
+        self.eval_module = eval_module if eval_module is not None else module   # run by run_forward_only
         self.previous, self.following, self.loss_fn = previous, following, loss_fn
         self.meter = ActivationMeter(list(module.parameters()))
         self.timeline = timeline   # spans per forward, backward and wait
@@ -120,15 +127,15 @@ class StageRunner:
         for action in actions:
             m = action.micro_batch
             if action.kind == FORWARD:
-                x, y = self._forward(m, micro_inputs[m], grad_enabled=True)
+                inputs, y = self._forward(self.module, m, micro_inputs[m], grad_enabled=True)
                 if self.is_last:
                     with self.span(f"loss {m}", "compute"):
                         y, report = self.loss_fn(y, micro_batches[m])
                         reports.append(report)
-                stash[m] = (self.meter.hold(x), self.meter.hold(y))
+                stash[m] = (self._hold(inputs), self._hold(y if isinstance(y, tuple) else (y,)))
             else:
-                x, y = (_unwrap(t) for t in stash.pop(m))
-                self._backward(m, x, y)
+                inputs, outputs = (tuple(_unwrap(t) for t in held) for held in stash.pop(m))
+                self._backward(m, inputs, outputs)
         for channel in (self.previous, self.following):
             if channel is not None:
                 channel.flush()
@@ -143,31 +150,49 @@ class StageRunner:
             if action.kind != FORWARD:
                 continue
             m = action.micro_batch
-            _, y = self._forward(m, micro_inputs[m], grad_enabled=False)
+            _, y = self._forward(self.eval_module, m, micro_inputs[m], grad_enabled=False)
             if self.is_last:
                 reports.append(self.loss_fn(y, micro_batches[m])[1])
         return reports
 
-    def _forward(self, m: int, local_input, grad_enabled: bool):
-        if self.previous is None:
-            x = local_input
-        else:
-            x = self._recv(self.previous, m)
-            if grad_enabled and x.is_floating_point():
-                x.requires_grad_(True)
-        with self.meter.hooks(), self.span(f"forward {m}", "compute"):
-            y = self.module(x)
-        if self.following is not None:
-            self.following.send(y.detach(), tag=m)
-        return x, y
+    def _hold(self, values) -> tuple:
+        return tuple(self.meter.hold(v) if isinstance(v, torch.Tensor) else v for v in values)
 
-    def _backward(self, m: int, x, y) -> None:
-        grad = None if self.is_last else self._recv(self.following, m)
+    def _forward(self, module, m: int, local_input, grad_enabled: bool):
+        """Receive (or take) the inputs, run ``module``, send its outputs; returns the
+        inputs as tensors and the module's result."""
+        if self.previous is None:
+            inputs = (local_input,)
+        else:
+            inputs = tuple(self._recv(self.previous, m) for _ in self.input_is_int)
+            if grad_enabled:
+                for x in inputs:
+                    if x.is_floating_point():
+                        x.requires_grad_(True)
+        args = [int(x) if is_int else x for x, is_int in zip(inputs, self.input_is_int)]
+        with self.meter.hooks(), self.span(f"forward {m}", "compute"):
+            y = module(*args)
+        if self.following is not None:
+            for value in (y if isinstance(y, tuple) else (y,)):
+                tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.int64)
+                self.following.send(tensor.detach(), tag=m)
+        return inputs, y
+
+    def _backward(self, m: int, inputs, outputs) -> None:
+        if self.is_last:
+            roots, grads = list(outputs), None
+        else:
+            floats = [y for y in outputs if isinstance(y, torch.Tensor) and y.is_floating_point()]
+            received = [self._recv(self.following, m) for _ in floats]
+            pairs = [(y, g) for y, g in zip(floats, received) if y.requires_grad]
+            roots, grads = [y for y, _ in pairs], [g for _, g in pairs]
         with self.span(f"backward {m}", "compute"):
-            y.backward(grad)
+            if roots:
+                torch.autograd.backward(roots, grads)
         if self.previous is not None:
-            grad = x.grad if x.grad is not None else torch.zeros_like(x)
-            self.previous.send(grad, tag=m)
+            for x in inputs:
+                if x.is_floating_point():
+                    self.previous.send(x.grad if x.grad is not None else torch.zeros_like(x), tag=m)
 
     def _recv(self, channel, m: int) -> torch.Tensor:
         start = time.perf_counter()

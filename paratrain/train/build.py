@@ -15,11 +15,12 @@ __all__ = ["STRATEGIES", "build_strategy"]
 
 
 def build_strategy(strategy: str | RunConfig = "allreduce", *, env: DistEnv | None = None,
-                   update_on_kvstore: bool | None = None, **options) -> Strategy:
+                   update_on_kvstore: bool | None = None, example_input=None, **options) -> Strategy:
     """A strategy from a resolved :class:`~paratrain.config.RunConfig`, or from a
     strategy name and its options (``sync_every=4``, ``stages=2``, ...), which are
     checked by the same rules as the CLI's flags. ``update_on_kvstore=False`` runs the
-    optimizer on the workers under ``dist_sync``."""
+    optimizer on the workers under ``dist_sync``. ``example_input``: one input batch,
+    which pipeline/hybrid trace a model that is not ``nn.Sequential`` with."""
     env = env or read_env()
     if isinstance(strategy, RunConfig):
         if options:
@@ -32,7 +33,8 @@ def build_strategy(strategy: str | RunConfig = "allreduce", *, env: DistEnv | No
     if spec.pipelined:
         from paratrain.train.pipeline_strategy import PipelineStrategy
         return PipelineStrategy(stages=parallel.stages, micro_batches=parallel.micro_batches,
-                                schedule=parallel.schedule, replicas=parallel.replicas, env=env)
+                                schedule=parallel.schedule, replicas=parallel.replicas,
+                                split_points=parallel.split_points, example_input=example_input, env=env)
     if update_on_kvstore is False and spec.name != "dist_sync":
         raise ConfigError(f"update_on_kvstore=False (the optimizer on the workers) applies to strategy "
                           f"'dist_sync' only, not {spec.name!r}")

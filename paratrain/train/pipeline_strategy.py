@@ -1,6 +1,8 @@
 """Pipeline and hybrid parallelism as a :class:`Strategy`.
 
-The model (an ``nn.Sequential``) is cut into S stages, one per process; each global
+The model is cut into S stages, one per process: an ``nn.Sequential`` into runs of its
+layers, any other module by torch's tracer at named modules
+(:mod:`paratrain.parallel.traced_split`). Each global
 batch's share is split into M micro-batches that flow forward stage by stage, and
 their gradients flow back, in the order a schedule (GPipe or 1F1B) gives each stage.
 With ``replicas=D`` the job is a D x S mesh and each stage's gradients are summed
@@ -22,12 +24,13 @@ import torch.distributed as dist
 from paratrain.comm.process_group import collective_device, connect_store, init_process_group
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import ConfigError, check_choice
-from paratrain.parallel.hybrid import StageReplicaSync, build_mesh, new_stage_groups
+from paratrain.parallel.hybrid import StageReplicaSync, TiedGradientSum, build_mesh, new_stage_groups
 from paratrain.comm.security import JobKeys
 from paratrain.parallel.p2p import TRANSPORTS, open_channel
 from paratrain.parallel.pipeline import (BALANCE_MODES, SCHEDULES, build_schedule, build_stage_module,
                                          check_stage_count, resolve_partition, split_by_counts)
 from paratrain.parallel.stage_runner import StageRunner, StepTiming
+from paratrain.parallel.traced_split import TracedSplit, check_split_points, parse_split_points, trace_stages
 from paratrain.data.batches import move_to, split_batch
 from paratrain.train.data_parallel_strategy import select_device
 from paratrain.train.objective import StepResult
@@ -46,10 +49,17 @@ class PipelineStrategy(Strategy):
     cut the model (see :func:`paratrain.parallel.pipeline.resolve_partition`);
     ``transport``: ``zmq`` or ``gloo`` for activations; ``sample_input``: a batch to
     time layers on for ``balance="time"``. Needs exactly S*D processes.
+
+    A model that is not an ``nn.Sequential`` is traced (``example_input``: one batch of
+    its input, needed then) and cut at ``split_points``, qualified module names that
+    each start a stage (default: balanced over its repeated blocks). The stages' tied
+    parameters (an embedding shared with the head) have their copies' gradients summed
+    before clipping, and counted once in the norm.
     """
 
     def __init__(self, *, stages: int, micro_batches: int, schedule: str = "1f1b", replicas: int = 1,
                  balance="params", transport: str = "zmq", sample_input: torch.Tensor | None = None,
+                 split_points=None, example_input: torch.Tensor | None = None,
                  env: DistEnv | None = None) -> None:
         self.env = env or read_env()
         if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
@@ -63,6 +73,11 @@ class PipelineStrategy(Strategy):
         self.mesh = build_mesh(stages, replicas, self.env.rank, self.env.world_size)
         self.micro_batches, self.schedule, self.balance = micro_batches, schedule, balance
         self.transport, self.sample_input = transport, sample_input
+        self.split_points = parse_split_points(split_points) if isinstance(split_points, str) or \
+            split_points is None else list(split_points)
+        self.example_input = example_input
+        self.split: TracedSplit | None = None   # set in setup for a traced model
+        self.tied = None
         self.name = "hybrid" if replicas > 1 else "pipeline"
         self.stage = self.mesh.stage
         self.data_rank, self.data_world = self.mesh.replica, replicas
@@ -75,7 +90,8 @@ class PipelineStrategy(Strategy):
     def validate(self, global_batch: int, world_size: int | None = None, model_factory=None) -> None:
         """Raise :class:`ConfigError` unless ``global_batch`` splits into D replica
         shares of M equal micro-batches (and, if given, ``world_size`` is S*D and
-        ``model_factory()`` is an ``nn.Sequential`` with at least S layers). Starts nothing.
+        ``model_factory()`` can be cut: an ``nn.Sequential`` with at least S layers, or a
+        module with the split points named). Starts nothing.
 
         Call it with the configured batch size before training; ``train_step`` calls
         it on the first step otherwise. Later, shorter batches (an epoch's tail) are
@@ -84,7 +100,11 @@ class PipelineStrategy(Strategy):
         if world_size is not None:
             build_mesh(self.mesh.stages, self.mesh.replicas, 0, world_size)
         if model_factory is not None:
-            resolve_partition(model_factory(), self.mesh.stages, "uniform")   # type and layer count only
+            model = model_factory()
+            if isinstance(model, torch.nn.Sequential):
+                resolve_partition(model, self.mesh.stages, "uniform")   # layer count only
+            else:
+                check_split_points(model, self.split_points, self.mesh.stages)
         per_step = self.mesh.replicas * self.micro_batches
         if not isinstance(global_batch, int) or global_batch < 1 or global_batch % per_step:
             raise ConfigError(
@@ -101,31 +121,49 @@ class PipelineStrategy(Strategy):
                               "give a pipeline loss_fn(outputs, batch) (its batches are (inputs, targets))")
         if spec.amp != "none":
             raise ConfigError(f"amp={spec.amp!r} is not available for pipeline stages; use amp='none'")
-        if not isinstance(model, torch.nn.Sequential):
-            raise TypeError(f"pipeline stages split an nn.Sequential, got {type(model).__name__}")
-        check_stage_count(len(model), self.mesh.stages)   # before any process waits on a peer
+        traced = not isinstance(model, torch.nn.Sequential)
+        if traced:
+            if self.example_input is None:
+                raise ConfigError(f"a pipeline over {type(model).__name__} (not an nn.Sequential) traces it: "
+                                  "give example_input, one batch of the model's input")
+            check_split_points(model, self.split_points, self.mesh.stages)
+        else:
+            check_stage_count(len(model), self.mesh.stages)   # before any process waits on a peer
         if self.env.distributed:
             self._owns_group = init_process_group(self.env)
-        self.counts = self._agree_on_partition(model)
-        bounds = split_by_counts(self.counts)
-        stage_modules = [build_stage_module(model, b) for b in bounds]
+        if traced:
+            self.split = trace_stages(model, self.example_input, self.split_points, self.mesh.stages)
+            self.counts = list(self.split.split_points)
+            stage_modules, params = self.split.stages, self.split.trainable(self.stage)
+            eval_module = self.split.eval_stages[self.stage]
+        else:
+            self.counts = self._agree_on_partition(model)
+            stage_modules = [build_stage_module(model, b) for b in split_by_counts(self.counts)]
+            params, eval_module = list(stage_modules[self.stage].parameters()), None
         # Shapes and dtypes of every stage's entries, to decode gathered bytes later.
         self._layouts = [[(k, v.shape, v.dtype) for k, v in m.state_dict().items()] for m in stage_modules]
         self.device = select_device(self.env)
         self.module = stage_modules[self.stage].to(self.device)
+        if eval_module is not None:
+            eval_module.to(self.device)
+        for name, param in self.module.named_parameters():   # copies of tied weights the graph never uses
+            if traced and name in self.split.unused[self.stage]:
+                param.requires_grad_(False)
         self.objective, self.max_grad_norm = spec.objective, spec.max_grad_norm
         group = new_stage_groups(self.mesh) if self.env.distributed else None
         self.sync = StageReplicaSync(group, self.mesh.replicas)
-        self.sync.attach(list(self.module.parameters()))
+        self.sync.attach(params)
+        self.tied = TiedGradientSum(self.mesh, self.split.tied if traced else [], self.module) \
+            if self.env.distributed else None
         # A stage may hold only parameter-free layers (a ReLU of its own): it just relays.
-        params = list(self.module.parameters())
         self.stage_optimizer = build_worker_optimizer(params, spec.optimizer, spec.optimizer_params) \
             if params else None
         self.scheduler = spec.build_scheduler(self.stage_optimizer) if self.stage_optimizer is not None else None
         self._lr = float(dict(spec.optimizer_params).get("lr", 0.0))
         previous, following = self._open_links()
         self.runner = StageRunner(self.module, self.stage, self.mesh.stages, previous, following, self._score,
-                                  timeline=spec.timeline, device=self.device)
+                                  timeline=spec.timeline, device=self.device, eval_module=eval_module,
+                                  input_is_int=self.split.input_is_int[self.stage] if traced else None)
 
     def _score(self, outputs, micro_batch):
         """The last stage's loss: summed over the micro-batch (backward), and its report."""
@@ -182,6 +220,8 @@ class PipelineStrategy(Strategy):
             reports, self.last_timing = self.runner.run(actions, [mb[0] for mb in micro_batches], micro_batches)
         with self.runner.span("allreduce", "comm"):
             self.sync.reduce(1.0 / global_batch)   # the losses are summed: normalise by the global batch
+            if self.tied is not None:
+                self.tied.reduce()   # each copy of a tied weight gets the sum of all copies' gradients
         if self.max_grad_norm is not None:
             self._clip_by_global_norm(self.max_grad_norm)
         if self.stage_optimizer is not None:
@@ -194,9 +234,12 @@ class PipelineStrategy(Strategy):
     def _clip_by_global_norm(self, max_norm: float) -> None:
         """Clip every stage's gradients by the norm of the whole model's gradient, as
         ``clip_grad_norm_`` would in one process: the stages' squared norms are summed
-        (over one replica's stages: the replicas' gradients are equal after the sum)."""
+        (over one replica's stages: the replicas' gradients are equal after the sum). A
+        tied weight counts once: only its first stage's copy enters the norm."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        squared = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads)
+        copies = self.tied.duplicate_ids() if self.tied is not None else set()
+        squared = sum(float(torch.linalg.vector_norm(p.grad)) ** 2 for p in self.module.parameters()
+                      if p.grad is not None and id(p) not in copies)
         total = torch.tensor([squared / self.mesh.replicas], dtype=torch.float64, device=collective_device())
         if self.env.distributed:
             dist.all_reduce(total)
@@ -212,7 +255,13 @@ class PipelineStrategy(Strategy):
             return []
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"pipeline batches are (inputs, targets) pairs; got {type(batch).__name__}")
-        return split_batch(move_to(batch, self.device), self.micro_batches)
+        micro_batches = split_batch(move_to(batch, self.device), self.micro_batches)
+        fixed = self.split.fixed_batch if self.split is not None else None
+        if fixed is not None and any(len(mb[0]) != fixed for mb in micro_batches):
+            raise ConfigError(f"the model could not be traced with a dynamic batch, so its stages take micro-batches "
+                              f"of exactly {fixed} samples; got {[len(mb[0]) for mb in micro_batches]} (drop the "
+                              "short last batch, or make the batch size a multiple of the traced micro-batch)")
+        return micro_batches
 
     def eval_shard(self) -> tuple[int, int]:
         """Each replica evaluates its share; the stages of a replica share it."""
@@ -316,7 +365,8 @@ class PipelineStrategy(Strategy):
 
     @property
     def bytes_sent(self) -> int:
-        return sum(c.bytes_sent for c in self._channels) + self.sync.bytes_sent
+        tied = self.tied.bytes_sent if self.tied is not None else 0
+        return sum(c.bytes_sent for c in self._channels) + self.sync.bytes_sent + tied
 
     @property
     def lr(self) -> float:
