@@ -26,7 +26,7 @@ from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, PeerError, check_choice
 from paratrain.kvstore.base import Handle, Key, KVStore, TensorOrList, check_key, copy_out, sum_values
 from paratrain.ps import protocol
-from paratrain.ps.heartbeat import HeartbeatSender
+from paratrain.comm.heartbeat import HeartbeatSender, heartbeat_key
 from paratrain.ps.optimizer import ServerOptimizer, build_optimizer
 from paratrain.ps.policies import POLICY_NAMES
 from paratrain.ps.protocol import Message, Op
@@ -130,7 +130,7 @@ class DistKVStore(KVStore):
         self.last_min_clock: dict[Key, int] = {}
         self._epochs = self._server_epochs()
         # Servers tell a dead worker from a slow one by its heartbeat in the store.
-        self._heartbeat = HeartbeatSender(store, rank).start() if store is not None else None
+        self._heartbeat = HeartbeatSender(store, heartbeat_key(rank)).start() if store is not None else None
         self._channel: ClientChannel = get_transport(config.transport).connect(self._addresses)
         self._handshake(secret)
 

@@ -29,7 +29,7 @@ from paratrain.comm import codecs
 from paratrain.comm.transport import ServerChannel, get_transport
 from paratrain.errors import ConfigError
 from paratrain.ps import protocol
-from paratrain.ps.heartbeat import LivenessTracker, heartbeat_key
+from paratrain.comm.heartbeat import LivenessTracker, heartbeat_key
 from paratrain.ps.optimizer import ServerOptimizer, build_optimizer
 from paratrain.ps.policies import SliceState, UpdatePolicy, build_policy
 from paratrain.ps.protocol import Message, Op, ProtocolError
