@@ -161,11 +161,15 @@ class JobResult:
 
     def recovery(self, kill: dict, num_slots: int) -> dict:
         """Seconds from ``kill`` to the first step committed in a later epoch (the
-        survivors trained on) and to the first one at full size again."""
+        survivors trained on), to the replacement's ElasticGroup (its process start,
+        imports and model build, or a spare's claim), and to the first step at full
+        size again."""
         later = [e for e in self.steps if e[6] > kill["t"] and e[5] > kill["epoch"]]
         full = [e for e in later if e[4] == num_slots]
+        started = [e for e in self.started if e[1] == kill["slot"] and e[4] > kill["t"]]
         return {"slot": kill["slot"], "signal": kill["signal"], "at_step": kill["step"],
                 "first_step_s": round(later[0][6] - kill["t"], 3) if later else None,
+                "replacement_started_s": round(started[0][4] - kill["t"], 3) if started else None,
                 "full_size_s": round(full[0][6] - kill["t"], 3) if full else None}
 
 

@@ -133,7 +133,7 @@ def sync_plan(steps: list[int]) -> tuple[int, list[int]]:
 class Reconfiguration:
     """One change of membership, as the summary reports it."""
 
-    kind: str                   # "start", "shrink", "grow" or "rejoin" (this member was admitted)
+    kind: str   # "start"; "shrink" or "regroup" (after a failure); "grow"; "rejoin" (this member was admitted)
     epoch: int
     members: list[str]
     step: int                   # committed steps after the state sync
@@ -172,14 +172,13 @@ class ElasticGroup:
     def start(self) -> None:
         """Form the first epoch with the other first processes, or join a running job."""
         tic = time.monotonic()
+        members: list[str] = []
         if self.incarnation == 1 and not self._store.check(["epoch/0/members"]):
-            first = [member_id(slot, 1) for slot in range(self.num_slots)]
-            members = self._rendezvous(0, first)
-            if self.member in members:
-                self._enter(0, members, kind="start", reason="first epoch", tic=tic)
-                self._watcher.start()
-                return
-        self._join(tic)
+            members = self._rendezvous(0, [member_id(slot, 1) for slot in range(self.num_slots)])
+        if self.member in members:
+            self._enter(0, members, kind="start", reason="first epoch", tic=tic)
+        else:   # a replacement, or a first process that came too late for epoch 0
+            self._join(tic)
         self._watcher.start()
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -195,7 +194,8 @@ class ElasticGroup:
         return PendingCollective(self, work, "allreduce")
 
     def run_step(self, compute: Callable[[], torch.Tensor | None], commit: Callable[[], None]) -> torch.Tensor | None:
-        """Run one step to its commit, across any number of failures.
+        """Run one step to its commit, re-forming the group after each failure (at
+        most ``2 * num_slots + 2`` attempts).
 
         ``compute()`` zeroes the gradients, takes this member's share of the global
         batch for ``replica.committed_steps()`` (its rank and size may have changed since
