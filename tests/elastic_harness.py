@@ -18,6 +18,7 @@ import socket
 import statistics
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -73,6 +74,10 @@ class LinearReplica:
     def flat_params(self) -> list[float]:
         return torch.cat([p.detach().flatten() for p in self.model.parameters()]).tolist()
 
+    def checksum(self) -> int:
+        """CRC of the parameters' bytes: equal on two workers only if bitwise equal."""
+        return zlib.crc32(torch.cat([p.detach().flatten() for p in self.model.parameters()]).numpy().tobytes())
+
 
 def _maybe_fail(options: dict, slot: int, incarnation: int, step: int, point: str) -> None:
     """The deterministic failure injector: ``options["fail_at"]`` lists
@@ -83,7 +88,7 @@ def _maybe_fail(options: dict, slot: int, incarnation: int, step: int, point: st
 
 def worker_main(slot: int | None, num_slots: int, port: int, events, options: dict, spare_id: str | None = None) -> None:
     """One worker process (or a warm spare, which first waits for a vacant slot)."""
-    from paratrain.comm.elastic import ElasticConfig, ElasticGroup, wait_for_vacancy
+    from paratrain.comm.elastic import ElasticConfig, ElasticGroup, JobFinished, wait_for_vacancy
     from paratrain.data.sampler import shard_bounds
 
     torch.set_num_threads(1)
@@ -97,7 +102,13 @@ def worker_main(slot: int | None, num_slots: int, port: int, events, options: di
         slot = wait_for_vacancy(store, spare_id, config, timeout_s=options["job_timeout_s"])
     group = ElasticGroup(store, slot=slot, num_slots=num_slots, replica=replica, config=config)
     events.put(("started", slot, group.incarnation, os.getpid(), time.time()))
-    group.start()
+    try:
+        group.start()
+    except JobFinished:
+        events.put(("too_late", slot, group.incarnation, os.getpid(), time.time()))
+        events.close()
+        events.join_thread()
+        os._exit(0)
     committed: list[int] = []
     computed_in: dict = {}   # the group a committed step was computed in (a join may follow it)
 
@@ -130,8 +141,10 @@ def worker_main(slot: int | None, num_slots: int, port: int, events, options: di
 
     while replica.step < options["steps"]:
         summed = group.run_step(compute, commit)
+        if replica.step == options["steps"]:
+            group.finish()
         events.put(("step", slot, group.incarnation, replica.step, computed_in["size"], computed_in["epoch"],
-                    time.time(), int(summed[1])))
+                    time.time(), int(summed[1]), replica.checksum()))
     events.put(("done", slot, group.incarnation, os.getpid(), replica.flat_params(), committed, replica.loads,
                 [vars(r) for r in group.history]))
     events.close()
@@ -158,6 +171,7 @@ class JobResult:
     kills: list = field(default_factory=list)       # {"slot", "signal", "t", "epoch", "step"}
     hung_killed: list = field(default_factory=list)
     started: list = field(default_factory=list)
+    too_late: list = field(default_factory=list)    # replacements that came after training ended
 
     def recovery(self, kill: dict, num_slots: int) -> dict:
         """Seconds from ``kill`` to the first step committed in a later epoch (the
@@ -213,7 +227,7 @@ class ElasticJob:
         deadline = time.monotonic() + self.options["job_timeout_s"]
         newest_step, newest_epoch = 0, -1
         try:
-            while len(result.done) < self.num_slots:
+            while len(result.done) + len({e[1] for e in result.too_late} - set(result.done)) < self.num_slots:
                 if time.monotonic() > deadline:
                     processes = [(p.slot, p.spare_id, p.proc.pid, p.proc.exitcode) for p in self.processes]
                     raise TimeoutError(f"elastic job not done within {self.options['job_timeout_s']}s: done "
@@ -250,6 +264,8 @@ class ElasticJob:
                                              "loads": event[6], "history": event[7]}
                 elif event[0] == "started":
                     result.started.append(event)
+                elif event[0] == "too_late":
+                    result.too_late.append(event)
         except queue_module.Empty:
             pass
 
@@ -280,7 +296,7 @@ class ElasticJob:
 
 
 def default_options(**overrides) -> dict:
-    options = {"steps": 150, "step_delay_s": 0.01, "degraded_delay_s": 0.1, "job_timeout_s": 150,
+    options = {"steps": 150, "step_delay_s": 0.01, "degraded_delay_s": 0.4, "job_timeout_s": 200,
                "elastic": {"min_workers": 2, "timeout_s": 30.0, "dead_after_s": 4.0, "heartbeat_every_s": 0.5}}
     for key, value in overrides.items():
         if key == "elastic":
@@ -291,7 +307,8 @@ def default_options(**overrides) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="median recovery of the elastic prototype")
+    parser = argparse.ArgumentParser(description="median recovery of the elastic prototype (no pacing: every "
+                                                 "step sleeps 10 ms, degraded or not, for 1000 steps)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--spares", type=int, default=0)
     parser.add_argument("--signal", choices=("KILL", "STOP"), default="KILL")
@@ -300,7 +317,7 @@ def main() -> None:
     figures = []
     for run in range(args.runs):
         rng = random.Random(args.seed + run)
-        job = ElasticJob(3, default_options(), spares=args.spares)
+        job = ElasticJob(3, default_options(steps=1000, degraded_delay_s=0.01, job_timeout_s=300), spares=args.spares)
         result = job.run([{"step": rng.randrange(20, 40), "signal": args.signal, "jitter_s": 0.01}], rng)
         figures.append(result.recovery(result.kills[0], 3))
     full = [f["full_size_s"] for f in figures if f["full_size_s"] is not None]

@@ -75,14 +75,20 @@ def unkilled_params():
 
 
 def _check_consistent(result, unkilled: torch.Tensor, steps: int) -> None:
-    """Every slot finished, all identical, equal to the unkilled run up to summation
-    order, every step summed the whole global batch, and no step was ever repeated."""
-    assert sorted(result.done) == list(range(NUM_SLOTS)), result.done.keys()
+    """Every slot finished, all identical after every step and at the end, equal to the
+    unkilled run up to summation order, every step summed the whole global batch, and
+    no step was ever repeated."""
+    assert sorted(result.done) == list(range(NUM_SLOTS)), (result.done.keys(), "too late:", result.too_late)
     params = [torch.tensor(result.done[slot]["params"]) for slot in range(NUM_SLOTS)]
     for slot, p in enumerate(params):
         assert torch.equal(p, params[0]), f"slot {slot} differs from slot 0 by {(p - params[0]).abs().max()}"
     assert (params[0] - unkilled).abs().max() <= 1e-5, (params[0] - unkilled).abs().max()
     assert {event[7] for event in result.steps} == {GLOBAL_BATCH}
+    finishers = {(slot, report["incarnation"]) for slot, report in result.done.items()}
+    checksums = {}
+    for event in result.steps:   # the finishers that committed step s hold bitwise the same parameters after it
+        if (event[1], event[2]) in finishers:   # (a dead worker may have committed a step the others redid)
+            assert checksums.setdefault(event[3], event[8]) == event[8], f"workers differ after step {event[3]}"
     for slot, report in result.done.items():
         committed, loads = report["committed"], report["loads"]
         assert committed[-1] == steps

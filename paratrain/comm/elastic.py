@@ -34,6 +34,7 @@ Store layout, under ``ElasticConfig.prefix``:
 | ``epoch/<n>/members`` | the decided membership of epoch n (JSON list; the first decider wins) |
 | ``pg/<n>/`` | gloo's own keys for epoch n's group |
 | ``spare/<id>/slot`` | the launcher hands a vacant slot to a waiting spare |
+| ``finished`` | training is over: a replacement still waiting to be admitted exits |
 """
 from __future__ import annotations
 
@@ -74,6 +75,10 @@ class ElasticConfig:
 
 class PeerLost(PeerError):
     """A collective of the current epoch failed: a member died or was cut off."""
+
+
+class JobFinished(PeerError):
+    """A replacement arrived after the members had finished training: nothing to join."""
 
 
 class Replica(Protocol):
@@ -187,11 +192,7 @@ class ElasticGroup:
         return tensor
 
     def all_reduce_async(self, tensor: torch.Tensor) -> "PendingCollective":
-        try:
-            work = self.pg.allreduce([tensor])
-        except RuntimeError as exc:
-            raise self._lost("allreduce", exc) from None
-        return PendingCollective(self, work, "allreduce")
+        return self._launch(lambda: self.pg.allreduce([tensor]), "allreduce")
 
     def run_step(self, compute: Callable[[], torch.Tensor | None], commit: Callable[[], None]) -> torch.Tensor | None:
         """Run one step to its commit, re-forming the group after each failure (at
@@ -219,6 +220,11 @@ class ElasticGroup:
             self._recover(reason)
         raise PeerError(f"member {self.member}: step {self.replica.committed_steps()} failed "
                         f"{2 * self.num_slots + 2} times in a row; giving up")
+
+    def finish(self) -> None:
+        """Say that training is over, so a replacement still starting exits instead
+        of waiting to be admitted (:class:`JobFinished`)."""
+        self._store.set("finished", "1")
 
     def close(self) -> None:
         """Stop the threads and release the group (without waiting for it)."""
@@ -248,7 +254,7 @@ class ElasticGroup:
     def _recover(self, reason: str) -> None:
         """A collective failed: meet the survivors in the next epoch, shrinking the group."""
         tic = time.monotonic()
-        while True:
+        for _attempt in range(2 * self.num_slots + 2):
             self._retire()
             next_epoch, previous = self.epoch + 1, self.members
             try:
@@ -261,6 +267,8 @@ class ElasticGroup:
                 return
             except PeerLost as again:   # another member died while we re-formed
                 self.epoch, self.members, reason = next_epoch, members, str(again)
+        raise PeerError(f"member {self.member}: could not re-form the group after {2 * self.num_slots + 2} "
+                        f"attempts; last failure: {reason}")
 
     def _grow(self) -> None:
         """Admit the waiting joiners at this step boundary."""
@@ -290,6 +298,8 @@ class ElasticGroup:
                         self._recover(str(lost))
                     return
                 epoch += 1
+            if self._store.check(["finished"]):
+                raise JobFinished(f"member {self.member}: the job finished before it was admitted")
             if time.monotonic() > deadline:
                 raise CommTimeout(f"member {self.member}: not admitted within {self.config.timeout_s:.0f}s "
                                   f"(newest epoch {epoch - 1}); the group's leader never reached a step boundary")
@@ -371,7 +381,7 @@ class ElasticGroup:
         """The healthy peer's state to every member that is behind (all, when forced)."""
         mine = torch.tensor([self.replica.committed_steps()], dtype=torch.int64)
         steps = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
-        self._wait(self.pg.allgather([steps], [mine]), "allgather of committed steps")
+        self._launch(lambda: self.pg.allgather([steps], [mine]), "allgather of committed steps").wait()
         source, behind = sync_plan([int(s) for s in steps])
         if force:
             behind = [rank for rank in range(self.size) if rank != source]
@@ -387,13 +397,17 @@ class ElasticGroup:
             self.replica.load_state_dict(_deserialize(blob))
         return behind
 
-    def _wait(self, work, what: str) -> None:
-        PendingCollective(self, work, what).wait()
+    def _launch(self, start: Callable[[], object], what: str) -> "PendingCollective":
+        """Start a collective on the current group; a failure becomes :class:`PeerLost`."""
+        try:
+            return PendingCollective(self, start(), what)
+        except RuntimeError as exc:
+            raise self._lost(what, exc) from None
 
     def _broadcast(self, tensor: torch.Tensor, source: int, what: str) -> None:
         options = dist.BroadcastOptions()
         options.rootRank = source
-        self._wait(self.pg.broadcast([tensor], options), what)
+        self._launch(lambda: self.pg.broadcast([tensor], options), what).wait()
 
     def _retire(self) -> None:
         """Drop the current group from a daemon thread: its sockets close once its
