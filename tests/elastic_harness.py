@@ -20,12 +20,26 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from datetime import timedelta
 
 import torch
 
 NUM_SAMPLES, NUM_FEATURES, GLOBAL_BATCH = 480, 8, 24
 FAIL_POINTS = ("before_allreduce", "after_allreduce", "before_commit", "after_commit")
+
+
+class StepEvent(NamedTuple):
+    """A worker committed a step: what it reports to the harness."""
+
+    slot: int
+    incarnation: int
+    step: int           # committed steps after it
+    size: int           # the group the step was computed in
+    epoch: int
+    t: float
+    samples: int        # summed over the group: the global batch when nothing was lost
+    checksum: int       # of the parameters after the step
 
 
 def free_port() -> int:
@@ -143,8 +157,8 @@ def worker_main(slot: int | None, num_slots: int, port: int, events, options: di
         summed = group.run_step(compute, commit)
         if replica.step == options["steps"]:
             group.finish()
-        events.put(("step", slot, group.incarnation, replica.step, computed_in["size"], computed_in["epoch"],
-                    time.time(), int(summed[1]), replica.checksum()))
+        events.put(("step", *StepEvent(slot, group.incarnation, replica.step, computed_in["size"],
+                                       computed_in["epoch"], time.time(), int(summed[1]), replica.checksum())))
     events.put(("done", slot, group.incarnation, os.getpid(), replica.flat_params(), committed, replica.loads,
                 [vars(r) for r in group.history]))
     events.close()
@@ -167,7 +181,7 @@ class JobResult:
     """What a run of :class:`ElasticJob` saw."""
 
     done: dict = field(default_factory=dict)        # slot -> the final report of the process that finished it
-    steps: list = field(default_factory=list)       # every ("step", ...) event
+    steps: list = field(default_factory=list)       # every StepEvent, in order of arrival
     kills: list = field(default_factory=list)       # {"slot", "signal", "t", "epoch", "step"}
     hung_killed: list = field(default_factory=list)
     started: list = field(default_factory=list)
@@ -178,13 +192,13 @@ class JobResult:
         survivors trained on), to the replacement's ElasticGroup (its process start,
         imports and model build, or a spare's claim), and to the first step at full
         size again."""
-        later = [e for e in self.steps if e[6] > kill["t"] and e[5] > kill["epoch"]]
-        full = [e for e in later if e[4] == num_slots]
+        later = [e for e in self.steps if e.t > kill["t"] and e.epoch > kill["epoch"]]
+        full = [e for e in later if e.size == num_slots]
         started = [e for e in self.started if e[1] == kill["slot"] and e[4] > kill["t"]]
         return {"slot": kill["slot"], "signal": kill["signal"], "at_step": kill["step"],
-                "first_step_s": round(later[0][6] - kill["t"], 3) if later else None,
+                "first_step_s": round(later[0].t - kill["t"], 3) if later else None,
                 "replacement_started_s": round(started[0][4] - kill["t"], 3) if started else None,
-                "full_size_s": round(full[0][6] - kill["t"], 3) if full else None}
+                "full_size_s": round(full[0].t - kill["t"], 3) if full else None}
 
 
 class ElasticJob:
@@ -236,9 +250,9 @@ class ElasticJob:
                                        f"last steps {result.steps[-4:]}, now {time.time()}")
                 self._drain(result)
                 if result.steps:
-                    newest_step = max(newest_step, result.steps[-1][3])
-                    newest_epoch = max(newest_epoch, result.steps[-1][5])
-                if plan and newest_step >= plan[0]["step"] and result.steps[-1][4] == self.num_slots:
+                    newest_step = max(newest_step, result.steps[-1].step)
+                    newest_epoch = max(newest_epoch, result.steps[-1].epoch)
+                if plan and newest_step >= plan[0]["step"] and result.steps[-1].size == self.num_slots:
                     self._signal(plan.pop(0), rng, result, newest_epoch, newest_step)
                 self._handle_exits(result)
                 for slot in self.watch.hung([s for s in range(self.num_slots) if self._live(s)]):
@@ -258,7 +272,7 @@ class ElasticJob:
             while True:
                 event = self.events.get(timeout=0.02)
                 if event[0] == "step":
-                    result.steps.append(event)
+                    result.steps.append(StepEvent(*event[1:]))
                 elif event[0] == "done":
                     result.done[event[1]] = {"incarnation": event[2], "params": event[4], "committed": event[5],
                                              "loads": event[6], "history": event[7]}

@@ -83,23 +83,23 @@ def _check_consistent(result, unkilled: torch.Tensor, steps: int) -> None:
     for slot, p in enumerate(params):
         assert torch.equal(p, params[0]), f"slot {slot} differs from slot 0 by {(p - params[0]).abs().max()}"
     assert (params[0] - unkilled).abs().max() <= 1e-5, (params[0] - unkilled).abs().max()
-    assert {event[7] for event in result.steps} == {GLOBAL_BATCH}
+    assert {event.samples for event in result.steps} == {GLOBAL_BATCH}
     finishers = {(slot, report["incarnation"]) for slot, report in result.done.items()}
     checksums = {}
     for event in result.steps:   # the finishers that committed step s hold bitwise the same parameters after it
-        if (event[1], event[2]) in finishers:   # (a dead worker may have committed a step the others redid)
-            assert checksums.setdefault(event[3], event[8]) == event[8], f"workers differ after step {event[3]}"
+        if (event.slot, event.incarnation) in finishers:   # (a dead worker may have committed a step the others redid)
+            assert checksums.setdefault(event.step, event.checksum) == event.checksum, f"differ after step {event.step}"
     for slot, report in result.done.items():
         committed, loads = report["committed"], report["loads"]
         assert committed[-1] == steps
         assert all(after >= before for before, after in loads), loads   # a state sync never goes back
         for before, after in zip(committed, committed[1:]):   # +1 per step, or a jump forward at a sync
             assert after == before + 1 or (after > before and any(a == after - 1 for _, a in loads)), (slot, before, after)
-    per_process = {}
-    for event in result.steps:   # (kind, slot, incarnation, step, ...): no process commits a step twice
-        key = (event[1], event[2], event[3])
-        assert key not in per_process, f"step {event[3]} committed twice by {event[1]}.{event[2]}"
-        per_process[key] = event
+    per_process = set()
+    for event in result.steps:   # no process commits a step twice
+        key = (event.slot, event.incarnation, event.step)
+        assert key not in per_process, f"step {event.step} committed twice by {event.slot}.{event.incarnation}"
+        per_process.add(key)
 
 
 @pytest.mark.timeout(240)
