@@ -114,8 +114,9 @@ def _build_strategy(config, env: DistEnv):
     return Straggler(strategy, factor, step_delay) if factor != 1.0 or step_delay else strategy
 
 
-def run_worker(config, env: DistEnv) -> dict:
-    """One worker's whole job: data, model, strategy, callbacks, fit."""
+def run_worker(config, env: DistEnv) -> dict | None:
+    """One worker's whole job: data, model, strategy, callbacks, fit. Returns the
+    run's summary on the worker that reports it (the logging rank), None elsewhere."""
     import torch
     from paratrain.data import build_dataset
     from paratrain.models import build_model
@@ -138,13 +139,15 @@ def run_worker(config, env: DistEnv) -> dict:
     scheduler = None if optim.lr_schedule == "constant" and not optim.warmup_steps else (
         lambda opt: build_lr_schedule(opt, kind=optim.lr_schedule, warmup_steps=optim.warmup_steps,
                                       total_steps=total_steps))
-    return fit(model, train, heldout=heldout, strategy=_build_strategy(config, env), epochs=job.epochs,
+    strategy = _build_strategy(config, env)
+    summary = fit(model, train, heldout=heldout, strategy=strategy, epochs=job.epochs,
                batch_size=job.batch_size, optimizer=optim.optimizer, optimizer_params=optimizer_params,
                seed=job.seed, callbacks=callbacks, checkpoint_dir=resilience.checkpoint_dir,
                checkpoint_every=resilience.checkpoint_every, resume=resume, amp=optim.amp,
                max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
                num_workers=config.data.loader_workers, pin_memory=config.data.pin_memory,
                timeline=build_timeline(output.timeline, env.rank))
+    return summary if strategy.is_logging_rank else None
 
 
 def _has_checkpoint(directory: str | None) -> bool:
@@ -170,7 +173,7 @@ def _train(args: argparse.Namespace) -> int:
             if servers:   # they exit once every worker said goodbye
                 from paratrain.launch import wait_children
                 wait_children(servers, timeout_s=env.timeout_s)
-        if env.rank == 0:
+        if summary is not None:
             if env.summary_file:
                 Path(env.summary_file).write_text(json.dumps(summary))
             elif config.output.json_summary:
@@ -202,10 +205,20 @@ def _launch_workers(config) -> int:
                                                   max_restarts=resilience.max_restarts, restart_policy=policy,
                                                   bind=config.comm.bind, server_args=server_args,
                                                   server_restarts=resilience.max_restarts if server_args else 0,
-                                                  extra_env={"PARATRAIN_SUMMARY_FILE": str(summary_file)}))
+                                                  extra_env={"PARATRAIN_SUMMARY_FILE": str(summary_file)},
+                                                  **_elastic_launch(config)))
         if status == 0 and config.output.json_summary and summary_file.exists():
             print(summary_file.read_text(), flush=True)   # unprefixed, and the last line
     return status
+
+
+def _elastic_launch(config) -> dict:
+    """The launcher's per-step fault tolerance options (none without --min-workers)."""
+    resilience = config.resilience
+    if resilience.min_workers is None:
+        return {}
+    return {"min_workers": resilience.min_workers, "spares": resilience.spares,
+            "heartbeat_timeout_s": resilience.heartbeat_timeout}
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -256,11 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": _train, "launch": _launch}
+    from paratrain.comm.elastic import BelowMinWorkers, JobFinished
     try:
         return handlers[args.command](args)
     except ConfigError as exc:   # user error: one line, no traceback
         print(f"paratrain {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except JobFinished as exc:   # a replacement that came after training ended
+        print(f"paratrain {args.command}: {exc}", file=sys.stderr)
+        return 0
+    except BelowMinWorkers as exc:   # the launcher falls back to a group restart
+        from paratrain.launch_elastic import EXIT_BELOW_MIN_WORKERS
+        print(f"paratrain {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BELOW_MIN_WORKERS
     except KeyboardInterrupt:
         return 130
 
@@ -279,5 +300,17 @@ def exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
+def _main_without_teardown() -> None:
+    """``python -m paratrain.cli``: :func:`main`, then :func:`exit_without_teardown`,
+    also when it raised (the traceback is printed; the status is 1)."""
+    try:
+        code = main()
+    except BaseException:   # noqa: B036 -- a worker's failure still ends it without teardown
+        import traceback
+        traceback.print_exc()
+        code = 1
+    exit_without_teardown(code)
+
+
 if __name__ == "__main__":
-    exit_without_teardown(main())
+    _main_without_teardown()

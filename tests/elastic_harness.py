@@ -85,6 +85,15 @@ class LinearReplica:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
 
+    def use_group(self, group) -> None:
+        """The harness's collectives go through the group itself: nothing to rebind."""
+
+    def abandon_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=False)
+
+    def undo_commit(self) -> None:
+        raise AssertionError("data-parallel members hold one state: nobody ever undoes a step")
+
     def flat_params(self) -> list[float]:
         return torch.cat([p.detach().flatten() for p in self.model.parameters()]).tolist()
 
@@ -102,7 +111,8 @@ def _maybe_fail(options: dict, slot: int, incarnation: int, step: int, point: st
 
 def worker_main(slot: int | None, num_slots: int, port: int, events, options: dict, spare_id: str | None = None) -> None:
     """One worker process (or a warm spare, which first waits for a vacant slot)."""
-    from paratrain.comm.elastic import ElasticConfig, ElasticGroup, JobFinished, wait_for_vacancy
+    from paratrain.comm.elastic import ElasticConfig, ElasticGroup, JobFinished
+    from paratrain.comm.elastic_watch import wait_for_vacancy
     from paratrain.data.sampler import shard_bounds
 
     torch.set_num_threads(1)
@@ -113,7 +123,11 @@ def worker_main(slot: int | None, num_slots: int, port: int, events, options: di
     replica = LinearReplica()
     if spare_id is not None:
         events.put(("spare_ready", spare_id, os.getpid(), time.time()))
-        slot = wait_for_vacancy(store, spare_id, config, timeout_s=options["job_timeout_s"])
+        slot = wait_for_vacancy(store, spare_id, timeout_s=options["job_timeout_s"])
+        if slot is None:   # training ended with no vacancy: nothing to report
+            events.close()
+            events.join_thread()
+            os._exit(0)
     group = ElasticGroup(store, slot=slot, num_slots=num_slots, replica=replica, config=config)
     events.put(("started", slot, group.incarnation, os.getpid(), time.time()))
     try:
@@ -145,7 +159,7 @@ def worker_main(slot: int | None, num_slots: int, port: int, events, options: di
             offset += grad.numel()
         return torch.tensor([loss.item(), float(end - start)], dtype=torch.float64)
 
-    def commit() -> None:
+    def commit(_summed) -> None:
         _maybe_fail(options, slot, group.incarnation, replica.step, "before_commit")
         replica.optimizer.step()
         replica.step += 1
@@ -205,13 +219,14 @@ class ElasticJob:
     """The launcher's role for one elastic job on loopback (kills only its own PIDs)."""
 
     def __init__(self, num_slots: int, options: dict, *, spares: int = 0) -> None:
-        from paratrain.comm.elastic import ElasticConfig, ElasticWatch
+        from paratrain.comm.elastic import ElasticConfig
+        from paratrain.comm.elastic_watch import ElasticWatch
 
         self.num_slots, self.options, self.spares_wanted = num_slots, options, spares
         self.port = free_port()
         self.store = torch.distributed.TCPStore("127.0.0.1", self.port, is_master=True, wait_for_workers=False,
                                                 timeout=timedelta(seconds=30))
-        self.watch = ElasticWatch(self.store, ElasticConfig(**options["elastic"]))
+        self.watch = ElasticWatch(self.store, ElasticConfig(**options["elastic"]).dead_after_s)
         self.ctx = multiprocessing.get_context("spawn")
         self.events = self.ctx.Queue()
         self.processes: list[_Process] = []

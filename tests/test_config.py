@@ -17,7 +17,7 @@ from paratrain.strategies import STRATEGIES
 OPTIONS = sorted("""
 workers servers strategy epochs batch_size seed model dataset loader_workers pin_memory optimizer lr momentum
 accumulate amp max_grad_norm lr_schedule warmup_steps stages micro_batches schedule replicas sync_every staleness backup_workers compression bind
-checkpoint_dir checkpoint_every resume max_restarts server_snapshot_dir server_snapshot_every
+checkpoint_dir checkpoint_every resume max_restarts server_snapshot_dir server_snapshot_every min_workers spares heartbeat_timeout
 log_dir timeline log_interval no_progress json straggler step_delay
 """.split())
 
@@ -80,7 +80,8 @@ def _strategy_where(name: str, fits: bool) -> str | None:
 
 VALUES = {"servers": "1", "server_snapshot_dir": "snap", "server_snapshot_every": "5", "backup_workers": "1",
           "staleness": "1", "sync_every": "4", "stages": "2", "micro_batches": "2", "schedule": "gpipe",
-          "replicas": "2", "compression": "fp16", "accumulate": "2", "bind": "127.0.0.1", "amp": "bf16"}
+          "replicas": "2", "compression": "fp16", "accumulate": "2", "bind": "127.0.0.1", "amp": "bf16",
+          "min_workers": "2", "spares": "1", "heartbeat_timeout": "5"}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in cfg.APPLIES if n != "momentum"))
@@ -94,6 +95,8 @@ def test_every_option_is_refused_where_the_tree_says_it_does_not_apply(name):
     fits = _strategy_where(name, fits=True)
     extra = ("--workers", "4", "--stages", "2", "--replicas", "2") if fits == "hybrid" else ()
     extra += ("--server-snapshot-dir", "snap") if name == "server_snapshot_every" else ()
+    extra += ("--workers", "2", "--min-workers", "1") if name in ("spares", "heartbeat_timeout") else ()
+    extra += ("--workers", "2") if name == "min_workers" else ()
     code, _, err = run_cli("train", "--strategy", fits, cfg.flag(name), VALUES[name], *extra, "--print-config")
     assert code == 0, (fits, err)
 

@@ -15,8 +15,9 @@ import torch
 
 from conftest import run_workers
 from elastic_harness import GLOBAL_BATCH, ElasticJob, LinearReplica, default_options
-from paratrain.comm.elastic import (ElasticConfig, ElasticGroup, decide_membership, member_order,
-                                    pending_joiners, sync_plan, waiting_for)
+from paratrain.comm.elastic import ElasticConfig, ElasticGroup
+from paratrain.comm.elastic_membership import (decide_membership, member_order, pending_joiners, sync_plan,
+                                               waiting_for)
 from paratrain.errors import ConfigError
 
 NUM_SLOTS = 3
@@ -37,16 +38,16 @@ def test_config_names_the_bad_field():
 def test_membership_waits_for_each_member_of_the_last_epoch_until_it_arrives_or_is_gone():
     previous = ["0.1", "1.1", "2.1"]
     assert waiting_for(previous, ["0.1", "2.1"], set()) == ["1.1"]
-    assert decide_membership(previous, ["0.1", "2.1"], [], set(), min_workers=2) is None
-    assert decide_membership(previous, ["2.1", "0.1"], [], {"1.1"}, min_workers=2) == ["0.1", "2.1"]
+    assert decide_membership(previous, ["0.1", "2.1"], [], set(), min_units=2) is None
+    assert decide_membership(previous, ["2.1", "0.1"], [], {"1.1"}, min_units=2) == ["0.1", "2.1"]
 
 
 def test_membership_admits_live_joiners_and_waits_below_min_workers():
     previous = ["0.1", "1.1", "2.1"]
-    assert decide_membership(previous, ["0.1"], [], {"1.1", "2.1"}, min_workers=2) is None
-    assert decide_membership(previous, ["0.1"], ["1.2", "2.2"], {"1.1", "2.1", "2.2"}, min_workers=2) == ["0.1", "1.2"]
+    assert decide_membership(previous, ["0.1"], [], {"1.1", "2.1"}, min_units=2) is None
+    assert decide_membership(previous, ["0.1"], ["1.2", "2.2"], {"1.1", "2.1", "2.2"}, min_units=2) == ["0.1", "1.2"]
     # rank follows the launcher slot, so a full group has rank == slot
-    assert decide_membership(["0.1", "2.1"], ["2.1", "0.1"], ["1.3"], set(), min_workers=1) == ["0.1", "1.3", "2.1"]
+    assert decide_membership(["0.1", "2.1"], ["2.1", "0.1"], ["1.3"], set(), min_units=1) == ["0.1", "1.3", "2.1"]
     assert sorted(["10.1", "2.4", "2.3"], key=member_order) == ["2.3", "2.4", "10.1"]
 
 
@@ -57,9 +58,14 @@ def test_pending_joiners_skip_members_the_dead_and_the_replaced():
 
 
 def test_sync_plan_picks_the_lowest_rank_with_the_most_committed_steps():
-    assert sync_plan([5, 6, 6]) == (1, [0])
-    assert sync_plan([4, 4]) == (0, [])
-    assert sync_plan([0, 9, 3]) == (1, [0, 2])
+    def plan(steps):
+        result = sync_plan(steps, [0] * len(steps))
+        assert result.target == max(steps) and result.undo == []
+        return result.sources[0], result.behind
+
+    assert plan([5, 6, 6]) == (1, [0])
+    assert plan([4, 4]) == (0, [])
+    assert plan([0, 9, 3]) == (1, [0, 2])
 
 
 # -- real processes ------------------------------------------------------------------
@@ -167,7 +173,7 @@ def _diverged_regroup(rank, world, port, queue):
             for param in replica.model.parameters():
                 param.add_(0.5)
         replica.step += 1
-    group._recover("test: slot 1 committed a step the others did not")
+    group._recover("test: slot 1 committed a step the others did not", time.time())
     queue.put((rank, {"after_start": after_start, "params": replica.flat_params(), "step": replica.step,
                       "history": [vars(r) for r in group.history], "epoch": group.epoch}))
     time.sleep(0.5)   # let the others read from the store before rank 0 (its host) exits

@@ -1,26 +1,26 @@
-"""Elastic data parallelism: a gloo group that loses and regains workers at step
-boundaries, with no process restart and no checkpoint read.
+"""Elastic groups: gloo groups that lose and regain workers at step boundaries, with no
+process restart and no checkpoint read (per-step fault tolerance, ``--min-workers``).
 
-Workers belong to *epochs* of membership. An epoch is a list of member ids decided
-through the job's TCP store and a gloo process group of its own under the epoch's
-store prefix. A step's collectives run in the current epoch's group; the optimizer
-step is taken only after all of them succeeded. When one fails (a peer was SIGKILLed:
-its sockets close and gloo fails within milliseconds), the survivor releases the
-group, so that peers blocked on it fail too, and meets the others in the store for
-the next epoch. The members of the new epoch compare committed step counts; the
-lowest-ranked member with the highest count (a healthy peer) broadcasts its state to
-every member that is behind. So no member repeats a step, and all end on the same
-state. A replacement registers as a joiner; the leader sees it from a watcher thread
-and says so in the step's boundary allreduce (which also sums the step's
-statistics), so every member grows the group after the same step.
+Workers belong to *epochs* of membership. An epoch is a list of members (processes,
+:mod:`paratrain.comm.elastic_membership`) decided through the job's TCP store, and a
+gloo group of its own under the epoch's store prefix (plus, for pipeline replicas, one
+group per stage across the replicas). A step's collectives run in the current epoch's
+group; the update is applied only after all of them, and the step's boundary
+allreduce, succeeded. When one fails (a peer was SIGKILLed: its sockets close and gloo
+fails within milliseconds), the survivor releases the group, so that peers blocked on
+it fail too, and meets the others in the store for the next epoch. The members of the
+new epoch compare committed step counts; a member holding the most (a healthy peer)
+broadcasts its state to every member that is behind. So no member repeats a step, and
+all end on the same state. A replacement registers as a joiner; the leader sees it
+from a watcher thread and says so in the step's boundary allreduce (which also sums
+the step's statistics), so every member grows the group after the same step.
 
 What gloo on torch 2.13 allows, measured (docs/resilience.md): a process whose group
-saw a peer die can build a new ``ProcessGroupGloo`` and keep working;
-``Backend.abort()`` and ``shutdown()`` return at once but neither ends a pending
-collective nor closes a socket; destroying a group blocks until its pending
-collectives ended (at worst the gloo timeout), so old groups are released from a
-daemon thread. A hung peer (SIGSTOP) closes nothing: the launcher kills it once its
-heartbeat stopped (:class:`ElasticWatch`), and the hang becomes a death.
+saw a peer die can build a new group and keep working; ``abort()``/``shutdown()`` end
+nothing; dropping a group blocks until its pending collectives ended (at worst the
+gloo timeout), so old groups are released from a daemon thread. A hung peer (SIGSTOP)
+closes nothing: the launcher kills it once its heartbeat stopped
+(:class:`~paratrain.comm.elastic_watch.ElasticWatch`), and the hang becomes a death.
 
 Store layout, under ``ElasticConfig.prefix``:
 
@@ -32,8 +32,10 @@ Store layout, under ``ElasticConfig.prefix``:
 | ``joiners``, ``joiner/<i>`` | replacements waiting to be admitted, in order of arrival |
 | ``epoch/<n>/arrivals``, ``epoch/<n>/arrival/<i>`` | members that reached rendezvous n |
 | ``epoch/<n>/members`` | the decided membership of epoch n (JSON list; the first decider wins) |
-| ``pg/<n>/`` | gloo's own keys for epoch n's group |
+| ``epoch/<n>/cause``, ``epoch/<n>/entered`` | why epoch n formed and when it trained (the summary's recoveries) |
+| ``pg/<n>/`` | gloo's own keys for epoch n's groups |
 | ``spare/<id>/slot`` | the launcher hands a vacant slot to a waiting spare |
+| ``steps_repeated`` | counter: steps some member committed a second time |
 | ``finished`` | training is over: a replacement still waiting to be admitted exits |
 """
 from __future__ import annotations
@@ -42,30 +44,40 @@ import io
 import json
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
 
-from paratrain.comm.heartbeat import HeartbeatSender, LivenessTracker
+from paratrain.comm.elastic_membership import (Reconfiguration, decide_membership, fault_report, member_id,
+                                               pending_joiners, sync_plan, waiting_for)
+from paratrain.comm.elastic_watch import DEFAULT_PREFIX, MemberLiveness, dead_key, elastic_store, heartbeat_key
+from paratrain.comm.heartbeat import HeartbeatSender
+from paratrain.comm.process_group import CollectiveFailed, new_gloo_group
 from paratrain.errors import CommTimeout, ConfigError, PeerError, check_positive
 
 
 @dataclass(kw_only=True)
 class ElasticConfig:
+    """``min_workers``: the fewest complete units that train on (below, the
+    rendezvous waits for replacements up to ``timeout_s``, then raises
+    :class:`BelowMinWorkers`); ``unit``: slots that live and die together."""
+
     min_workers: int = 1
+    unit: int = 1
     heartbeat_every_s: float = 1.0
     dead_after_s: float = 10.0     # heartbeat silence that makes a member dead (and the launcher kill it)
     timeout_s: float = 60.0        # bound on every wait: one collective, a rendezvous, a join
     poll_s: float = 0.005          # store polling while a rendezvous is open
     join_poll_s: float = 0.05      # the leader's look for joiners, off the step's path
-    prefix: str = "elastic/"
+    prefix: str = DEFAULT_PREFIX
 
     def __post_init__(self) -> None:
-        if not isinstance(self.min_workers, int) or self.min_workers < 1:
-            raise ConfigError(f"min_workers={self.min_workers!r} must be an integer >= 1")
+        for name in ("min_workers", "unit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be an integer >= 1")
         for name in ("heartbeat_every_s", "dead_after_s", "timeout_s", "poll_s", "join_poll_s"):
             check_positive(name, getattr(self, name))
         if self.dead_after_s <= 2 * self.heartbeat_every_s:
@@ -81,105 +93,75 @@ class JobFinished(PeerError):
     """A replacement arrived after the members had finished training: nothing to join."""
 
 
+class BelowMinWorkers(CommTimeout):
+    """Fewer than ``min_workers`` live workers for ``timeout_s``: the launcher falls
+    back to restarting the group from its checkpoint."""
+
+
+#: What makes a step (or a collective) start again in a re-formed group.
+LOST = (PeerLost, CollectiveFailed, CommTimeout)
+
+
 class Replica(Protocol):
     """What the group needs from the training state it keeps identical."""
 
     def committed_steps(self) -> int: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def member_id(slot: int, incarnation: int) -> str:
-    return f"{slot}.{incarnation}"
-
-
-def member_order(member: str) -> tuple[int, int]:
-    """Members sort by launcher slot, then incarnation: at full size rank == slot."""
-    slot, incarnation = member.split(".")
-    return int(slot), int(incarnation)
-
-
-def waiting_for(previous: list[str], arrived: list[str], gone: set[str]) -> list[str]:
-    """Members of the last epoch that neither reached the rendezvous nor are gone."""
-    return [m for m in previous if m not in arrived and m not in gone]
-
-
-def decide_membership(previous: list[str], arrived: list[str], joiners: list[str], gone: set[str],
-                      min_workers: int) -> list[str] | None:
-    """The next epoch's members, or None while the rendezvous must stay open: some
-    member of the last epoch may still arrive, or fewer than ``min_workers`` are live
-    (a replacement may still register). A pure function."""
-    if waiting_for(previous, arrived, gone):
-        return None
-    members = {m for m in arrived if m not in gone} | {j for j in joiners if j not in gone}
-    if len(members) < min_workers:
-        return None
-    return sorted(members, key=member_order)
-
-
-def pending_joiners(joiners: list[str], members: list[str], dead: set[str]) -> list[str]:
-    """Joiners still waiting for admission: not members, not dead, and not replaced
-    by a newer process of their slot. A pure function."""
-    newest: dict[int, int] = {}
-    for member in [*joiners, *members]:
-        slot, incarnation = member_order(member)
-        newest[slot] = max(newest.get(slot, 0), incarnation)
-    return [j for j in joiners if j not in members and j not in dead and member_order(j)[1] == newest[member_order(j)[0]]]
-
-
-def sync_plan(steps: list[int]) -> tuple[int, list[int]]:
-    """``(source, behind)``: the lowest rank holding the most committed steps, and the
-    ranks with fewer. A pure function."""
-    most = max(steps)
-    return steps.index(most), [rank for rank, count in enumerate(steps) if count < most]
-
-
-@dataclass
-class Reconfiguration:
-    """One change of membership, as the summary reports it."""
-
-    kind: str   # "start"; "shrink" or "regroup" (after a failure); "grow"; "rejoin" (this member was admitted)
-    epoch: int
-    members: list[str]
-    step: int                   # committed steps after the state sync
-    seconds: float              # from noticing the need to training in the new epoch
-    synced: list[int] = field(default_factory=list)   # ranks that received the healthy peer's state
-    reason: str = ""
+    def use_group(self, group: "ElasticGroup | None") -> None:
+        """Run collectives on ``group`` now (None: drop every reference to the old one)."""
+    def abandon_step(self) -> None:
+        """The step in progress failed before its update: drop its pending work."""
+    def undo_commit(self) -> None:
+        """Take back the last committed step (only units > 1 ever need it)."""
 
 
 class ElasticGroup:
-    """This worker's membership of an elastic data-parallel group.
+    """This worker's membership of an elastic group.
 
     ``slot`` is the launcher's rank for the process (a replacement takes the dead
-    one's slot); ``num_slots`` the full size. Collectives go through
-    :meth:`all_reduce` / :meth:`all_reduce_async` (a failure becomes
-    :class:`PeerLost`) and a step through :meth:`run_step`.
+    one's slot); ``num_slots`` the full size. :meth:`run_step` runs one step to its
+    commit; ``pg`` is the current
+    epoch's group (``rank``/``size``), ``part_group`` the group of the members that
+    hold the same state as this one (``part_rank``/``part_size``: this stage across the
+    replicas; the whole group when ``unit`` is 1).
     """
 
     def __init__(self, store, *, slot: int, num_slots: int, replica: Replica, config: ElasticConfig) -> None:
         if not 0 <= slot < num_slots:
             raise ConfigError(f"slot={slot} must be in [0, num_slots={num_slots})")
+        if num_slots % config.unit:
+            raise ConfigError(f"num_slots={num_slots} is not a multiple of unit={config.unit}")
         self.config, self.slot, self.num_slots, self.replica = config, slot, num_slots, replica
-        self._store = dist.PrefixStore(config.prefix, store)
+        self.unit = config.unit
+        self._store = elastic_store(store, config.prefix)
         self.incarnation = int(self._store.add(f"slot/{slot}/incarnations", 1))
         self.member = member_id(slot, self.incarnation)
-        self._heartbeat = HeartbeatSender(self._store, f"hb/{self.member}", config.heartbeat_every_s).start()
-        self._liveness = LivenessTracker(lambda m: int(self._store.add(f"hb/{m}", 0)), config.dead_after_s)
-        self.pg = None
+        self._heartbeat = HeartbeatSender(self._store, heartbeat_key(self.member), config.heartbeat_every_s).start()
+        self._liveness = MemberLiveness(self._store, config.dead_after_s)
+        self.pg = self.part_group = None
         self.epoch, self.members, self.rank, self.size = -1, [], 0, 0
         self.history: list[Reconfiguration] = []
         self._joins_waiting = (-1, 0)            # (epoch, count): written by the watcher thread, read at boundaries
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch_joiners, name=f"elastic joiners {self.member}", daemon=True)
 
+    @property
+    def part_rank(self) -> int:
+        return self.rank // self.unit
+
+    @property
+    def part_size(self) -> int:
+        return self.size // self.unit
+
     # -- public API ------------------------------------------------------------------
 
     def start(self) -> None:
         """Form the first epoch with the other first processes, or join a running job."""
-        tic = time.monotonic()
+        tic, noticed = time.monotonic(), time.time()
         members: list[str] = []
         if self.incarnation == 1 and not self._store.check(["epoch/0/members"]):
-            members = self._rendezvous(0, [member_id(slot, 1) for slot in range(self.num_slots)])
+            members = self._rendezvous(0, [member_id(slot, 1) for slot in range(self.num_slots)], "start", noticed)
         if self.member in members:
             self._enter(0, members, kind="start", reason="first epoch", tic=tic)
         else:   # a replacement, or a first process that came too late for epoch 0
@@ -188,38 +170,66 @@ class ElasticGroup:
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` in place across the current epoch's members."""
-        self.all_reduce_async(tensor).wait()
+        self._launch(lambda: self.pg.allreduce([tensor]), "allreduce").wait()
         return tensor
 
-    def all_reduce_async(self, tensor: torch.Tensor) -> "PendingCollective":
-        return self._launch(lambda: self.pg.allreduce([tensor]), "allreduce")
+    def broadcast(self, tensor: torch.Tensor, source: int = 0, *, part: bool = False) -> None:
+        """Rank ``source``'s ``tensor`` to every member (of this part, with ``part``)."""
+        options = dist.BroadcastOptions()
+        options.rootRank = source
+        group = self.part_group if part else self.pg
+        self._launch(lambda: group.broadcast([tensor], options), f"broadcast from rank {source}").wait()
 
-    def run_step(self, compute: Callable[[], torch.Tensor | None], commit: Callable[[], None]) -> torch.Tensor | None:
-        """Run one step to its commit, re-forming the group after each failure (at
-        most ``2 * num_slots + 2`` attempts).
+    def run_step(self, compute: Callable[[], torch.Tensor | None],
+                 commit: Callable[[torch.Tensor | None], None], *, admit_joiners: bool = True) -> torch.Tensor | None:
+        """Run steps until this member has committed one more than when it was called,
+        re-forming the group after each failure (at most ``2 * num_slots + 2`` attempts).
 
-        ``compute()`` zeroes the gradients, takes this member's share of the global
-        batch for ``replica.committed_steps()`` (its rank and size may have changed since
-        the last call), runs forward, backward and the gradient collectives, and
-        returns a float64 tensor of statistics to sum (or None). ``commit()`` applies
-        the optimizer step and counts the step. Returns the summed statistics.
+        ``compute()`` takes this member's share of the global batch of
+        ``replica.committed_steps()`` (its rank and size may have changed since the last
+        call), runs forward, backward and the gradient collectives, and returns a
+        float64 tensor of statistics to sum (or None). ``commit(summed)`` applies the
+        update and counts the step (``summed``: the statistics). Joiners the leader
+        counted are admitted after it unless ``admit_joiners`` is False (the same on
+        every member: the last step of an epoch). Returns the summed statistics, or
+        None when a healthy peer's state covered the step (this member was behind).
         """
+        start, summed = self.replica.committed_steps(), None
         for _attempt in range(2 * self.num_slots + 2):
+            if self.replica.committed_steps() > start:
+                return summed
             try:
                 stats = compute()
                 summed, joins = self._boundary(stats)
-            except PeerLost as lost:
-                reason = str(lost)
+            except LOST as lost:
+                reason, noticed = str(lost), time.time()
             else:
-                commit()
-                if joins:
+                commit(summed)
+                if joins and admit_joiners:
                     self._grow()
-                return summed
+                continue
             # Out of the except block: its traceback held compute()'s frame, whose
             # pending collectives would keep the old group's sockets open.
-            self._recover(reason)
-        raise PeerError(f"member {self.member}: step {self.replica.committed_steps()} failed "
-                        f"{2 * self.num_slots + 2} times in a row; giving up")
+            summed = None
+            self.replica.abandon_step()
+            self._recover(reason, noticed)
+        raise PeerError(f"member {self.member}: step {start} failed {2 * self.num_slots + 2} times in a row; "
+                        f"giving up")
+
+    def count_repeated_step(self) -> None:
+        """Record that this member committed a step index it had committed before."""
+        self._store.add("steps_repeated", 1)
+
+    def fault_summary(self) -> dict:
+        """``worker_failures``, ``recoveries`` and ``steps_repeated`` of the whole job
+        so far, from the epochs' records in the store."""
+        records = []
+        for epoch in range(self.epoch + 1):
+            if not self._store.check([f"epoch/{epoch}/cause", f"epoch/{epoch}/entered"]):
+                continue
+            cause = json.loads(self._store.get(f"epoch/{epoch}/cause"))
+            records.append({**cause, **json.loads(self._store.get(f"epoch/{epoch}/entered"))})
+        return {**fault_report(records, self.num_slots), "steps_repeated": int(self._store.add("steps_repeated", 0))}
 
     def finish(self) -> None:
         """Say that training is over, so a replacement still starting exits instead
@@ -232,6 +242,7 @@ class ElasticGroup:
         self._heartbeat.stop()
         if self._watcher.is_alive():
             self._watcher.join(timeout=2 * self.config.join_poll_s + 1)
+        self.replica.use_group(None)
         self._retire()
 
     # -- one step ----------------------------------------------------------------------
@@ -251,14 +262,16 @@ class ElasticGroup:
 
     # -- membership ----------------------------------------------------------------
 
-    def _recover(self, reason: str) -> None:
-        """A collective failed: meet the survivors in the next epoch, shrinking the group."""
+    def _recover(self, reason: str, noticed: float, *, admit: bool = True) -> None:
+        """A collective failed: meet the survivors in the next epoch, shrinking the group
+        (``admit``: a joiner may come in too; its first collectives are a step's)."""
         tic = time.monotonic()
         for _attempt in range(2 * self.num_slots + 2):
+            self.replica.use_group(None)
             self._retire()
             next_epoch, previous = self.epoch + 1, self.members
             try:
-                members = self._rendezvous(next_epoch, previous)
+                members = self._rendezvous(next_epoch, previous, "failure", noticed, admit=admit)
                 if self.member not in members:   # decided without us (we were late): join as a replacement
                     self._join(tic, after=next_epoch)
                     return
@@ -272,15 +285,16 @@ class ElasticGroup:
 
     def _grow(self) -> None:
         """Admit the waiting joiners at this step boundary."""
-        tic = time.monotonic()
+        tic, noticed = time.monotonic(), time.time()
+        self.replica.use_group(None)
         self._retire()
         next_epoch, previous = self.epoch + 1, self.members
         try:
-            members = self._rendezvous(next_epoch, previous)
+            members = self._rendezvous(next_epoch, previous, "join", noticed)
             self._enter(next_epoch, members, kind="grow", reason="replacement joined", tic=tic)
         except PeerLost as lost:
             self.epoch, self.members = next_epoch, members
-            self._recover(str(lost))
+            self._recover(str(lost), time.time())
 
     def _join(self, tic: float, after: int = 0) -> None:
         """Register as a joiner and wait for an epoch that admits us."""
@@ -295,51 +309,43 @@ class ElasticGroup:
                         self._enter(epoch, members, kind="rejoin", reason="admitted", tic=tic)
                     except PeerLost as lost:
                         self.epoch, self.members = epoch, members
-                        self._recover(str(lost))
+                        self._recover(str(lost), time.time())
                     return
                 epoch += 1
             if self._store.check(["finished"]):
                 raise JobFinished(f"member {self.member}: the job finished before it was admitted")
             if time.monotonic() > deadline:
-                raise CommTimeout(f"member {self.member}: not admitted within {self.config.timeout_s:.0f}s "
-                                  f"(newest epoch {epoch - 1}); the group's leader never reached a step boundary")
+                raise BelowMinWorkers(f"member {self.member}: not admitted within {self.config.timeout_s:.0f}s "
+                                      f"(newest epoch {epoch - 1}); no member of the group reached a step boundary")
             time.sleep(self.config.join_poll_s)
 
-    def _rendezvous(self, epoch: int, previous: list[str]) -> list[str]:
+    def _rendezvous(self, epoch: int, previous: list[str], cause: str, noticed: float, *,
+                    admit: bool = True) -> list[str]:
         """Arrive at epoch ``epoch`` and return its membership, decided by the first
-        member that saw nobody left to wait for."""
+        member that saw nobody left to wait for (it also records the ``cause``);
+        waiting joiners come in with ``admit``."""
         store, key = self._store, f"epoch/{epoch}/members"
         index = int(store.add(f"epoch/{epoch}/arrivals", 1))
         store.set(f"epoch/{epoch}/arrival/{index}", self.member)
         deadline = time.monotonic() + self.config.timeout_s
         while not store.check([key]):
             arrived = self._read_list(f"epoch/{epoch}/arrival", int(store.add(f"epoch/{epoch}/arrivals", 0)))
-            joiners = self._read_list("joiner", int(store.add("joiners", 0)))
-            gone = self._gone(set(previous) | set(joiners))
-            decided = decide_membership(previous, arrived, joiners, gone, self.config.min_workers)
+            joiners = self._read_list("joiner", int(store.add("joiners", 0))) if admit else []
+            gone = self._liveness.gone(set(previous) | set(joiners), exclude=self.member)
+            decided = decide_membership(previous, arrived, joiners, gone, self.config.min_workers, self.unit)
             if decided is not None:
-                store.compare_set(key, "", json.dumps(decided))
+                if store.compare_set(key, "", json.dumps(decided)).decode() == json.dumps(decided):
+                    store.set(f"epoch/{epoch}/cause", json.dumps({"cause": cause, "noticed_at": noticed,
+                                                                  "previous": previous}))
                 break
             if time.monotonic() > deadline:
                 live = len({m for m in arrived + joiners if m not in gone})
-                raise CommTimeout(
-                    f"member {self.member}: epoch {epoch} not formed within {self.config.timeout_s:.0f}s; "
-                    f"waiting for {waiting_for(previous, arrived, gone) or 'nobody'} of the last epoch; "
-                    f"{live} live worker(s), min_workers={self.config.min_workers}")
+                error = BelowMinWorkers if not waiting_for(previous, arrived, gone) else CommTimeout
+                raise error(f"member {self.member}: epoch {epoch} not formed within {self.config.timeout_s:.0f}s; "
+                            f"waiting for {waiting_for(previous, arrived, gone) or 'nobody'} of the last epoch; "
+                            f"{live} live worker(s), min_workers={self.config.min_workers}")
             time.sleep(self.config.poll_s)
         return json.loads(store.get(key))
-
-    def _gone(self, members: set[str]) -> set[str]:
-        """Members that exited (the launcher said so), were replaced by a newer
-        process of their slot, or whose heartbeat stopped."""
-        newest: dict[int, int] = {}
-        for member in members:
-            slot, incarnation = member_order(member)
-            newest[slot] = max(newest.get(slot, 0), incarnation)
-        gone = {m for m in members if member_order(m)[1] < newest[member_order(m)[0]]}
-        gone |= {m for m in members if self._store.check([f"dead/{m}"])}
-        gone |= set(self._liveness.dead(sorted(members - gone - {self.member})))
-        return gone
 
     def _read_list(self, prefix: str, count: int) -> list[str]:
         if count == 0:
@@ -347,7 +353,7 @@ class ElasticGroup:
         return [value.decode() for value in self._store.multi_get([f"{prefix}/{i}" for i in range(1, count + 1)])]
 
     def _watch_joiners(self) -> None:
-        """The leader's thread: count the joiners that wait for admission."""
+        """The leader's thread: count the joiners that can be admitted."""
         seen: list[str] = []
         while not self._stop.wait(self.config.join_poll_s):
             epoch, members = self.epoch, list(self.members)
@@ -357,42 +363,54 @@ class ElasticGroup:
                 count = int(self._store.add("joiners", 0))
                 if count > len(seen):
                     seen += self._read_list("joiner", count)[len(seen):]
-                dead = {j for j in seen if j not in members and self._store.check([f"dead/{j}"])}
-                self._joins_waiting = (epoch, len(pending_joiners(seen, members, dead)))
+                dead = {j for j in seen if j not in members and self._store.check([dead_key(j)])}
+                self._joins_waiting = (epoch, len(pending_joiners(seen, members, dead, self.unit)))
             except Exception:   # the store is gone at shutdown: the main thread reports that
                 continue
 
     # -- groups and state --------------------------------------------------------------
 
     def _enter(self, epoch: int, members: list[str], *, kind: str, reason: str, tic: float) -> None:
-        """Build epoch ``epoch``'s group and bring every member to the healthiest state."""
+        """Build epoch ``epoch``'s groups and bring every member to the healthiest state."""
         self.epoch, self.members = epoch, members
         self.rank, self.size = members.index(self.member), len(members)
+        timeout = self.config.timeout_s
         try:
-            self.pg = dist.ProcessGroupGloo(dist.PrefixStore(f"pg/{epoch}/", self._store), self.rank, self.size,
-                                            timedelta(seconds=self.config.timeout_s))
+            self.pg = new_gloo_group(dist.PrefixStore(f"pg/{epoch}/", self._store), self.rank, self.size, timeout)
+            self.part_group = self.pg if self.unit == 1 else new_gloo_group(
+                dist.PrefixStore(f"pg/{epoch}/part{self.rank % self.unit}/", self._store), self.part_rank,
+                self.part_size, timeout)
         except RuntimeError as exc:
             raise self._lost("building the group", exc) from None
+        self.replica.use_group(self)
         synced = self._sync_state(force=epoch == 0)
+        if self.rank == 0:
+            self._store.set(f"epoch/{epoch}/entered", json.dumps({"members": members, "entered_at": time.time(),
+                                                                  "step": self.replica.committed_steps()}))
         self.history.append(Reconfiguration(kind, epoch, list(members), self.replica.committed_steps(),
                                             round(time.monotonic() - tic, 4), synced, reason))
 
     def _sync_state(self, force: bool) -> list[int]:
-        """The healthy peer's state to every member that is behind (all, when forced)."""
+        """A healthy peer's state to every member that is behind (all, when forced),
+        within each part (state group)."""
         mine = torch.tensor([self.replica.committed_steps()], dtype=torch.int64)
         steps = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
         self._launch(lambda: self.pg.allgather([steps], [mine]), "allgather of committed steps").wait()
-        source, behind = sync_plan([int(s) for s in steps])
-        if force:
-            behind = [rank for rank in range(self.size) if rank != source]
+        plan = sync_plan([int(s) for s in steps], [rank % self.unit for rank in range(self.size)])
+        if self.rank in plan.undo:
+            self.replica.undo_commit()
+        part = self.rank % self.unit
+        source = plan.sources[part]
+        behind = [r for r in range(self.size) if r % self.unit == part and r != source] if force else \
+            [r for r in plan.behind + plan.undo if r % self.unit == part and r != source]
         if not behind:
             return []
         blob = _serialize(self.replica.state_dict()) if self.rank == source else torch.zeros(0, dtype=torch.uint8)
         length = torch.tensor([blob.numel()], dtype=torch.int64)
-        self._broadcast(length, source, "broadcast of the state's size")
+        self.broadcast(length, source // self.unit, part=True)
         if self.rank != source:
             blob = torch.empty(int(length), dtype=torch.uint8)
-        self._broadcast(blob, source, f"broadcast of rank {source}'s state")
+        self.broadcast(blob, source // self.unit, part=True)
         if self.rank in behind:
             self.replica.load_state_dict(_deserialize(blob))
         return behind
@@ -404,16 +422,11 @@ class ElasticGroup:
         except RuntimeError as exc:
             raise self._lost(what, exc) from None
 
-    def _broadcast(self, tensor: torch.Tensor, source: int, what: str) -> None:
-        options = dist.BroadcastOptions()
-        options.rootRank = source
-        self._launch(lambda: self.pg.broadcast([tensor], options), what).wait()
-
     def _retire(self) -> None:
-        """Drop the current group from a daemon thread: its sockets close once its
-        pending collectives ended, which makes peers still blocked on it fail too."""
-        holder = [self.pg] if self.pg is not None else []
-        self.pg = None
+        """Drop the current groups from a daemon thread: their sockets close once their
+        pending collectives ended, which makes peers still blocked on them fail too."""
+        holder = [g for g in {id(self.pg): self.pg, id(self.part_group): self.part_group}.values() if g is not None]
+        self.pg = self.part_group = None
         if holder:
             threading.Thread(target=holder.clear, name="release old gloo group", daemon=True).start()
 
@@ -441,49 +454,3 @@ def _serialize(state: dict) -> torch.Tensor:
 
 def _deserialize(blob: torch.Tensor) -> dict:
     return torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=True)
-
-
-class ElasticWatch:
-    """The launcher's half: it tells the group which processes are gone, turns a hang
-    into a death, and hands vacant slots to warm spares.
-
-    The launcher calls :meth:`report_exit` as soon as a worker process exited (before
-    it starts a replacement) and SIGKILLs, by PID, every slot :meth:`hung` returns.
-    """
-
-    def __init__(self, store, config: ElasticConfig) -> None:
-        self._store = dist.PrefixStore(config.prefix, store)
-        self._liveness = LivenessTracker(lambda m: int(self._store.add(f"hb/{m}", 0)), config.dead_after_s)
-
-    def member(self, slot: int) -> str | None:
-        """The newest process of ``slot`` (None before one started)."""
-        count = int(self._store.add(f"slot/{slot}/incarnations", 0))
-        return member_id(slot, count) if count else None
-
-    def report_exit(self, slot: int) -> None:
-        member = self.member(slot)
-        if member is not None:
-            self._store.set(f"dead/{member}", "1")
-
-    def hung(self, slots: list[int]) -> list[int]:
-        """Slots whose newest process has not beaten for ``dead_after_s`` (one that
-        never beat is still starting and is not judged)."""
-        members = {m: slot for slot in slots if (m := self.member(slot)) and not self._store.check([f"dead/{m}"])}
-        return [members[m] for m in self._liveness.dead(sorted(members))]
-
-    def assign_spare(self, spare_id: str, slot: int) -> None:
-        """Give a dead worker's slot to the spare ``spare_id`` (after :meth:`report_exit`)."""
-        self._store.set(f"spare/{spare_id}/slot", str(slot))
-
-
-def wait_for_vacancy(store, spare_id: str, config: ElasticConfig, timeout_s: float) -> int:
-    """In a warm spare: block until the launcher hands it a slot; return the slot.
-    A spare imports, loads and builds everything before it waits, so a dead worker's
-    replacement joins in the time of one rendezvous, not of a process start."""
-    prefixed = dist.PrefixStore(config.prefix, store)
-    key, deadline = f"spare/{spare_id}/slot", time.monotonic() + timeout_s
-    while not prefixed.check([key]):
-        if time.monotonic() > deadline:
-            raise CommTimeout(f"spare {spare_id}: no vacancy within {timeout_s:.0f}s")
-        time.sleep(config.join_poll_s)
-    return int(prefixed.get(key))
