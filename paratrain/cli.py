@@ -86,20 +86,17 @@ def build_run_config(args: argparse.Namespace, env: DistEnv):
 def _check_before_launch(config) -> None:
     """What can be checked only with the data, the model and the file system, before
     anything starts."""
-    from paratrain.data import build_dataset
-    from paratrain.models import build_model
+    from paratrain.data.loading import dataset_len
+    from paratrain.workloads import build_workload
     config_module.check_paths(config)
     resilience = config.resilience
     if resilience.resume and not any(Path(resilience.checkpoint_dir).glob("*.pt")):
         raise ConfigError(f"--resume: no checkpoint in --checkpoint-dir {resilience.checkpoint_dir!r}")
-    train, _ = build_dataset(config.data.dataset)
-    config_module.check_batch(config, len(train))
-
-    def model_factory():
-        return build_model(config.model.model, train.sample_shape, train.num_classes, seed=config.job.seed)
+    workload = build_workload(config)
+    config_module.check_batch(config, dataset_len(workload.train))
     # Builds the strategy (its own checks) and validates it against the model; starts nothing.
     _build_strategy(config, DistEnv(world_size=config.job.workers)).validate(
-        config.job.batch_size, config.job.workers, model_factory)
+        config.job.batch_size, config.job.workers, lambda: workload.model)
 
 
 def _build_strategy(config, env: DistEnv):
@@ -115,38 +112,47 @@ def _build_strategy(config, env: DistEnv):
 
 
 def run_worker(config, env: DistEnv) -> dict | None:
-    """One worker's whole job: data, model, strategy, callbacks, fit. Returns the
-    run's summary on the worker that reports it (the logging rank), None elsewhere."""
+    """One worker's whole job: workload (data, model, task), strategy, callbacks, fit.
+    Returns the run's summary on the worker that reports it (the logging rank), None
+    elsewhere."""
     import torch
-    from paratrain.data import build_dataset
-    from paratrain.models import build_model
+    from paratrain.data.loading import dataset_len
     from paratrain.timeline import build_timeline
     from paratrain.train import MetricsLogger, ProgressBar, Speedometer, fit
     from paratrain.train.schedules import build_lr_schedule
+    from paratrain.workloads import SummaryExtras, build_workload, dataset_tokens_per_sample
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")) if env.launched else torch.get_num_threads())
     job, optim, output, resilience = config.job, config.optim, config.output, config.resilience
-    train, heldout = build_dataset(config.data.dataset)
-    model = build_model(config.model.model, train.sample_shape, train.num_classes, seed=job.seed)
-    callbacks = [ProgressBar(enabled=not output.no_progress and sys.stderr.isatty()),
-                 Speedometer(output.log_interval)]
+    workload = build_workload(config)
+    tokens = dataset_tokens_per_sample(workload.train) if workload.task.name == "lm" else None
+    callbacks = [SummaryExtras(workload), ProgressBar(enabled=not output.no_progress and sys.stderr.isatty()),
+                 Speedometer(output.log_interval, tokens_per_sample=tokens)]
     if output.log_dir:
         callbacks.append(MetricsLogger(output.log_dir))
     optimizer_params = {"lr": optim.lr}
     if optim.momentum is not None:
         optimizer_params["momentum"] = optim.momentum
+    if optim.weight_decay is not None:
+        optimizer_params["weight_decay"] = optim.weight_decay
+    if optim.beta1 is not None or optim.beta2 is not None:
+        optimizer_params["betas"] = (0.9 if optim.beta1 is None else optim.beta1,
+                                     0.999 if optim.beta2 is None else optim.beta2)
     resume = resilience.resume or (env.restart_count > 0 and _has_checkpoint(resilience.checkpoint_dir))
-    total_steps = job.epochs * -(-len(train) // job.batch_size)
+    length = dataset_len(workload.train)
+    total_steps = job.epochs * -(-length // job.batch_size) if length else None
     scheduler = None if optim.lr_schedule == "constant" and not optim.warmup_steps else (
         lambda opt: build_lr_schedule(opt, kind=optim.lr_schedule, warmup_steps=optim.warmup_steps,
-                                      total_steps=total_steps))
+                                      total_steps=total_steps or optim.warmup_steps + 1,
+                                      min_factor=optim.min_lr_factor))
     strategy = _build_strategy(config, env)
-    summary = fit(model, train, heldout=heldout, strategy=strategy, epochs=job.epochs,
-               batch_size=job.batch_size, optimizer=optim.optimizer, optimizer_params=optimizer_params,
-               seed=job.seed, callbacks=callbacks, checkpoint_dir=resilience.checkpoint_dir,
-               checkpoint_every=resilience.checkpoint_every, resume=resume, amp=optim.amp,
-               max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
-               num_workers=config.data.loader_workers, pin_memory=config.data.pin_memory,
-               timeline=build_timeline(output.timeline, env.rank))
+    summary = fit(workload.model, workload.train, heldout=workload.heldout, strategy=strategy,
+                  epochs=job.epochs, batch_size=job.batch_size, optimizer=optim.optimizer,
+                  optimizer_params=optimizer_params, loss_fn=workload.task.loss_fn,
+                  loss_reduction=workload.task.loss_reduction, seed=job.seed, callbacks=callbacks,
+                  checkpoint_dir=resilience.checkpoint_dir, checkpoint_every=resilience.checkpoint_every,
+                  resume=resume, amp=optim.amp, max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
+                  num_workers=config.data.loader_workers, pin_memory=config.data.pin_memory,
+                  timeline=build_timeline(output.timeline, env.rank))
     return summary if strategy.is_logging_rank else None
 
 

@@ -123,7 +123,7 @@ def server_optimizer_spec(optimizer: str, optimizer_params: dict) -> dict:
 
 register_optimizer("sgd", worker=torch.optim.SGD, server=server_rules.SGD)
 register_optimizer("adam", worker=torch.optim.Adam, server=server_rules.Adam)
-register_optimizer("adamw", worker=torch.optim.AdamW)
+register_optimizer("adamw", worker=torch.optim.AdamW, server=server_rules.AdamW)
 register_optimizer("rmsprop", worker=torch.optim.RMSprop)
 register_optimizer("adagrad", worker=torch.optim.Adagrad)
 

@@ -65,7 +65,7 @@ def test_one_strategy_descriptor_answers_every_question():
 
 def test_registry_says_where_each_name_runs_and_takes_new_ones():
     assert {"sgd", "adam", "adamw"} <= set(worker_optimizer_names())
-    assert set(server_optimizer_names()) >= {"sgd", "adam"} and "adamw" not in server_optimizer_names()
+    assert set(server_optimizer_names()) >= {"sgd", "adam", "adamw"} and "rmsprop" not in server_optimizer_names()
 
     class Halving(torch.optim.SGD):
         pass

@@ -8,6 +8,7 @@ import inspect
 import io
 
 import pytest
+import torch
 
 from paratrain import cli
 from paratrain import config as cfg
@@ -15,8 +16,8 @@ from paratrain.strategies import STRATEGIES
 
 #: The option surface, frozen: a new option must be added here on purpose (and to docs).
 OPTIONS = sorted("""
-workers servers strategy epochs batch_size seed model dataset loader_workers pin_memory optimizer lr momentum
-accumulate amp max_grad_norm lr_schedule warmup_steps stages micro_batches schedule replicas sync_every staleness backup_workers compression bind
+workers servers strategy epochs batch_size seed model n_layer n_head n_embd context dataset loader_workers pin_memory optimizer lr momentum
+accumulate amp max_grad_norm weight_decay beta1 beta2 lr_schedule warmup_steps min_lr_factor stages micro_batches schedule replicas sync_every staleness backup_workers compression bind
 checkpoint_dir checkpoint_every resume max_restarts server_snapshot_dir server_snapshot_every min_workers spares heartbeat_timeout
 log_dir timeline log_interval no_progress json straggler step_delay
 """.split())
@@ -84,7 +85,7 @@ VALUES = {"servers": "1", "server_snapshot_dir": "snap", "server_snapshot_every"
           "min_workers": "2", "spares": "1", "heartbeat_timeout": "5"}
 
 
-@pytest.mark.parametrize("name", sorted(n for n in cfg.APPLIES if n != "momentum"))
+@pytest.mark.parametrize("name", sorted(n for n, rule in cfg.APPLIES.items() if rule.on == "strategy"))
 def test_every_option_is_refused_where_the_tree_says_it_does_not_apply(name):
     strategy = _strategy_where(name, fits=False)
     assert strategy is not None, f"{name} applies everywhere: drop it from APPLIES"
@@ -101,9 +102,32 @@ def test_every_option_is_refused_where_the_tree_says_it_does_not_apply(name):
     assert code == 0, (fits, err)
 
 
-def test_momentum_applies_to_sgd_only():
-    code, _, err = run_cli("train", "--optimizer", "adam", "--momentum", "0.5", "--print-config")
-    assert code == 2 and "--momentum 0.5 applies to --optimizer sgd | rmsprop, not to --optimizer adam" in err
+#: For each rule keyed on an option other than --strategy: a value it applies to, one it
+#: does not, and the option's own value to try.
+NOT_STRATEGY = {"momentum": ("sgd", "adam", "0.5"), "beta1": ("adam", "sgd", "0.8"), "beta2": ("adamw", "sgd", "0.9"),
+                "min_lr_factor": ("cosine", "constant", "0.1"), "n_layer": ("gpt", "mlp", "2"),
+                "n_head": ("gpt", "cnn", "2"), "n_embd": ("gpt", "mlp", "64"), "context": ("gpt", "mlp", "32")}
+
+
+def test_every_rule_not_on_the_strategy_is_tested():
+    assert sorted(NOT_STRATEGY) == sorted(n for n, rule in cfg.APPLIES.items() if rule.on != "strategy")
+
+
+@pytest.mark.parametrize("name", sorted(NOT_STRATEGY))
+def test_options_keyed_on_another_option_are_refused_where_they_do_not_apply(name):
+    rule = cfg.APPLIES[name]
+    fits, misfits, value = NOT_STRATEGY[name]
+    code, _, err = run_cli("train", cfg.flag(rule.on), misfits, cfg.flag(name), value, "--print-config")
+    assert code == 2 and f"{cfg.flag(name)} {value} applies to {cfg.flag(rule.on)} {rule.says}, not to " \
+                          f"{cfg.flag(rule.on)} {misfits}" in err, err
+    code, printed, err = run_cli("train", cfg.flag(rule.on), fits, cfg.flag(name), value, "--print-config")
+    assert code == 0 and f"{name} = {value}" in printed, err
+
+
+def test_a_model_preset_that_does_not_apply_is_dropped_not_refused():
+    code, printed, err = run_cli("train", "--model", "gpt", "--optimizer", "sgd", "--print-config")
+    assert code == 0, err
+    assert "beta1" not in printed and "momentum = 0.9" in printed and "min_lr_factor = 0.1" in printed
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -125,7 +149,6 @@ def test_momentum_applies_to_sgd_only():
     (("--log-dir", ""), "--log-dir '': must not be empty"),
     (("--strategy", "local", "--workers", "2"), "--strategy local trains in one process"),
     (("--strategy", "dist_sync", "--compression", "powersgd"), "which powersgd cannot do"),
-    (("--strategy", "dist_async", "--optimizer", "adamw"), "has no server rule"),
     (("--schedule", "gpipe"), "--schedule 'gpipe' applies to --strategy pipeline | hybrid, not to --strategy allreduce"),
     (("--bind", "127.0.0.1"), "--bind '127.0.0.1' applies to"),
     (("--strategy", "pipeline", "--amp", "bf16"), "--amp 'bf16' applies to"),
@@ -134,6 +157,16 @@ def test_odd_values_are_one_line_exit_2(argv, fragment):
     code, out, err = run_cli("train", *argv, "--print-config")
     assert code == 2 and not out, (out, err)
     assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_worker_only_optimizer_is_refused_where_the_servers_run_the_optimizer(monkeypatch):
+    from paratrain import optimizers
+    monkeypatch.setattr(optimizers, "_REGISTRY", dict(optimizers._REGISTRY))
+    optimizers.register_optimizer("sgd_worker_only_test", worker=torch.optim.SGD)
+    asynchronous = cfg.parse_run_config({"strategy": "dist_async", "optimizer": "sgd_worker_only_test"})
+    with pytest.raises(cfg.ConfigError, match="'sgd_worker_only_test' has no server rule.*choose one of: sgd"):
+        cfg.resolve_run_config(asynchronous)
+    cfg.resolve_run_config(cfg.parse_run_config({"strategy": "dist_sync", "optimizer": "sgd_worker_only_test"}))
 
 
 @pytest.mark.parametrize("text, fragment", [

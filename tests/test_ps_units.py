@@ -401,3 +401,18 @@ def test_server_refuses_other_requests_while_pushes_wait_and_a_wrong_commit(job)
     kv.pushpull("k", torch.full((3,), 2.0), out=out)      # the server still works
     assert torch.equal(out, torch.full((3,), 2.0))
     kv.close()
+
+
+def test_server_adamw_matches_torch_adamw_bitwise():
+    from paratrain.ps.optimizer import AdamW
+    torch.manual_seed(0)
+    start = torch.randn(10)
+    reference, mine, state = torch.nn.Parameter(start.clone()), start.clone(), {}
+    optimizer = torch.optim.AdamW([reference], lr=0.01, weight_decay=0.1)
+    rule = AdamW(lr=0.01, weight_decay=0.1)
+    for _ in range(5):
+        grad = torch.randn(10)
+        reference.grad = grad.clone()
+        optimizer.step()
+        rule.update(mine, grad, state)
+    assert torch.equal(reference.detach(), mine)

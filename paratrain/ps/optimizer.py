@@ -169,3 +169,25 @@ class Adam(ServerOptimizer):
         bias2 = 1 - self.beta2 ** step
         denom = (exp_avg_sq.sqrt() / bias2 ** 0.5).add_(self.eps)
         _write_back(weight, master.addcdiv_(exp_avg, denom, value=-lr / bias1))
+
+
+@dataclass
+class AdamW(Adam):
+    """``torch.optim.AdamW``: Adam with decoupled weight decay (``w *= 1 - lr * wd``
+    before the Adam step, on the weight, not the gradient)."""
+
+    weight_decay: float = 0.01
+    type: ClassVar[str] = "adamw"
+
+    def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0,
+               lr: float | None = None) -> None:
+        lr = self.lr if lr is None else lr
+        decay, self.weight_decay = self.weight_decay, 0.0   # Adam's own decay is the coupled one
+        try:
+            if decay:
+                master = weight.float()
+                _write_back(weight, master.mul_(1 - lr * decay))
+            super().update(weight, grad, state, scale, lr=lr)
+        finally:
+            self.weight_decay = decay
+

@@ -83,9 +83,11 @@ class Speedometer(Callback):
 
     rank_zero_only = True
 
-    def __init__(self, frequent: int = 50, stream: TextIO | None = None) -> None:
+    def __init__(self, frequent: int = 50, stream: TextIO | None = None, *,
+                 tokens_per_sample: int | None = None) -> None:
         self.frequent = frequent
         self.stream = stream
+        self.tokens_per_sample = tokens_per_sample   # language models: tokens/sec too
         self._reset(0)
 
     def _reset(self, batch: int) -> None:
@@ -107,8 +109,10 @@ class Speedometer(Callback):
             elapsed = max(time.perf_counter() - self._tic, 1e-9)
             batches = max(batch - self._first_batch, 1)
             reported = "\t".join(f"{name}={value:.6f}" for name, value in describe(totals).items())
-            line = (f"Epoch[{state.epoch}] Batch [{self._first_batch}-{batch}]\t"
-                    f"Speed: {totals.samples / elapsed:.2f} samples/sec\t{reported}\t"
+            speed = f"Speed: {totals.samples / elapsed:.2f} samples/sec"
+            if self.tokens_per_sample:
+                speed += f" ({totals.samples * self.tokens_per_sample / elapsed:.0f} tokens/sec)"
+            line = (f"Epoch[{state.epoch}] Batch [{self._first_batch}-{batch}]\t{speed}\t{reported}\t"
                     f"comm_MB={self._bytes / batches / 1e6:.4f}")
             print(line, file=self.stream or sys.stdout, flush=True)
             self._reset(batch)

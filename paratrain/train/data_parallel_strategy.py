@@ -16,6 +16,7 @@ from paratrain.comm.process_group import (collective_device, connect_store, dest
 from paratrain.data.batches import batch_len, move_to, split_batch
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, check_choice
+from paratrain.optimizers import optimizer_name, server_optimizer_names
 from paratrain.strategies import kvstore_spec
 from paratrain.train.objective import StepResult
 from paratrain.train.strategy import Strategy, TrainSpec
@@ -108,12 +109,15 @@ class DataParallelStrategy(Strategy):
         self.scheduler = spec.build_scheduler(self.trainer.optimizer)
 
     def _update_on_kvstore(self, spec: TrainSpec) -> bool | None:
-        """Under dist_sync, clipping by the global norm needs the aggregated gradient on
-        the workers: the servers then sum and the workers run the optimizer."""
-        if spec.max_grad_norm is not None and self.config.kvstore == "dist_sync" \
-                and self.config.update_on_kvstore is None:
+        """Under dist_sync the servers sum and the workers run the optimizer where the
+        servers cannot: clipping by the global norm needs the aggregated gradient on the
+        workers, and an optimizer may have no server rule."""
+        if self.config.kvstore != "dist_sync" or self.config.update_on_kvstore is not None:
+            return self.config.update_on_kvstore
+        name = optimizer_name(spec.optimizer)
+        if spec.max_grad_norm is not None or name not in server_optimizer_names():
             return False
-        return self.config.update_on_kvstore
+        return None
 
     def _start_together(self) -> None:
         """Start-up skew between processes is not a speed difference: begin together.
