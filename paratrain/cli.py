@@ -190,10 +190,11 @@ def _build_strategy(config, env: DistEnv, example_input=None):
     return Straggler(strategy, factor, step_delay) if factor != 1.0 or step_delay else strategy
 
 
-def run_worker(config, env: DistEnv, run_id: str = "") -> dict:
+def run_worker(config, env: DistEnv, run_id: str = "") -> dict | None:
     """One worker's whole job: workload (data, model, task), strategy, callbacks, fit.
     ``run_id`` names the run in its checkpoints when no launcher gave one
-    (``PARATRAIN_RUN_ID``)."""
+    (``PARATRAIN_RUN_ID``). Returns the run's summary on the worker that reports it
+    (the logging rank), None elsewhere."""
     import torch
     from paratrain.data.loading import dataset_len
     from paratrain.timeline import build_timeline
@@ -217,18 +218,19 @@ def run_worker(config, env: DistEnv, run_id: str = "") -> dict:
                                       min_factor=optim.min_lr_factor))
     # A restart resumes its own run's checkpoints by itself (fit knows it restarted);
     # --resume also continues another run's with the same options.
-    return fit(workload.model, workload.train, heldout=workload.heldout,
-               strategy=_build_strategy(config, env, _example_input(config, workload)),
-               epochs=job.epochs, batch_size=job.batch_size, optimizer=optim.optimizer,
-               optimizer_params=optimizer_params, loss_fn=workload.task.loss_fn,
-               loss_reduction=workload.task.loss_reduction, heldout_stats=workload.task.heldout_stats,
-               seed=job.seed, callbacks=callbacks,
-               checkpoint_dir=resilience.checkpoint_dir, checkpoint_every=resilience.checkpoint_every,
-               resume=resilience.resume, keep_checkpoints=resilience.keep_checkpoints,
-               run_identity=_run_identity(config, env.job_run_id or run_id or secrets.token_hex(8)),
-               amp=optim.amp, max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
-               num_workers=config.data.loader_workers, pin_memory=config.data.pin_memory,
-               timeline=build_timeline(output.timeline, env.rank))
+    strategy = _build_strategy(config, env, _example_input(config, workload))
+    summary = fit(workload.model, workload.train, heldout=workload.heldout, strategy=strategy,
+                  epochs=job.epochs, batch_size=job.batch_size, optimizer=optim.optimizer,
+                  optimizer_params=optimizer_params, loss_fn=workload.task.loss_fn,
+                  loss_reduction=workload.task.loss_reduction, heldout_stats=workload.task.heldout_stats,
+                  seed=job.seed, callbacks=callbacks,
+                  checkpoint_dir=resilience.checkpoint_dir, checkpoint_every=resilience.checkpoint_every,
+                  resume=resilience.resume, keep_checkpoints=resilience.keep_checkpoints,
+                  run_identity=_run_identity(config, env.job_run_id or run_id or secrets.token_hex(8)),
+                  amp=optim.amp, max_grad_norm=optim.max_grad_norm, scheduler=scheduler,
+                  num_workers=config.data.loader_workers, pin_memory=config.data.pin_memory,
+                  timeline=build_timeline(output.timeline, env.rank))
+    return summary if strategy.is_logging_rank else None
 
 
 def _example_input(config, workload):
@@ -264,7 +266,7 @@ def _train(args: argparse.Namespace) -> int:
             if servers:   # they exit once every worker said goodbye
                 from paratrain.launch import wait_children
                 wait_children(servers, timeout_s=env.timeout_s)
-        if env.rank == 0:
+        if summary is not None:
             if env.summary_file:
                 Path(env.summary_file).write_text(json.dumps(summary))
             elif config.output.json_summary:
@@ -306,10 +308,20 @@ def _launch_workers(config, run_id: str, server_env: dict) -> int:
                                                   server_restarts=resilience.max_restarts if server_args else 0,
                                                   secret_file=config.comm.secret_file, run_id=run_id,
                                                   extra_env={"PARATRAIN_SUMMARY_FILE": str(summary_file),
-                                                             **server_env}))
+                                                             **server_env},
+                                                  **_elastic_launch(config)))
         if status == 0 and config.output.json_summary and summary_file.exists():
             print(summary_file.read_text(), flush=True)   # unprefixed, and the last line
     return status
+
+
+def _elastic_launch(config) -> dict:
+    """The launcher's per-step fault tolerance options (none without --min-workers)."""
+    resilience = config.resilience
+    if resilience.min_workers is None:
+        return {}
+    return {"min_workers": resilience.min_workers, "spares": resilience.spares,
+            "heartbeat_timeout_s": resilience.heartbeat_timeout}
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -363,11 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": _train, "launch": _launch}
+    from paratrain.comm.elastic import BelowMinWorkers, JobFinished
     try:
         return handlers[args.command](args)
     except (ConfigError, TrainingDiverged) as exc:   # user error, or a run that cannot succeed: one line
         print(f"paratrain {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except JobFinished as exc:   # a replacement that came after training ended
+        print(f"paratrain {args.command}: {exc}", file=sys.stderr)
+        return 0
+    except BelowMinWorkers as exc:   # the launcher falls back to a group restart
+        from paratrain.launch_elastic import EXIT_BELOW_MIN_WORKERS
+        print(f"paratrain {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BELOW_MIN_WORKERS
     except KeyboardInterrupt:
         return 130
 
@@ -386,5 +406,17 @@ def exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
+def _main_without_teardown() -> None:
+    """``python -m paratrain.cli``: :func:`main`, then :func:`exit_without_teardown`,
+    also when it raised (the traceback is printed; the status is 1)."""
+    try:
+        code = main()
+    except BaseException:   # noqa: B036 -- a worker's failure still ends it without teardown
+        import traceback
+        traceback.print_exc()
+        code = 1
+    exit_without_teardown(code)
+
+
 if __name__ == "__main__":
-    exit_without_teardown(main())
+    _main_without_teardown()

@@ -29,6 +29,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from paratrain.env import DEFAULT_HEARTBEAT_TIMEOUT_S
 from paratrain.errors import ConfigError
 from paratrain.strategies import STRATEGIES, StrategySpec, strategy_spec
 
@@ -145,6 +146,14 @@ class ResilienceConfig(Section):
                                                     "server resumes from it", min_length=1)
     server_snapshot_every: Optional[int] = _opt(None, "snapshot after at most N applied pushes (default 100)",
                                                 ge=1)
+    min_workers: Optional[int] = _opt(None, "per-step fault tolerance (allreduce): when a worker dies the others "
+                                            "train on while M live; a replacement joins with a healthy peer's "
+                                            "state", ge=1, le=MAX_LOCAL_PROCESSES)
+    spares: Optional[int] = _opt(None, "with --min-workers: warm spare workers that take a dead one's place "
+                                       "(default 1)", ge=0, le=MAX_LOCAL_PROCESSES)
+    heartbeat_timeout: Optional[float] = _opt(None, "with --min-workers: seconds without a heartbeat after which "
+                                                    "the launcher takes a worker for hung and kills it (default 10)",
+                                              gt=0, le=600)
 
 
 class OutputConfig(Section):
@@ -224,6 +233,8 @@ def _strategies(predicate: Callable[[StrategySpec], bool]) -> Applies:
 _SERVERS = _strategies(lambda s: s.uses_servers)
 _PIPELINED = _strategies(lambda s: s.pipelined)
 _DILOCO = _strategies(lambda s: s.name == "diloco")
+# Per-step fault tolerance: plain allreduce only so far (docs/resilience.md).
+_ELASTIC = _strategies(lambda s: s.name == "allreduce")
 
 #: The one table of which option applies where. Options not listed apply everywhere.
 APPLIES: dict[str, Applies] = {
@@ -247,6 +258,9 @@ APPLIES: dict[str, Applies] = {
     "amp": _strategies(lambda s: not s.pipelined),
     "bind": _strategies(lambda s: s.uses_servers or s.pipelined),
     "secret_file": _strategies(lambda s: s.uses_servers or s.pipelined),
+    "min_workers": _ELASTIC,
+    "spares": _ELASTIC,
+    "heartbeat_timeout": _ELASTIC,
     "momentum": Applies(lambda config: config.optim.optimizer in ("sgd", "rmsprop"), "sgd | rmsprop", on="optimizer"),
     "table_sizes": Applies(lambda config: config.model.model == "dlrm", "dlrm", on="model"),
     "embedding_dim": Applies(lambda config: config.model.model == "dlrm", "dlrm", on="model"),
@@ -403,6 +417,9 @@ def resolve_run_config(config: RunConfig, *, launched_world: int | None = None) 
         job.servers = 1 if spec.uses_servers else 0
     if resilience.server_snapshot_dir and resilience.server_snapshot_every is None:
         resilience.server_snapshot_every = 100
+    if resilience.min_workers is not None:
+        resilience.spares = 1 if resilience.spares is None else resilience.spares
+        resilience.heartbeat_timeout = resilience.heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT_S
     resolved = config.model_copy(update={"job": job, "parallel": parallel, "optim": optim,
                                          "resilience": resilience})
     _check_rules(resolved, launched_world)
@@ -518,6 +535,27 @@ def _check_resilience(config: RunConfig) -> None:
         raise ConfigError("--server-snapshot-dir with --strategy dist_sync --max-restarts: a dist_sync group "
                           "restarts from the workers' checkpoint with fresh servers; server snapshots are for "
                           "dist_async|dist_ssp")
+    _check_min_workers(config)
+
+
+def _check_min_workers(config: RunConfig) -> None:
+    resilience = config.resilience
+    if resilience.min_workers is None:
+        for name in ("spares", "heartbeat_timeout"):
+            if getattr(resilience, name) is not None:
+                raise ConfigError(f"{flag(name)} {getattr(resilience, name)} needs --min-workers "
+                                  f"(per-step fault tolerance)")
+        return
+    members = data_parallel_world(config)
+    if members < 2 or resilience.min_workers > members:
+        raise ConfigError(f"--min-workers {resilience.min_workers} must be <= --workers {members}, and --workers >= 2: "
+                          f"the survivors of a dead worker go on while --min-workers of them live")
+    from paratrain.comm.codecs import parse_compression
+    if parse_compression(config.comm.compression).enabled:
+        raise ConfigError(f"--compression {config.comm.compression} with --min-workers: per-step fault tolerance "
+                          f"covers uncompressed allreduce only")
+    if config.optim.amp == "fp16":
+        raise ConfigError("--amp fp16 with --min-workers: the loss scaler's state is not sent to a replacement")
 
 
 def data_parallel_world(config: RunConfig) -> int:
@@ -529,7 +567,8 @@ def check_batch(config: RunConfig, dataset_len: int | None = None) -> None:
     """The global batch splits evenly over the data-parallel workers and is no larger
     than the training set (when its length is known)."""
     world, batch = data_parallel_world(config), config.job.batch_size
-    if batch % world:
+    # An elastic group cuts each batch over whoever is alive: slices may differ by one.
+    if batch % world and config.resilience.min_workers is None:
         raise ConfigError(f"--batch-size {batch} is not divisible by the {world} data-parallel "
                           f"workers; use a multiple of {world}")
     if dataset_len is not None and batch > dataset_len:

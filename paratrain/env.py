@@ -24,6 +24,8 @@ job from these variables, and nothing else in paratrain reads ``os.environ`` for
 | ``PARATRAIN_TIMEOUT`` | user | seconds any network wait may take (default 60) |
 | ``PARATRAIN_REJOIN`` | launcher | ``1``: this worker was restarted alone and rejoins a running async job |
 | ``PARATRAIN_SUMMARY_FILE`` | launcher | ``paratrain train``: rank 0 writes the run's summary (JSON) here for the launcher to print |
+| ``PARATRAIN_HEARTBEAT_TIMEOUT`` | launcher | seconds without a heartbeat after which a member of an elastic group counts as dead (hung), default 10 |
+| ``PARATRAIN_SPARE_ID`` | launcher | this worker is a warm spare of an elastic job: it builds everything, then waits for the launcher to hand it a dead worker's slot |
 | ``PARATRAIN_SERVER_IMPORTS`` | user / launcher | comma-separated modules a parameter server imports at start-up (to register update rules: ``paratrain.optimizers.register_optimizer``) |
 | ``PARATRAIN_SERVER_OPTIMIZER`` | launcher | the server optimizer spec the job's configuration fixes (JSON, ``{"type": "sgd", "lr": 0.1}``): servers run it from the start, so no worker needs to send it |
 | ``PARATRAIN_SERVER_COMPRESSION`` | launcher | the gradient compression the job's configuration fixes (JSON, ``{"type": "2bit", "threshold": 0.5}``) |
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0
 VALID_ROLES = ("worker", "server")
 
 #: What the launcher gives its workers and servers unless the user set any MALLOC_*
@@ -59,6 +62,14 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _float(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,8 @@ class DistEnv:
     server_compression: str = ""
     max_message_mb: int = 0
     job_id: str = ""
+    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
+    spare_id: str = ""
     launched: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +115,8 @@ class DistEnv:
             raise ValueError(f"PARATRAIN_TIMEOUT={self.timeout_s} must be > 0")
         if self.max_message_mb < 0:
             raise ValueError(f"PARATRAIN_MAX_MESSAGE_MB={self.max_message_mb} must be >= 1 (or unset)")
+        if self.heartbeat_timeout_s <= 0:
+            raise ValueError(f"PARATRAIN_HEARTBEAT_TIMEOUT={self.heartbeat_timeout_s} must be > 0")
 
     @property
     def under_torchrun(self) -> bool:
@@ -123,11 +138,7 @@ class DistEnv:
 def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Build a :class:`DistEnv` from ``environ`` (default: ``os.environ``)."""
     environ = os.environ if environ is None else environ
-    timeout_raw = environ.get("PARATRAIN_TIMEOUT", "")
-    try:
-        timeout_s = float(timeout_raw) if timeout_raw else DEFAULT_TIMEOUT_S
-    except ValueError:
-        raise ValueError(f"environment variable PARATRAIN_TIMEOUT={timeout_raw!r} is not a number") from None
+    timeout_s = _float(environ, "PARATRAIN_TIMEOUT", DEFAULT_TIMEOUT_S)
     world_size = _int(environ, "WORLD_SIZE", 1)
     return DistEnv(
         rank=_int(environ, "RANK", 0),
@@ -154,5 +165,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         server_compression=environ.get("PARATRAIN_SERVER_COMPRESSION", ""),
         max_message_mb=_int(environ, "PARATRAIN_MAX_MESSAGE_MB", 0),
         job_id=environ.get("PARATRAIN_RUN_ID", ""),
+        heartbeat_timeout_s=_float(environ, "PARATRAIN_HEARTBEAT_TIMEOUT", DEFAULT_HEARTBEAT_TIMEOUT_S),
+        spare_id=environ.get("PARATRAIN_SPARE_ID", ""),
         launched="RANK" in environ,
     )

@@ -84,13 +84,19 @@ class LaunchConfig:
     secret_file: str | None = None  # the job secret, given out of band (every node the same)
     run_id: str = ""                # the job's PARATRAIN_RUN_ID (default: a fresh one)
     extra_env: dict = field(default_factory=dict)
+    # Per-step fault tolerance (paratrain.launch_elastic): min_workers > 0 keeps the
+    # survivors of a dead worker running and replaces it (with `spares` warm spares);
+    # heartbeat_timeout_s bounds a hang before the kill.
+    min_workers: int = 0
+    spares: int = 0
+    heartbeat_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "nnodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name.replace('num_', '')}={value!r} must be an integer >= 1")
-        for name in ("num_servers", "max_restarts", "master_port", "server_restarts"):
+        for name in ("num_servers", "max_restarts", "master_port", "server_restarts", "min_workers", "spares"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 0")
@@ -100,6 +106,8 @@ class LaunchConfig:
             raise ConfigError(f"node_rank={self.node_rank} must be in [0, nnodes={self.nnodes})")
         if self.nnodes > 1 and self.master_port == 0:
             raise ConfigError("multi-node launch needs --master-port (the same on every node)")
+        if not self.heartbeat_timeout_s > 0:
+            raise ConfigError(f"heartbeat_timeout_s={self.heartbeat_timeout_s!r} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -201,6 +209,7 @@ class Launcher:
                     "LOCAL_WORLD_SIZE": str(self.config.num_workers), "GROUP_RANK": str(self.config.node_rank),
                     "PARATRAIN_STORE_HOSTED": "1", "PARATRAIN_NUM_SERVERS": str(self.config.num_servers),
                     "PARATRAIN_SECRET": self.secret, "PARATRAIN_RUN_ID": self.run_id,
+                    "PARATRAIN_HEARTBEAT_TIMEOUT": str(self.config.heartbeat_timeout_s),
                     "PYTHONUNBUFFERED": "1"})
         env.setdefault("OMP_NUM_THREADS", "1")   # one thread per process unless the user says otherwise
         if not any(name.startswith("MALLOC_") or name == "GLIBC_TUNABLES" for name in env):
@@ -287,7 +296,11 @@ class Launcher:
 
     def _run_workers(self, base: dict, attempt: int) -> Failure | None:
         """Run every local worker to the end; return the first failure (of a worker or
-        a server) that is not handled by restarting that process alone."""
+        a server) that is not handled by restarting that process alone (or, with
+        ``min_workers``, by the survivors training on)."""
+        if self.config.min_workers:
+            from paratrain.launch_elastic import run_elastic_workers
+            return run_elastic_workers(self, base, attempt)
         workers = [self._start_worker(base, local_rank, attempt) for local_rank in range(self.config.num_workers)]
         try:
             while True:

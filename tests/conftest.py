@@ -117,3 +117,41 @@ def run_with_kills(cmd: list[str], kills_at: list[int], expected: int, rng, *, p
             proc.kill()
             proc.wait()
     return lines, proc.stderr.read(), proc.returncode, kills
+
+
+def worker_pids_of(line: str, pids: dict[int, int]) -> None:
+    """Track ``paratrain launch: rank R runs as pid P`` lines (elastic jobs) into ``pids``."""
+    if line.startswith("paratrain launch: rank ") and " runs as pid " in line:
+        rank, pid = line.split("rank ", 1)[1].split(" runs as pid ")
+        pids[int(rank)] = int(pid)
+
+
+def run_with_elastic_kills(cmd: list[str], kills_at: list[int], rng, *, progress, signal_name: str = "KILL",
+                           timeout: float = 300) -> tuple[list[str], str, int, list[dict]]:
+    """Run an elastic launcher ``cmd`` (``--min-workers``); each time ``progress(line)``
+    (rank 0's step) reaches ``kills_at[0]``, send a random worker (never an idle spare)
+    SIGKILL or SIGSTOP by PID. Returns (stdout lines, stderr, returncode, kills as
+    ``{"step", "rank", "pid", "t"}``). Bounded by ``timeout``."""
+    import threading
+    kills_at, pids, kills = list(kills_at), {}, []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            worker_pids_of(line, pids)
+            step = progress(line)
+            if step is not None and kills_at and step >= kills_at[0]:
+                rank = rng.choice(sorted(pids))
+                os.kill(pids[rank], getattr(signal, f"SIG{signal_name}"))
+                kills.append({"step": step, "rank": rank, "pid": pids.pop(rank), "t": time.time()})
+                kills_at.pop(0)
+        proc.wait(timeout=60)
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return lines, proc.stderr.read(), proc.returncode, kills

@@ -20,7 +20,7 @@ workers servers strategy epochs batch_size seed model table_sizes embedding_dim 
 dataset train_samples heldout_samples loader_workers pin_memory optimizer lr momentum
 accumulate amp max_grad_norm weight_decay beta1 beta2 lr_schedule warmup_steps min_lr_factor stages micro_batches schedule replicas split_points sync_every staleness backup_workers compression bind
 fragments outer_optimizer outer_lr outer_momentum
-secret_file checkpoint_dir checkpoint_every keep_checkpoints resume max_restarts server_snapshot_dir server_snapshot_every
+secret_file checkpoint_dir checkpoint_every keep_checkpoints resume max_restarts server_snapshot_dir server_snapshot_every min_workers spares heartbeat_timeout
 log_dir timeline log_interval no_progress json straggler step_delay
 """.split())
 
@@ -85,7 +85,8 @@ VALUES = {"servers": "1", "server_snapshot_dir": "snap", "server_snapshot_every"
           "staleness": "1", "sync_every": "4", "stages": "2", "micro_batches": "2", "schedule": "gpipe",
           "replicas": "2", "compression": "fp16", "accumulate": "2", "bind": "127.0.0.1", "amp": "bf16",
           "fragments": "2", "outer_optimizer": "sgd", "outer_lr": "0.5", "outer_momentum": "0.5",
-          "secret_file": "job.secret", "split_points": "transformer.h.2"}
+          "secret_file": "job.secret", "split_points": "transformer.h.2",
+          "min_workers": "2", "spares": "1", "heartbeat_timeout": "5"}
 
 
 @pytest.mark.parametrize("name", sorted(n for n, rule in cfg.APPLIES.items() if rule.on == "strategy"))
@@ -99,6 +100,8 @@ def test_every_option_is_refused_where_the_tree_says_it_does_not_apply(name):
     fits = _strategy_where(name, fits=True)
     extra = ("--workers", "4", "--stages", "2", "--replicas", "2") if fits == "hybrid" else ()
     extra += ("--server-snapshot-dir", "snap") if name == "server_snapshot_every" else ()
+    extra += ("--workers", "2", "--min-workers", "1") if name in ("spares", "heartbeat_timeout") else ()
+    extra += ("--workers", "2") if name == "min_workers" else ()
     code, _, err = run_cli("train", "--strategy", fits, cfg.flag(name), VALUES[name], *extra, "--print-config")
     assert code == 0, (fits, err)
 

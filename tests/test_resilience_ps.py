@@ -13,7 +13,7 @@ import torch
 
 from conftest import run_paratrain, run_with_kills, summary_of
 from ps_harness import PSJob, pull_error_and_wait, worker_env_kvstore
-from paratrain.ps.heartbeat import DEAD_AFTER_S, LivenessTracker
+from paratrain.comm.heartbeat import DEAD_AFTER_S, LivenessTracker
 
 
 

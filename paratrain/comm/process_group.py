@@ -15,7 +15,12 @@ import torch
 import torch.distributed as dist
 
 from paratrain.env import DistEnv
-from paratrain.errors import CommTimeout
+from paratrain.errors import CommTimeout, PeerError
+
+
+class CollectiveFailed(PeerError):
+    """A collective raised before its timeout: a peer died (its sockets closed) or was
+    cut off. Elastic groups re-form on it; elsewhere it stops the job."""
 
 
 def default_backend(local_world_size: int = 1) -> str:
@@ -132,9 +137,37 @@ def all_gather_ints(value: int) -> list[int]:
     return [int(v) for v in values]
 
 
+def new_gloo_group(store: dist.Store, rank: int, size: int, timeout_s: float) -> dist.ProcessGroup:
+    """A gloo group of its own on ``store`` (a prefix of the job's store), outside the
+    default group: ``dist.all_reduce(t, group=...)`` and the other collectives work on
+    it with no default group at all, and dropping the last reference closes its
+    sockets. Elastic groups build one per membership (:mod:`paratrain.comm.elastic`)."""
+    backend = dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
+    group = dist.ProcessGroup(store, rank, size)
+    group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
+    return group
+
+
 def group_size(group=None) -> int:
-    """Workers in ``group`` (1 when torch.distributed is not initialised)."""
-    return dist.get_world_size(group) if dist.is_initialized() else 1
+    """Workers in ``group``: a group given (the default one's or one of its own), else
+    the default group's size, 1 when torch.distributed is not initialised."""
+    if group is not None:
+        return group.size()
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def launch_collective(start, what: str):
+    """``start()`` a collective; a failure to even start it (the group already saw a
+    peer die) becomes :class:`CollectiveFailed` naming ``what``."""
+    try:
+        return start()
+    except RuntimeError as exc:
+        raise CollectiveFailed(f"rank {group_rank()}: {what} could not start: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
 
 
 def group_rank(group=None) -> int:
@@ -169,4 +202,4 @@ def wait_work(work, timeout: float, what: str) -> None:
         if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
             raise CommTimeout(f"rank {group_rank()}: timed out after {timeout:.1f}s waiting for {what} "
                               f"from the other workers") from exc
-        raise
+        raise CollectiveFailed(f"rank {group_rank()}: {what} failed: {_first_line(exc)}") from exc

@@ -114,6 +114,17 @@ class EpochBatches:
         for index, batch in enumerate(self._map_loader(), start_batch):
             yield self.sampler.global_len(index, batch_len(batch) if batch is not None else 0), batch
 
+    def load(self, indices) -> Any:
+        """The batch of the samples at ``indices`` of a map-style dataset, collated as
+        the loader would (None for no indices): for a step whose slice must be cut
+        again after the workers changed."""
+        if self.sampler is None:
+            raise ConfigError("an IterableDataset cannot load a given slice again; per-step fault tolerance "
+                              "(--min-workers) needs a map-style dataset")
+        if isinstance(self.data, TensorDataset):
+            return self.data.batch(indices)
+        return EmptyIsNone(self.config.collate_fn or default_collate)([self.data[int(i)] for i in indices])
+
     def _map_loader(self) -> DataLoader:
         if self._loader is None:   # kept, so persistent_workers outlive the epoch
             self._loader = self.config.loader(self.data, batch_sampler=self.sampler)

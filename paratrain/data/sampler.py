@@ -75,8 +75,12 @@ class ShardedBatchSampler(Sampler[list[int]]):
         order = self.global_order(epoch)
         for index in range(start_batch, len(self)):
             batch = order[index * self.global_batch:(index + 1) * self.global_batch]
-            start, end = shard_bounds(len(batch), self.rank, self.world)
+            start, end = self.cut(epoch, index, len(batch))
             yield len(batch), batch[start:end]
+
+    def cut(self, epoch: int, index: int, batch_len: int) -> tuple[int, int]:
+        """[start, end) of this worker's slice of global batch ``index`` of ``epoch``."""
+        return shard_bounds(batch_len, self.rank, self.world)
 
     def __iter__(self) -> Iterator[list[int]]:
         for _, indices in self.batches(self.epoch, self.start_batch):

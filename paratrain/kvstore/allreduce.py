@@ -22,9 +22,11 @@ class AllreduceKVStore(KVStore):
         self._env = env or read_env()
         if self._env.distributed and not dist.is_initialized():
             init_process_group(self._env)   # like MXNet's create('dist_*'): join from the environment
-        self._group = group
-        self._num_workers = dist.get_world_size(group) if dist.is_initialized() else 1
-        self._rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self._start(group, dist.get_world_size(group) if dist.is_initialized() else 1,
+                        dist.get_rank(group) if dist.is_initialized() else 0)
+
+    def _start(self, group, num_workers: int, rank: int) -> None:
+        self._group, self._num_workers, self._rank = group, num_workers, rank
         self._store: dict[Key, torch.Tensor] = {}
         self._pending: dict[Key, tuple[torch.Tensor, object]] = {}
         self._bytes_sent = 0
@@ -40,7 +42,7 @@ class AllreduceKVStore(KVStore):
         refuse_sparse(f"init of key {key!r} on kvstore 'allreduce' (dense keys only)", value)
         stored = value.detach().clone()
         if self._num_workers > 1:
-            dist.broadcast(stored, src=0, group=self._group)
+            dist.broadcast(stored, group=self._group, group_src=0)
         self._store[check_key(key)] = stored
 
     @per_key("value")
@@ -95,3 +97,19 @@ class AllreduceKVStore(KVStore):
     def barrier(self) -> None:
         if self._num_workers > 1:
             dist.barrier(group=self._group)
+
+
+class ElasticAllreduceKVStore(AllreduceKVStore):
+    """``allreduce`` over an elastic group (:mod:`paratrain.comm.elastic`), whose
+    members change between steps: collectives run on the group its owner hands over
+    with :meth:`set_group`; until the first one, ``num_workers`` is the job's full size."""
+
+    def __init__(self, num_workers: int, env: DistEnv | None = None) -> None:
+        self._env = env or read_env()
+        self._start(None, num_workers, self._env.rank)
+
+    def set_group(self, group) -> None:
+        """Run on ``group`` from now on (None: hold no reference to any group)."""
+        self._group = group
+        if group is not None:
+            self._num_workers, self._rank = group.size(), group.rank()

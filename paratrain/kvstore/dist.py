@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from paratrain.comm import codecs
+from paratrain.comm.heartbeat import HeartbeatSender, heartbeat_key
 from paratrain.comm.wire import dtype_code, tensor_bytes
 from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, PeerError, check_choice
@@ -28,7 +29,6 @@ from paratrain.kvstore.server_connection import Request, ServerConnection
 from paratrain.kvstore.server_state import ServerOptimizerStates
 from paratrain.optimizers import build_server_optimizer, import_optimizer_plugins
 from paratrain.ps import protocol
-from paratrain.ps.heartbeat import HeartbeatSender
 from paratrain.ps.optimizer import ServerOptimizer
 from paratrain.ps.protocol import Op
 from paratrain.ps.sharding import DEFAULT_BIGARRAY_BOUND, KeySlice, key_name, plan_key
@@ -115,7 +115,7 @@ class DistKVStore(RowSparseKeys, ServerOptimizerStates, ServerKVStore):
         self._deferred: dict[int, int] = {}     # server -> pushes waiting for commit(scale)
         self.last_min_clock: dict[Key, int] = {}
         # Servers tell a dead worker from a slow one by its heartbeat in the store.
-        self._heartbeat = HeartbeatSender(store, rank).start() if store is not None else None
+        self._heartbeat = HeartbeatSender(store, heartbeat_key(rank)).start() if store is not None else None
         # The session names this worker process, so a server drops a push resent after
         # its restart that it already applied.
         hello = {"rank": rank, "num_workers": num_workers, "mode": self.type, "staleness": config.staleness,

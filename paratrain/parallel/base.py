@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from paratrain.comm.process_group import broadcast_tensors
+from paratrain.errors import ConfigError
 from paratrain.timeline import NULL_TIMELINE
 
 
@@ -134,6 +135,22 @@ class GradientSync(abc.ABC):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    # -- elastic groups (paratrain.comm.elastic): the workers summed over may change --
+
+    def set_group(self, group) -> None:
+        """Run collectives on ``group`` from now on (None: hold no reference to any
+        group, so a retired one can close its sockets). Syncs that cannot change their
+        group refuse."""
+        raise ConfigError(f"{type(self).__name__} runs on one fixed group; per-step fault tolerance "
+                          f"(--min-workers) needs a gradient sync that can change it")
+
+    def begin_step(self) -> None:
+        """A step's communication starts: remember what :meth:`abandon_step` restores."""
+
+    def abandon_step(self) -> None:
+        """The step in progress failed before its update (a peer died): drop its
+        pending communication and restore per-worker state, so it can be recomputed."""
 
     def zero_grad(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Clear gradients after the update (default: set them to None)."""

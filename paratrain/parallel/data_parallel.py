@@ -86,6 +86,7 @@ class BucketedAllreduceSync(GradientSync):
         # power of two commutes with rounding, so the sum and the remaining factor give
         # bitwise the result of scaling the sum (barring underflow below 2**-126).
         self._prescale = 1.0
+        self._step_snapshot = reducer.state_snapshot()   # what abandon_step restores
 
     def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -204,6 +205,26 @@ class BucketedAllreduceSync(GradientSync):
         self._summed = False
         if self.linear and scale > 0:
             self._prescale = nearest_power_of_two(scale)
+
+    def set_group(self, group) -> None:
+        self.reducer.group = group
+        self.num_workers = self.reducer.num_workers if group is not None else self.num_workers
+        if group is not None:
+            self.reducer.on_regroup()
+
+    def begin_step(self) -> None:
+        self._step_snapshot = self.reducer.state_snapshot()
+
+    def abandon_step(self) -> None:
+        """Forget every bucket's progress and pending reduction (no ``Work`` may keep a
+        failed group's sockets open) and the reducer's state changes of this step."""
+        for bucket in self._buckets:
+            bucket.ready.clear()
+            bucket.pending = None
+        self._next_launch = 0
+        self._end_of_backward_queued = False
+        self._summed = False
+        self.reducer.restore_snapshot(self._step_snapshot)
 
     @property
     def bytes_sent(self) -> int:

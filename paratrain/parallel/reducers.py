@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from paratrain.comm.accounting import ring_allreduce_bytes, tensor_nbytes
-from paratrain.comm.process_group import group_size, wait_work
+from paratrain.comm.process_group import group_size, launch_collective, wait_work
 
 
 class PendingReduce:
@@ -59,6 +59,20 @@ class BucketReducer(abc.ABC):
     def num_workers(self) -> int:
         return group_size(self.group)
 
+    def state_snapshot(self) -> object:
+        """This worker's reducer state (error-feedback residuals, warm starts) as it is
+        now, cheaply: a step that fails before its update puts it back with
+        :meth:`restore_snapshot`, so a recomputed step does not count its gradient twice."""
+        return None
+
+    def restore_snapshot(self, snapshot: object) -> None:
+        """Return to the state :meth:`state_snapshot` gave."""
+
+    def on_regroup(self) -> None:
+        """The workers summed over changed (an elastic group re-formed): drop state
+        that must be equal on every worker and a newcomer cannot have (PowerSGD's
+        warm-started ``Q``); per-worker state (residuals) stays."""
+
     def describe_bucket(self, bucket_index: int, shapes: Sequence[torch.Size]) -> None:
         """The shapes of the parameters packed (in order) into the bucket, given once
         before its first launch. PowerSGD compresses each matrix on its own; the
@@ -76,13 +90,14 @@ class BucketReducer(abc.ABC):
     def _all_reduce(self, tensor: torch.Tensor):
         if self.num_workers == 1:
             return None
-        return dist.all_reduce(tensor, group=self.group, async_op=True)
+        return launch_collective(lambda: dist.all_reduce(tensor, group=self.group, async_op=True), "all_reduce")
 
     def _all_gather(self, out: torch.Tensor, tensor: torch.Tensor):
         if self.num_workers == 1:
             out.copy_(tensor.reshape(-1))
             return None
-        return dist.all_gather_single(out, tensor, group=self.group, async_op=True)
+        return launch_collective(lambda: dist.all_gather_single(out, tensor, group=self.group, async_op=True),
+                                 "all_gather")
 
 
 class AllreduceReducer(BucketReducer):

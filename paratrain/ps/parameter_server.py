@@ -31,7 +31,7 @@ from paratrain.optimizers import build_server_optimizer
 from paratrain.ps import protocol, row_sparse, state_transfer
 from paratrain.ps.admission import JobTerms, check_hello, control_change, policy_for
 from paratrain.ps.compressed_push import SERVER_CODECS, decode_push
-from paratrain.ps.heartbeat import LivenessTracker
+from paratrain.comm.heartbeat import LivenessTracker
 from paratrain.ps.optimizer import ServerOptimizer
 from paratrain.ps.parking import INIT, ParkedRequests, Waiter
 from paratrain.ps.policies import SliceState, UpdatePolicy

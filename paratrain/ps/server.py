@@ -21,10 +21,10 @@ import torch
 import zmq
 
 from paratrain.comm.security import JobKeys
+from paratrain.comm.heartbeat import LivenessTracker, heartbeat_key
 from paratrain.comm.transport import get_transport
 from paratrain.errors import ConfigError
 from paratrain.optimizers import import_optimizer_plugins
-from paratrain.ps.heartbeat import LivenessTracker, heartbeat_key
 from paratrain.ps.parameter_server import DEFAULT_MAX_MESSAGE_BYTES, ParameterServer, ServerConfig
 from paratrain.ps.snapshot import SnapshotConfig, load_snapshot, restore_state
 

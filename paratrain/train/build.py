@@ -29,7 +29,7 @@ def build_strategy(strategy: str | RunConfig = "allreduce", *, env: DistEnv | No
     else:
         config = resolve_run_config(parse_run_config({"strategy": strategy, **options}),
                                     launched_world=env.world_size)
-    spec, parallel = config.spec, config.parallel
+    spec, parallel, min_workers = config.spec, config.parallel, config.resilience.min_workers
     if spec.pipelined:
         from paratrain.train.pipeline_strategy import PipelineStrategy
         return PipelineStrategy(stages=parallel.stages, micro_batches=parallel.micro_batches,
@@ -43,11 +43,16 @@ def build_strategy(strategy: str | RunConfig = "allreduce", *, env: DistEnv | No
         kvstore_options["staleness"] = parallel.staleness
     if parallel.backup_workers:
         kvstore_options["backup_workers"] = parallel.backup_workers
-    from paratrain.train.data_parallel_strategy import DataParallelStrategy
+    from paratrain.train.data_parallel_strategy import DataParallelConfig, DataParallelStrategy
     if spec.name == "diloco":
-        return DataParallelStrategy(kvstore=spec.kvstore, accumulate=config.optim.accumulate,
-                                    diloco=diloco_config(config), env=env)
-    return DataParallelStrategy(kvstore=spec.kvstore, accumulate=config.optim.accumulate,
-                                compression=config.comm.compression, sync_every=parallel.sync_every,
-                                kvstore_options=kvstore_options or None, update_on_kvstore=update_on_kvstore,
-                                env=env)
+        data_parallel = DataParallelConfig(kvstore=spec.kvstore, accumulate=config.optim.accumulate,
+                                           diloco=diloco_config(config))
+    else:
+        data_parallel = DataParallelConfig(kvstore=spec.kvstore, accumulate=config.optim.accumulate,
+                                           compression=config.comm.compression, sync_every=parallel.sync_every,
+                                           kvstore_options=kvstore_options or None,
+                                           update_on_kvstore=update_on_kvstore)
+    if min_workers is None:
+        return DataParallelStrategy(data_parallel, env=env)
+    from paratrain.train.elastic_strategy import ElasticDataParallelStrategy, elastic_config
+    return ElasticDataParallelStrategy(data_parallel, elastic_config(env, min_workers), env=env)

@@ -84,25 +84,34 @@ class DataParallelStrategy(Strategy):
         self.device = torch.device("cpu")
 
     def setup(self, model, spec: TrainSpec) -> None:
-        check_choice("amp", spec.amp, AMP_MODES)
-        if spec.amp == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("amp='fp16' needs a GPU (dynamic loss scaling); on CPU use amp='bf16'")
+        self._check_amp(spec)
         self.device = select_device(self.env)
         # Async workers share no process group: a dead one must not break the others,
         # and a restarted one must be able to rejoin. They meet in the store instead.
         self._owns_group = self.env.distributed and self._lockstep and init_process_group(self.env)
+        self._place(model, spec, self.config.kvstore)
+        self._start_together()
+
+    @staticmethod
+    def _check_amp(spec: TrainSpec) -> None:
+        check_choice("amp", spec.amp, AMP_MODES)
+        if spec.amp == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("amp='fp16' needs a GPU (dynamic loss scaling); on CPU use amp='bf16'")
+
+    def _place(self, model, spec: TrainSpec, kvstore) -> None:
+        """The model on this worker's device, and the Trainer (over ``kvstore``: a type
+        name or a KVStore) and scheduler that train it."""
         self.model = model.to(self.device)
         self.model.train()
         self.train_spec, self.objective = spec, spec.objective
         self.timeline = spec.timeline
-        self.trainer = Trainer(self.model, spec.optimizer, spec.optimizer_params, kvstore=self.config.kvstore,
+        self.trainer = Trainer(self.model, spec.optimizer, spec.optimizer_params, kvstore=kvstore,
                                compression=self.config.compression, sync_every=self.config.sync_every,
                                loss_scaler=torch.amp.GradScaler("cuda") if spec.amp == "fp16" else None,
                                kvstore_options=self.config.kvstore_options,
                                update_on_kvstore=self._update_on_kvstore(spec), timeline=spec.timeline,
                                diloco=self.config.diloco)
         self.scheduler = spec.build_scheduler(self.trainer.optimizer)
-        self._start_together()
 
     def _update_on_kvstore(self, spec: TrainSpec) -> bool | None:
         """Under dist_sync the servers sum and the workers run the optimizer where the
@@ -170,6 +179,22 @@ class DataParallelStrategy(Strategy):
         return DynamicBatchSampler(connect_store(self.env), dataset_len, global_batch, self.data_world, seed)
 
     def train_step(self, batch, global_batch) -> StepResult:
+        totals, samples, loss_scale = self._forward_backward(batch, global_batch)
+        self.trainer.step(samples, global_batch_size=global_batch, loss_scale=loss_scale,
+                          max_grad_norm=self.train_spec.max_grad_norm)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self._local_samples += samples
+        self._count_step()
+        # After trainer.step, not overlapped with it: a bucket holding a parameter unused
+        # on one rank only is launched inside trainer.step there and during backward on
+        # the others, so a collective issued in between would pair up differently per rank.
+        return self._totals(totals)
+
+    def _forward_backward(self, batch, global_batch) -> tuple[StepResult, int, float]:
+        """Forward and backward over this worker's share, in ``accumulate``
+        micro-batches (the last one starts the gradients' communication): this share's
+        totals, its samples and the loss scale the Trainer's step must be told."""
         # The model is in training mode: setup put it there, evaluate puts it back.
         samples = batch_len(batch) if batch is not None else 0
         micro_batches = split_batch(move_to(batch, self.device), self.config.accumulate) if samples else []
@@ -188,16 +213,7 @@ class DataParallelStrategy(Strategy):
                     summed = result.summed(reduction)   # fp16: the scaler scales, loss_scale is 1.0
                     (scaler.scale(summed) if scaler else summed * loss_scale).backward()
             totals.add(result, reduction)
-        self.trainer.step(samples, global_batch_size=global_batch, loss_scale=loss_scale,
-                          max_grad_norm=self.train_spec.max_grad_norm)
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self._local_samples += samples
-        self._count_step()
-        # After trainer.step, not overlapped with it: a bucket holding a parameter unused
-        # on one rank only is launched inside trainer.step there and during backward on
-        # the others, so a collective issued in between would pair up differently per rank.
-        return self._totals(totals)
+        return totals, samples, loss_scale
 
     def _count_step(self) -> None:
         """Async workers count their steps in the job's store, so the job's totals

@@ -72,6 +72,7 @@ def fit(model: nn.Module, train_data: Any, *, heldout: Any = None, strategy: str
     data = build_epoch_batches(train_data, global_batch=batch_size, rank=strategy.data_rank,
                                world=strategy.data_world, config=loader,
                                sampler_factory=lambda length: strategy.make_sampler(length, batch_size, seed))
+    strategy.attach_data(data)
     eval_rank, eval_world = strategy.eval_shard()
     evaluation = None if heldout is None else build_eval_batches(heldout, global_batch=batch_size, rank=eval_rank,
                                                                  world=eval_world, config=loader)
@@ -80,8 +81,11 @@ def fit(model: nn.Module, train_data: Any, *, heldout: Any = None, strategy: str
                                                                optimizer=optimizer, optimizer_params=optimizer_params)
     plan = fit_checkpoint.CheckpointPlan(checkpoint_dir, checkpoint_every, seed, keep_checkpoints, identity)
     try:
-        if checkpoint_dir or resume:
+        joined = strategy.joined_at_step()
+        if (checkpoint_dir or resume) and joined is None:
             fit_checkpoint.restore(strategy, state, checkpoint_dir, seed=seed, identity=plan.identity, resume=resume)
+        if joined is not None:   # a replacement: on from a healthy peer's state and step
+            state.step, (state.epoch, state.batch_in_epoch) = joined, divmod(joined, data.steps_per_epoch)
         return _train(strategy, state, data, evaluation, callbacks, plan, timeline)
     finally:
         strategy.close()   # fit set it up, fit releases it (process group, kvstore, channels)
@@ -159,4 +163,5 @@ def _summary(strategy: Strategy, state: FitState, epoch_loss: StepResult, sample
     }
     if heldout is not None:
         summary.update({f"heldout_{name}": value for name, value in heldout.metric_means().items()})
+    summary.update(strategy.summary_fields())
     return summary

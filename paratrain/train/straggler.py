@@ -66,6 +66,15 @@ class Straggler(Strategy):
     def finish(self) -> None:
         self.inner.finish()
 
+    def attach_data(self, data) -> None:
+        self.inner.attach_data(data)
+
+    def joined_at_step(self) -> int | None:
+        return self.inner.joined_at_step()
+
+    def summary_fields(self) -> dict:
+        return self.inner.summary_fields()
+
     def make_sampler(self, dataset_len: int, global_batch: int, seed: int):
         return self.inner.make_sampler(dataset_len, global_batch, seed)
 

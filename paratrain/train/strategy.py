@@ -122,6 +122,22 @@ class Strategy(abc.ABC):
         """Called on every rank after its last step, before the summary: release what
         others may be waiting on (parameter-server workers say goodbye)."""
 
+    def attach_data(self, data) -> None:
+        """This process's training batches (:class:`~paratrain.data.loading.EpochBatches`),
+        given once before the first step: a strategy whose workers can change between
+        steps loads a step's slice again when the group changed. Default: unused."""
+
+    def joined_at_step(self) -> int | None:
+        """The committed step count at which this process joined a job already
+        training (a replacement took a dead worker's place); fit starts there. None:
+        it starts at the beginning, or at its checkpoint."""
+        return None
+
+    def summary_fields(self) -> dict:
+        """What this strategy adds to the run's summary (fault-tolerant runs:
+        ``worker_failures``, ``recoveries``, ``steps_repeated``). Default: nothing."""
+        return {}
+
     def make_sampler(self, dataset_len: int, global_batch: int, seed: int):
         """The batch sampler this process trains with (default: a fixed shard of every
         global batch; async strategies hand batches out dynamically)."""

@@ -152,6 +152,15 @@ class Trainer:
         updates run on the servers, each worker's gradient is clipped by its own norm
         before it leaves). Gradients are zeroed afterwards.
         """
+        self.prepare_update(batch_size, global_batch_size=global_batch_size, loss_scale=loss_scale,
+                            max_grad_norm=max_grad_norm)
+        self._update()
+
+    def prepare_update(self, batch_size: int, *, global_batch_size: int | None = None, loss_scale: float = 1.0,
+                       max_grad_norm: float | None = None) -> None:
+        """:meth:`step` up to the update: aggregate, normalise and clip (all of a
+        step's communication between workers). Then :meth:`update`, or, if the step
+        must be given up (a peer died), :meth:`abandon_step`."""
         scale = self._scale(batch_size, global_batch_size, loss_scale)
         if self.sync.reduced_grads_visible:
             self._reduce(scale)
@@ -163,7 +172,14 @@ class Trainer:
             if max_grad_norm is not None:
                 scale *= self._own_clip_coefficient(scale, max_grad_norm)
             self._reduce(scale)
-        self._update()
+
+    def abandon_step(self) -> None:
+        """Give up the step in progress before its update: its pending communication,
+        the gradients and the sync's per-worker changes are dropped, so the step can be
+        computed again (an elastic group re-formed)."""
+        self.sync.abandon_step()
+        self.sync.zero_grad(self._params)
+        self._reduced = False
 
     def allreduce_grads(self, batch_size: int | None = None, *, global_batch_size: int | None = None,
                         loss_scale: float = 1.0) -> None:
