@@ -45,6 +45,7 @@ import torch.distributed as dist  # noqa: E402
 
 from bench_pipeline import _env, run_two  # noqa: E402
 from study_pipelining import batches_for, build, split, tied_names  # noqa: E402
+from paratrain.atomic import write_json_atomic  # noqa: E402
 from paratrain.models.gpt import lm_loss  # noqa: E402
 
 SPLIT_POINT = "transformer.h.2"
@@ -222,10 +223,8 @@ def main(argv=None) -> int:
               f" last {rows[0]['last_loss']:.5f}")
     print(f"  ratio paratrain/torch: median {report['ratio_median']:.3f}  (per repeat "
           f"{', '.join(f'{r:.3f}' for r in ratios)})")
-    out = pathlib.Path(options.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    pathlib.Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {write_json_atomic(options.out, report)}")
     return 0
 
 
