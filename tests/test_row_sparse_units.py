@@ -263,8 +263,7 @@ def test_inproc_row_sparse_errors_are_clear(job):
     out = torch.empty(1, 3)
     kv.row_sparse_pull("emb", out=out, row_ids=torch.tensor([1]))
     assert torch.equal(out, torch.full((1, 3), 0.1).half().float())
-    kv.set_optimizer({"type": "sgd", "lr": 1.0})
-    # A raw dense PUSH to a row-sparse key (bypassing the client's checks) is refused by the server.
+    # A raw dense PULL of a row-sparse key (bypassing the client's checks) is refused by the server.
     request = kv._connection.request(0, Op.PULL, key="s:emb", shape=(10, 3), length=15)
     with pytest.raises(PeerError, match="row-sparse"):
         kv._collect([request], "pull")

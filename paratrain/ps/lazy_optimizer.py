@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from paratrain.ps.optimizer import SGD, Adam, ServerOptimizer, _check_number, _write_back
+from paratrain.ps.optimizer import SGD, Adam, ServerOptimizer, _check_number, _write_back, step_gradient
 
 
 class RowUpdates(abc.ABC):
@@ -67,9 +67,7 @@ class LazySGD(SGD, RowUpdates):
             weight.index_add_(0, rows, grad, alpha=-lr * multiplier)   # w + alpha g, as the dense rule
             return
         master = weight[rows].float()
-        step = grad * multiplier if multiplier != 1.0 else grad
-        if self.weight_decay:
-            step = step + self.weight_decay * master
+        step = step_gradient(grad, master, multiplier=multiplier, weight_decay=self.weight_decay)
         if self.momentum:
             buffer = _row_state(state, "momentum", weight)
             step = buffer[rows].mul_(self.momentum).add_(step)   # a row's first push: 0 * m + g, as torch's clone
@@ -93,9 +91,7 @@ class LazyAdam(Adam, RowUpdates):
             return
         multiplier = self.rescale_grad * scale
         master = weight[rows].float()
-        g = grad * multiplier if multiplier != 1.0 else grad
-        if self.weight_decay:
-            g = g + self.weight_decay * master
+        g = step_gradient(grad, master, multiplier=multiplier, weight_decay=self.weight_decay)
         m = exp_avg[rows].mul_(self.beta1).add_(g, alpha=1 - self.beta1)
         v = exp_avg_sq[rows].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
         exp_avg[rows], exp_avg_sq[rows] = m, v
@@ -130,9 +126,7 @@ class Adagrad(ServerOptimizer, RowUpdates):
     def update(self, weight, grad, state, scale=1.0, lr=None) -> None:
         master = weight.float()
         multiplier = self.rescale_grad * scale
-        g = grad * multiplier if multiplier != 1.0 else grad
-        if self.weight_decay:
-            g = g + self.weight_decay * master
+        g = step_gradient(grad, master, multiplier=multiplier, weight_decay=self.weight_decay)
         total = _row_state(state, "sum", master, self.initial_accumulator_value)
         rate = self._rate(lr, _count_step(state))
         total.addcmul_(g, g, value=1)
@@ -145,9 +139,7 @@ class Adagrad(ServerOptimizer, RowUpdates):
             return
         multiplier = self.rescale_grad * scale
         master = weight[rows].float()
-        g = grad * multiplier if multiplier != 1.0 else grad
-        if self.weight_decay:
-            g = g + self.weight_decay * master
+        g = step_gradient(grad, master, multiplier=multiplier, weight_decay=self.weight_decay)
         sums = total[rows].addcmul_(g, g, value=1)
         total[rows] = sums
         weight[rows] = master.addcdiv_(g, sums.sqrt().add_(self.eps), value=-rate).to(weight.dtype)

@@ -39,6 +39,20 @@ def _write_back(weight: torch.Tensor, master: torch.Tensor) -> None:
         weight.copy_(master)
 
 
+def step_gradient(grad: torch.Tensor, master: torch.Tensor, *, multiplier: float,
+                  weight_decay: float) -> torch.Tensor:
+    """The gradient a rule steps on: ``grad`` times ``multiplier`` (``rescale_grad``
+    times the push's scale), plus coupled weight decay ``weight_decay * master``."""
+    step = grad * multiplier if multiplier != 1.0 else grad
+    return step + weight_decay * master if weight_decay else step
+
+
+def check_decay_and_rescale(rule) -> None:
+    """The two knobs every built-in rule has: ``weight_decay >= 0``, ``rescale_grad > 0``."""
+    _check_number("weight_decay", rule.weight_decay)
+    _check_number("rescale_grad", rule.rescale_grad, low_inclusive=False)
+
+
 class ServerOptimizer(abc.ABC):
     """Updates one key slice in place from the summed gradient.
 
@@ -96,8 +110,7 @@ class SGD(ServerOptimizer):
     def __post_init__(self) -> None:
         _check_number("lr", self.lr)
         _check_number("momentum", self.momentum, high=1.0)
-        _check_number("weight_decay", self.weight_decay)
-        _check_number("rescale_grad", self.rescale_grad, low_inclusive=False)
+        check_decay_and_rescale(self)
 
     def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0,
                lr: float | None = None) -> None:
@@ -108,9 +121,7 @@ class SGD(ServerOptimizer):
             # Plain SGD: one pass over the weights, the rescale folded into alpha.
             _write_back(weight, master.add_(grad, alpha=-lr * multiplier))
             return
-        step = grad * multiplier if multiplier != 1.0 else grad
-        if self.weight_decay:
-            step = step + self.weight_decay * master
+        step = step_gradient(grad, master, multiplier=multiplier, weight_decay=self.weight_decay)
         if self.momentum:
             buf = state.get("momentum")
             if buf is None:
@@ -146,17 +157,13 @@ class Adam(ServerOptimizer):
         _check_number("beta1", self.beta1, high=1.0)
         _check_number("beta2", self.beta2, high=1.0)
         _check_number("eps", self.eps, low_inclusive=False)
-        _check_number("weight_decay", self.weight_decay)
-        _check_number("rescale_grad", self.rescale_grad, low_inclusive=False)
+        check_decay_and_rescale(self)
 
     def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, scale: float = 1.0,
                lr: float | None = None) -> None:
         lr = self.lr if lr is None else lr
         master = weight.float()
-        multiplier = self.rescale_grad * scale
-        g = grad * multiplier if multiplier != 1.0 else grad
-        if self.weight_decay:
-            g = g + self.weight_decay * master
+        g = step_gradient(grad, master, multiplier=self.rescale_grad * scale, weight_decay=self.weight_decay)
         if "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(g)
