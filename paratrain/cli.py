@@ -144,7 +144,8 @@ def _server_env(config, model) -> dict:
     from paratrain.ps.sharding import largest_message_bytes
     tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
     largest = largest_message_bytes(tensors, config.job.servers)
-    env = {"PARATRAIN_MAX_MESSAGE_MB": str(max(1, -(-largest // MiB)) + 1)}   # one MiB of headroom
+    env = {"PARATRAIN_MAX_MESSAGE_MB": str(max(1, -(-largest // MiB)) + 1),   # one MiB of headroom
+           "PARATRAIN_SERVER_LOCKED": "1"}   # nothing changes the optimizer or codec mid-run
     compression = parse_compression(config.comm.compression)
     if compression.enabled:
         env["PARATRAIN_SERVER_COMPRESSION"] = json.dumps(compression.to_dict())
@@ -411,6 +412,10 @@ def _main_without_teardown() -> None:
     also when it raised (the traceback is printed; the status is 1)."""
     try:
         code = main()
+    except SystemExit as exc:   # argparse's --help (0) and usage errors (2), sys.exit(...)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
     except BaseException:   # noqa: B036 -- a worker's failure still ends it without teardown
         import traceback
         traceback.print_exc()

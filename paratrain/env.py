@@ -28,6 +28,7 @@ job from these variables, and nothing else in paratrain reads ``os.environ`` for
 | ``PARATRAIN_SPARE_ID`` | launcher | this worker is a warm spare of an elastic job: it builds everything, then waits for the launcher to hand it a dead worker's slot |
 | ``PARATRAIN_SERVER_IMPORTS`` | user / launcher | comma-separated modules a parameter server imports at start-up (to register update rules: ``paratrain.optimizers.register_optimizer``) |
 | ``PARATRAIN_SERVER_OPTIMIZER`` | launcher | the server optimizer spec the job's configuration fixes (JSON, ``{"type": "sgd", "lr": 0.1}``): servers run it from the start, so no worker needs to send it |
+| ``PARATRAIN_SERVER_LOCKED`` | launcher | ``1``: a running job's control settings never change (``paratrain train`` jobs); unset: worker 0 may change them, as in MXNet, and the server says so |
 | ``PARATRAIN_SERVER_COMPRESSION`` | launcher | the gradient compression the job's configuration fixes (JSON, ``{"type": "2bit", "threshold": 0.5}``) |
 | ``PARATRAIN_MAX_MESSAGE_MB`` | launcher / user | the largest message (MiB) a parameter server accepts (``paratrain train`` derives it from the model's largest key slice; default 64) |
 | ``PARATRAIN_RUN_ID`` | launcher | the job's id, the same in every incarnation of every rank (a restart resumes only its own job's checkpoints) |
@@ -96,6 +97,7 @@ class DistEnv:
     run_id: str = ""
     server_optimizer: str = ""
     server_compression: str = ""
+    server_locked: bool = False
     max_message_mb: int = 0
     job_id: str = ""
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
@@ -163,6 +165,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         run_id=environ.get("TORCHELASTIC_RUN_ID", ""),
         server_optimizer=environ.get("PARATRAIN_SERVER_OPTIMIZER", ""),
         server_compression=environ.get("PARATRAIN_SERVER_COMPRESSION", ""),
+        server_locked=environ.get("PARATRAIN_SERVER_LOCKED", "") == "1",
         max_message_mb=_int(environ, "PARATRAIN_MAX_MESSAGE_MB", 0),
         job_id=environ.get("PARATRAIN_RUN_ID", ""),
         heartbeat_timeout_s=_float(environ, "PARATRAIN_HEARTBEAT_TIMEOUT", DEFAULT_HEARTBEAT_TIMEOUT_S),

@@ -40,6 +40,12 @@ def summary_of(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def newest_checkpoint(directory, shard: str = "model") -> dict:
+    """The newest sealed checkpoint of ``shard`` in ``directory``, verified and loaded."""
+    from paratrain.train import checkpoint
+    return checkpoint.load_entry(directory, checkpoint.read_manifest(directory, shard).entries[0])
+
+
 @pytest.fixture
 def paratrain_cli():
     return run_paratrain

@@ -11,7 +11,7 @@ import traceback
 import pytest
 import torch
 
-from conftest import run_workers
+from conftest import newest_checkpoint, run_workers
 from paratrain.comm import codecs
 from paratrain.comm.codecs import parse_compression
 from paratrain.errors import CommTimeout
@@ -305,8 +305,8 @@ def test_accumulation_equals_a_k_times_larger_batch(tmp_path):
               "--no-progress", "--json"]
     run_cli([*common, "--accumulate", "4", "--checkpoint-dir", str(tmp_path / "k4")], timeout=180)
     run_cli([*common, "--accumulate", "1", "--checkpoint-dir", str(tmp_path / "k1")], timeout=180)
-    accumulated = torch.load(tmp_path / "k4" / "model.pt", weights_only=True)["strategy"]["model"]
-    large_batch = torch.load(tmp_path / "k1" / "model.pt", weights_only=True)["strategy"]["model"]
+    accumulated = newest_checkpoint(tmp_path / "k4")["strategy"]["model"]
+    large_batch = newest_checkpoint(tmp_path / "k1")["strategy"]["model"]
     assert accumulated.keys() == large_batch.keys()
     worst = max((accumulated[name] - large_batch[name]).abs().max().item() for name in accumulated)
     assert worst <= 1e-5, worst

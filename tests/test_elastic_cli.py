@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_paratrain, run_with_elastic_kills, summary_of
+from conftest import newest_checkpoint, run_paratrain, run_with_elastic_kills, summary_of
 
 WORKERS, STEPS_PER_EPOCH, EPOCHS = 3, 30, 2   # digits: 1437 training samples / 48 = 30 steps
 ARGS = ["train", "--strategy", "allreduce", "--workers", str(WORKERS), "--model", "mlp", "--epochs", str(EPOCHS),
@@ -29,9 +29,7 @@ def _step_of(line: str) -> int | None:
 
 
 def _final_params(checkpoint_dir) -> dict:
-    from paratrain.train import checkpoint
-    newest = checkpoint.read_manifest(checkpoint_dir, "model").entries[0]   # newest first
-    return checkpoint.load_entry(checkpoint_dir, newest)["strategy"]["model"]
+    return newest_checkpoint(checkpoint_dir)["strategy"]["model"]
 
 
 @pytest.fixture(scope="module")

@@ -131,6 +131,11 @@ def test_control_changes_only_from_worker_0_before_training_or_unchanged():
                                            (0, False, True, "pushes were applied already")):
         with pytest.raises(RequestRejected, match=fragment):
             change("SET_OPTIMIZER", rank=rank, current=sgd, requested=fast, fixed=fixed, started=started)
+    # A job that does not lock its control (a library job, as MXNet's KVStore) lets worker 0
+    # change it after pushes, and the server says so; paratrain train locks it.
+    assert change("SET_OPTIMIZER", rank=0, current=sgd, requested=fast, fixed=False, started=True, locked=False)
+    with pytest.raises(RequestRejected, match="only worker 0"):
+        change("SET_OPTIMIZER", rank=1, current=sgd, requested=fast, fixed=False, started=True, locked=False)
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -329,7 +334,7 @@ def test_inproc_bad_requests_get_clear_errors(job):
 
 @pytest.mark.timeout(60)
 def test_inproc_compressed_pushes_decode_on_the_server(job):
-    j = job(num_servers=2)
+    j = job(num_servers=2, locked=True)   # as paratrain train runs its servers
     kv = j.worker(0, 1, bigarray_bound=8)
     kv.init("g", torch.zeros(20))
     kv.set_gradient_compression({"type": "2bit", "threshold": 0.5})

@@ -186,5 +186,6 @@ def test_cli_two_stage_gpt_resumes_in_the_same_layout_bitwise(tmp_path):
     summary_of(run_paratrain(*run, "--checkpoint-dir", str(tmp_path / "b"), timeout=300, env=cli_env()))
     resumed = summary_of(run_paratrain(*run, "--epochs", "2", "--checkpoint-dir", str(tmp_path / "b"), "--resume",
                                        timeout=300, env=cli_env()))
-    assert sorted(p.name for p in (tmp_path / "b").glob("*.pt")) == ["stage0.pt", "stage1.pt"]
+    from paratrain.train.checkpoint import manifest_shards
+    assert manifest_shards(tmp_path / "b") == ["stage0", "stage1"]   # one sealed checkpoint per stage
     assert resumed["param_checksum"] == straight["param_checksum"] and resumed["steps"] == straight["steps"] == 26

@@ -14,6 +14,7 @@ running job never changes silently.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from paratrain.errors import ConfigError
@@ -77,19 +78,25 @@ def policy_for(terms: JobTerms) -> UpdatePolicy:
         raise RequestRejected(str(exc)) from None
 
 
-def control_change(what: str, *, rank: int, current, requested, fixed: bool, started: bool) -> bool:
+def control_change(what: str, *, rank: int, current, requested, fixed: bool, started: bool,
+                   locked: bool = True) -> bool:
     """Whether a control request (``what``: ``SET_OPTIMIZER``, ``SET_COMPRESSION``)
     from worker ``rank`` changes anything: False when ``requested`` is what runs
     (``current``), True when it may be applied; :class:`RequestRejected` when the
     job's configuration ``fixed`` it, when it is not worker 0's, or when pushes were
-    applied already (``started``)."""
+    applied already (``started``) in a ``locked`` job. Unlocked (a job whose
+    configuration does not forbid it, as MXNet's KVStore allows), worker 0 may change
+    it after pushes, and the server prints the change: never silent."""
     if requested == current:
         return False
     if fixed:
         raise RequestRejected(f"{what} {requested} refused: the job's configuration fixes it to {current}")
     if rank != 0:
         raise RequestRejected(f"{what} from worker {rank} refused: only worker 0 sets it")
-    if started:
+    if started and locked:
         raise RequestRejected(f"{what} {requested} refused: pushes were applied already with {current}, and a "
                               f"running job's {what} never changes")
+    if started:
+        print(f"[ps-server] {what} changed by worker 0 after pushes were applied: {current} -> {requested}",
+              file=sys.stderr, flush=True)
     return True

@@ -54,7 +54,9 @@ class ServerConfig:
 
     ``num_workers``: the job's, when known at start-up (HELLOs must agree).
     ``optimizer``/``compression``: specs the job's configuration fixes (JSON dicts);
-    None leaves them to worker 0's ``set_optimizer``/``set_gradient_compression``."""
+    None leaves them to worker 0's ``set_optimizer``/``set_gradient_compression``.
+    ``locked``: once pushes were applied, those never change (the job's configuration
+    says so); unlocked, worker 0 may change them as in MXNet, and the server says so."""
 
     server_rank: int = 0
     num_servers: int = 1
@@ -63,6 +65,7 @@ class ServerConfig:
     num_workers: int | None = None
     optimizer: dict | None = None
     compression: dict | None = None
+    locked: bool = False
 
     def __post_init__(self) -> None:
         if self.num_servers < 1 or not 0 <= self.server_rank < self.num_servers:
@@ -458,7 +461,7 @@ class ParameterServer:
         optimizer = build_server_optimizer(message.control())
         current = self.optimizer.to_spec() if self.optimizer is not None else None
         if control_change("SET_OPTIMIZER", rank=rank, current=current, requested=optimizer.to_spec(),
-                          fixed=self.config.optimizer is not None, started=self.stats["pushes"] > 0):
+                          fixed=self.config.optimizer is not None, started=self.stats["pushes"] > 0, locked=self.config.locked):
             if self.optimizer is None or type(optimizer) is not type(self.optimizer):
                 for state in self.keys.values():  # a different rule: its state starts afresh
                     state.optimizer_state = {}
@@ -472,7 +475,7 @@ class ParameterServer:
         current = self.compression.to_dict() if self.compression is not None else None
         if control_change("SET_COMPRESSION", rank=rank, current=current,
                           requested=config.to_dict() if config is not None else None,
-                          fixed=self.config.compression is not None, started=self.stats["pushes"] > 0):
+                          fixed=self.config.compression is not None, started=self.stats["pushes"] > 0, locked=self.config.locked):
             self.compression = config
         self._ok(peer, message.request_id)
 

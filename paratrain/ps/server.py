@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                           max_message_bytes=(args.max_message_mb or env.max_message_mb or DEFAULT_MAX_MESSAGE_MB) << 20,
                           num_workers=env.world_size if env.launched else None,
                           optimizer=_job_spec("PARATRAIN_SERVER_OPTIMIZER", env.server_optimizer),
-                          compression=_job_spec("PARATRAIN_SERVER_COMPRESSION", env.server_compression))
+                          compression=_job_spec("PARATRAIN_SERVER_COMPRESSION", env.server_compression),
+                          locked=env.server_locked)
     snapshots = SnapshotConfig(args.snapshot_dir, args.snapshot_every) if args.snapshot_dir else None
     keys = JobKeys(env.secret).ps_server(env.server_rank, env.world_size)
     try:
