@@ -22,7 +22,7 @@ from paratrain.ps.sharding import plan_rows
 from paratrain.ps.snapshot import slice_from_dict, slice_to_dict
 from paratrain.ps.state_transfer import decode_state, encode_state
 from paratrain.train.trainer import Trainer
-from test_ps_units import InprocJob
+from test_ps_units import job  # noqa: F401 -- the in-process servers fixture, shared
 
 # ----------------------------------------------------------------------------- rows and ranges
 
@@ -194,18 +194,6 @@ def test_a_row_range_survives_a_snapshot_with_its_queued_pushes():
 
 
 # ----------------------------------------------------------------------------- in-process servers
-
-
-@pytest.fixture
-def job():
-    made = []
-
-    def make(num_servers=2, **kwargs):
-        made.append(InprocJob(num_servers, **kwargs))
-        return made[-1]
-    yield make
-    for j in made:
-        j.close()
 
 
 def _table(rows=10, dim=3):
