@@ -35,9 +35,25 @@ def run_paratrain(*args: str, timeout: float = 120, env: dict | None = None, cwd
 
 
 def summary_of(result: subprocess.CompletedProcess) -> dict:
-    """The --json summary: the last line printed."""
+    """The --json summary: the last JSON object printed."""
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json_objects(result.stdout)[-1]
+
+
+def json_objects(text: str) -> list[dict]:
+    """Every JSON object printed in ``text``, in order, wherever it lies on its line.
+    Processes that share one unbuffered stdout write an object and its newline in two
+    writes, so another process's line can land between them."""
+    decoder, found, at = json.JSONDecoder(), [], text.find('{"')
+    while at >= 0:
+        try:
+            obj, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            end = at + 1
+        else:
+            found.append(obj)
+        at = text.find('{"', end)
+    return found
 
 
 def newest_checkpoint(directory, shard: str = "model") -> dict:

@@ -2,13 +2,12 @@
 parses its own arguments, and a parameter-server job under torchrun is one command."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, clean_env, run_paratrain
+from conftest import REPO, clean_env, json_objects, run_paratrain
 
 
 def test_paratrain_server_parses_its_own_arguments():
@@ -25,6 +24,6 @@ def test_dist_sync_under_torchrun_is_one_command():
                              "--epochs", "1", "--json", "--no-progress"],
                             capture_output=True, text=True, timeout=220, env=clean_env(), cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json_objects(result.stdout)[-1]   # the server shares the workers' stdout
     assert summary["strategy"] == "dist_sync" and summary["steps_per_worker"] == [23, 23]
     assert "server 0 done" in result.stdout   # rank 0's server finished after every goodbye

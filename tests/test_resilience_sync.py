@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import SCRIPTS, clean_env, run_paratrain, run_with_kills, summary_of
+from conftest import SCRIPTS, clean_env, json_objects, run_paratrain, run_with_kills, summary_of
 
 STEPS_PER_EPOCH = 23        # 1437 digits / global batch 64, rounded up
 ARGS = ("train", "--workers", "2", "--model", "mlp", "--epochs", "6", "--json", "--no-progress")
@@ -76,5 +76,5 @@ def test_torchrun_max_restarts_resumes_from_checkpoint(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=clean_env())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "flaky_train: killing myself" in result.stdout + result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json_objects(result.stdout)[-1]   # both ranks share torchrun's stdout
     assert summary["param_checksum"] == reference["param_checksum"]
