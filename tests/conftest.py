@@ -2,6 +2,7 @@
 hard timeout, and parse the --json summary line."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import multiprocessing
 import os
@@ -28,10 +29,37 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
+def cli_in_process(*argv: str) -> tuple[int, str, str]:
+    """``paratrain ARGV`` in this process: (exit code, stdout, stderr). For what is
+    refused before anything starts, where a new interpreter would cost a few seconds."""
+    import contextlib
+    import io
+
+    from paratrain import cli
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:   # argparse's own errors
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
 def run_paratrain(*args: str, timeout: float = 120, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
     """Run ``python -m paratrain.cli ARGS`` to completion (killed after ``timeout``)."""
     return subprocess.run([sys.executable, "-m", "paratrain.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env or clean_env(), cwd=cwd or REPO)
+
+
+_BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-background")
+
+
+def in_background(fn, *args, **kwargs) -> concurrent.futures.Future:
+    """Call ``fn(*args, **kwargs)`` on a thread while the test goes on, so that a
+    reference run overlaps the run under test (most of either is waiting: process
+    start-up, step delays, restarts). ``fn`` must bound itself in time, as
+    ``run_paratrain`` does with its timeout."""
+    return _BACKGROUND.submit(fn, *args, **kwargs)
 
 
 def summary_of(result: subprocess.CompletedProcess) -> dict:

@@ -6,8 +6,6 @@ anything starts. Files and fit in this process (strategy local); the CLI checks 
 in-process too (they refuse before launching); SIGKILLs hit real processes."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import random
@@ -22,6 +20,8 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from conftest import cli_in_process
 
 import paratrain
 from paratrain import cli
@@ -211,10 +211,8 @@ def test_fit_restarted_before_its_first_checkpoint_never_adopts_another_runs(tmp
 
 
 def _cli(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(["train", "--model", "mlp", "--epochs", "1", "--workers", "2", *argv])
-    return code, err.getvalue()
+    code, _, err = cli_in_process("train", "--model", "mlp", "--epochs", "1", "--workers", "2", *argv)
+    return code, err
 
 
 @pytest.mark.parametrize("how", ["bytes", "truncated", "empty", "foreign"])

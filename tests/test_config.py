@@ -3,13 +3,12 @@ and every option/strategy rule it declares refused in one line. In-process: thes
 exercise parsing and validation, which start nothing."""
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 
 import pytest
 import torch
 
+from conftest import cli_in_process
 from paratrain import cli
 from paratrain import config as cfg
 from paratrain.strategies import STRATEGIES
@@ -23,16 +22,6 @@ fragments outer_optimizer outer_lr outer_momentum
 secret_file checkpoint_dir checkpoint_every keep_checkpoints resume max_restarts server_snapshot_dir server_snapshot_every min_workers spares heartbeat_timeout
 log_dir timeline log_interval no_progress json straggler step_delay
 """.split())
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as exc:   # argparse's own errors
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def train_flags() -> set[str]:
@@ -53,11 +42,11 @@ def test_the_option_surface_is_frozen_and_every_flag_is_in_the_tree():
     ("--strategy", "dist_sync", "--servers", "2", "--backup-workers", "1", "--checkpoint-dir", "ck", "--json"),
 ])
 def test_print_config_round_trips(tmp_path, argv):
-    code, printed, err = run_cli("train", *argv, "--print-config")
+    code, printed, err = cli_in_process("train", *argv, "--print-config")
     assert code == 0, err
     path = tmp_path / "run.toml"
     path.write_text(printed)
-    code, again, err = run_cli("train", "--config", str(path), "--print-config")
+    code, again, err = cli_in_process("train", "--config", str(path), "--print-config")
     assert code == 0, err
     assert again == printed
     resolved = cfg.resolve_run_config(cfg.parse_run_config(sections=cfg.read_toml(path)))
@@ -67,7 +56,7 @@ def test_print_config_round_trips(tmp_path, argv):
 def test_flags_override_the_config_file(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[job]\nepochs = 3\nbatch_size = 32\n[optim]\nlr = 0.2\n')
-    code, printed, err = run_cli("train", "--config", str(path), "--lr", "0.5", "--print-config")
+    code, printed, err = cli_in_process("train", "--config", str(path), "--lr", "0.5", "--print-config")
     assert code == 0, err
     assert "epochs = 3" in printed and "batch_size = 32" in printed and "lr = 0.5" in printed
 
@@ -93,7 +82,7 @@ VALUES = {"servers": "1", "server_snapshot_dir": "snap", "server_snapshot_every"
 def test_every_option_is_refused_where_the_tree_says_it_does_not_apply(name):
     strategy = _strategy_where(name, fits=False)
     assert strategy is not None, f"{name} applies everywhere: drop it from APPLIES"
-    code, _, err = run_cli("train", "--strategy", strategy, cfg.flag(name), VALUES[name], "--print-config")
+    code, _, err = cli_in_process("train", "--strategy", strategy, cfg.flag(name), VALUES[name], "--print-config")
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert f"{cfg.flag(name)} " in err and f"applies to --strategy {cfg.APPLIES[name].says}, not to" in err
@@ -102,7 +91,7 @@ def test_every_option_is_refused_where_the_tree_says_it_does_not_apply(name):
     extra += ("--server-snapshot-dir", "snap") if name == "server_snapshot_every" else ()
     extra += ("--workers", "2", "--min-workers", "1") if name in ("spares", "heartbeat_timeout") else ()
     extra += ("--workers", "2") if name == "min_workers" else ()
-    code, _, err = run_cli("train", "--strategy", fits, cfg.flag(name), VALUES[name], *extra, "--print-config")
+    code, _, err = cli_in_process("train", "--strategy", fits, cfg.flag(name), VALUES[name], *extra, "--print-config")
     assert code == 0, (fits, err)
 
 
@@ -127,23 +116,23 @@ def test_options_keyed_on_another_option_are_refused_where_they_do_not_apply(nam
     fits, misfits, value = NOT_STRATEGY[name]
     text = isinstance(cfg.parse_run_config({name: value}).get(name), str)
     said, toml = (repr(value), f'"{value}"') if text else (value, value)
-    code, _, err = run_cli("train", cfg.flag(rule.on), misfits, cfg.flag(name), value, "--print-config")
+    code, _, err = cli_in_process("train", cfg.flag(rule.on), misfits, cfg.flag(name), value, "--print-config")
     assert code == 2 and f"{cfg.flag(name)} {said} applies to {cfg.flag(rule.on)} {rule.says}, not to " \
                           f"{cfg.flag(rule.on)} {misfits}" in err, err
-    code, printed, err = run_cli("train", cfg.flag(rule.on), fits, cfg.flag(name), value, "--print-config")
+    code, printed, err = cli_in_process("train", cfg.flag(rule.on), fits, cfg.flag(name), value, "--print-config")
     assert code == 0 and f"{name} = {toml}" in printed, err
 
 
 def test_a_model_preset_that_does_not_apply_is_dropped_not_refused():
-    code, printed, err = run_cli("train", "--model", "gpt", "--optimizer", "sgd", "--print-config")
+    code, printed, err = cli_in_process("train", "--model", "gpt", "--optimizer", "sgd", "--print-config")
     assert code == 0, err
     assert "beta1" not in printed and "momentum = 0.9" in printed and "min_lr_factor = 0.1" in printed
 
 
 def test_keep_checkpoints_needs_a_checkpoint_dir():
-    code, _, err = run_cli("train", "--keep-checkpoints", "3", "--print-config")
+    code, _, err = cli_in_process("train", "--keep-checkpoints", "3", "--print-config")
     assert code == 2 and "--keep-checkpoints 3 applies to --checkpoint-dir FOLDER, not to --checkpoint-dir None" in err
-    code, printed, err = run_cli("train", "--keep-checkpoints", "3", "--checkpoint-dir", "ck", "--print-config")
+    code, printed, err = cli_in_process("train", "--keep-checkpoints", "3", "--checkpoint-dir", "ck", "--print-config")
     assert code == 0 and "keep_checkpoints = 3" in printed, err
 
 
@@ -171,7 +160,7 @@ def test_keep_checkpoints_needs_a_checkpoint_dir():
     (("--strategy", "pipeline", "--amp", "bf16"), "--amp 'bf16' applies to"),
 ])
 def test_odd_values_are_one_line_exit_2(argv, fragment):
-    code, out, err = run_cli("train", *argv, "--print-config")
+    code, out, err = cli_in_process("train", *argv, "--print-config")
     assert code == 2 and not out, (out, err)
     assert fragment in err and len(err.strip().splitlines()) == 1, err
 
@@ -196,7 +185,7 @@ def test_a_worker_only_optimizer_is_refused_where_the_servers_run_the_optimizer(
 def test_bad_config_files_are_one_line(tmp_path, text, fragment):
     path = tmp_path / "run.toml"
     path.write_text(text)
-    code, _, err = run_cli("train", "--config", str(path), "--print-config")
+    code, _, err = cli_in_process("train", "--config", str(path), "--print-config")
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
 
 

@@ -5,7 +5,7 @@ import traceback
 import pytest
 import torch
 
-from conftest import run_paratrain, run_workers, summary_of, clean_env
+from conftest import cli_in_process, in_background, run_paratrain, run_workers, summary_of
 from paratrain.errors import ConfigError
 from paratrain.parallel.diloco import DiLoCoConfig, DiLoCoSync, fragment_ranges, pieces_of, sync_points
 
@@ -249,12 +249,12 @@ def test_cli_resume_continues_the_outer_optimizer(tmp_path):
     Inner SGD without momentum: only rank 0's inner state is checkpointed."""
     common = ["train", "--workers", "2", "--strategy", "diloco", "--model", "mlp", "--sync-every", "4",
               "--momentum", "0", "--json", "--no-progress", "--seed", "3"]
-    straight = summary_of(run_paratrain(*common, "--epochs", "2", timeout=180))
+    straight = in_background(run_paratrain, *common, "--epochs", "2", timeout=180)
     directory = str(tmp_path / "ck")
     summary_of(run_paratrain(*common, "--epochs", "1", "--checkpoint-dir", directory, timeout=180))
     resumed = summary_of(run_paratrain(*common, "--epochs", "2", "--checkpoint-dir", directory, "--resume",
                                        timeout=180))
-    assert resumed["param_checksum"] == straight["param_checksum"]
+    assert resumed["param_checksum"] == summary_of(straight.result())["param_checksum"]
     assert resumed["strategy"] == "diloco"
 
 
@@ -311,6 +311,6 @@ def test_cli_refuses_codecs_and_fragments_before_launch():
                          (["--sync-every", "6", "--fragments", "4"], "--fragments 4 must divide --sync-every 6"),
                          (["--outer-lr", "0.5"], "diloco")):
         strategy = [] if extra[0] == "--outer-lr" else ["--strategy", "diloco"]
-        result = run_paratrain("train", "--workers", "2", *strategy, *extra, timeout=60, env=clean_env())
-        assert result.returncode == 2, (extra, result.stderr[-1000:])
-        assert match in result.stderr, (extra, result.stderr[-1000:])
+        code, _, stderr = cli_in_process("train", "--workers", "2", *strategy, *extra)
+        assert code == 2, (extra, stderr[-1000:])
+        assert match in stderr, (extra, stderr[-1000:])

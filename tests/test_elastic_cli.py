@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import newest_checkpoint, run_paratrain, run_with_elastic_kills, summary_of
+from conftest import cli_in_process, newest_checkpoint, run_paratrain, run_with_elastic_kills, summary_of
 
 WORKERS, STEPS_PER_EPOCH, EPOCHS = 3, 30, 2   # digits: 1437 training samples / 48 = 30 steps
 ARGS = ["train", "--strategy", "allreduce", "--workers", str(WORKERS), "--model", "mlp", "--epochs", str(EPOCHS),
@@ -40,15 +40,15 @@ def unkilled(tmp_path_factory):
     return summary, _final_params(directory)
 
 
-def test_min_workers_is_refused_where_it_is_not_implemented(paratrain_cli):
+def test_min_workers_is_refused_where_it_is_not_implemented():
     for extra, says in [(["--strategy", "dist_sync"], "applies to --strategy allreduce"),
                         (["--compression", "fp16"], "--compression fp16 with --min-workers"),
                         (["--min-workers", "4"], "--min-workers 4 must be <= --workers 3")]:
         args = ["train", "--workers", "3", "--min-workers", "2", *extra, "--print-config"]
-        result = paratrain_cli(*args)
-        assert result.returncode == 2 and says in result.stderr, (args, result.stderr)
-    result = paratrain_cli("train", "--workers", "3", "--spares", "2", "--print-config")
-    assert result.returncode == 2 and "--spares 2 needs --min-workers" in result.stderr
+        code, _, stderr = cli_in_process(*args)
+        assert code == 2 and says in stderr, (args, stderr)
+    code, _, stderr = cli_in_process("train", "--workers", "3", "--spares", "2", "--print-config")
+    assert code == 2 and "--spares 2 needs --min-workers" in stderr
 
 
 @pytest.mark.timeout(600)

@@ -8,10 +8,17 @@ import sys
 
 import pytest
 
-from conftest import SCRIPTS, clean_env, json_objects, run_paratrain, run_with_kills, summary_of
+from conftest import SCRIPTS, clean_env, in_background, json_objects, run_paratrain, run_with_kills, summary_of
 
 STEPS_PER_EPOCH = 23        # 1437 digits / global batch 64, rounded up
 ARGS = ("train", "--workers", "2", "--model", "mlp", "--epochs", "6", "--json", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The undisturbed run of ARGS, started when first asked for and overlapping that
+    test's own run."""
+    return in_background(run_paratrain, *ARGS)
 
 
 def _step_of(line: str) -> int | None:
@@ -47,9 +54,9 @@ def _train_with_kills(tmp_path, args, kills_wanted: int, every: int, seed: int) 
 
 
 @pytest.mark.timeout(300)
-def test_chaos_three_sigkills_allreduce_recovers_exactly(tmp_path):
-    reference = summary_of(run_paratrain(*ARGS))
+def test_chaos_three_sigkills_allreduce_recovers_exactly(tmp_path, reference):
     summary = _train_with_kills(tmp_path, ARGS, kills_wanted=3, every=5, seed=1234)
+    reference = summary_of(reference.result())
     # Resume is exact, so recovery costs nothing in the result: same parameters bit for bit.
     assert summary["param_checksum"] == reference["param_checksum"]
     assert abs(summary["accuracy"] - reference["accuracy"]) <= 0.01
@@ -62,14 +69,13 @@ def test_dist_sync_group_restarts_from_checkpoint_with_fresh_servers(tmp_path):
     the workers, so the checkpoint holds all the state and recovery is exact."""
     args = ("train", "--strategy", "dist_sync", "--servers", "1", "--workers", "2", "--model", "mlp",
             "--epochs", "2", "--json", "--no-progress")
-    reference = summary_of(run_paratrain(*args, "--max-restarts", "1", timeout=150))
+    reference = in_background(run_paratrain, *args, "--max-restarts", "1", timeout=150)
     summary = _train_with_kills(tmp_path, args, kills_wanted=1, every=5, seed=7)
-    assert summary["param_checksum"] == reference["param_checksum"]
+    assert summary["param_checksum"] == summary_of(reference.result())["param_checksum"]
 
 
 @pytest.mark.timeout(200)
-def test_torchrun_max_restarts_resumes_from_checkpoint(tmp_path):
-    reference = summary_of(run_paratrain(*ARGS))
+def test_torchrun_max_restarts_resumes_from_checkpoint(tmp_path, reference):
     ck = tmp_path / "ck"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
            str(SCRIPTS / "flaky_train.py"), *ARGS, "--checkpoint-dir", str(ck), "--checkpoint-every", "5"]
@@ -77,4 +83,4 @@ def test_torchrun_max_restarts_resumes_from_checkpoint(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "flaky_train: killing myself" in result.stdout + result.stderr
     summary = json_objects(result.stdout)[-1]   # both ranks share torchrun's stdout
-    assert summary["param_checksum"] == reference["param_checksum"]
+    assert summary["param_checksum"] == summary_of(reference.result())["param_checksum"]

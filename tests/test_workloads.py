@@ -2,30 +2,18 @@
 command line, and the built-in GPT on pytext (its defaults and what it reports)."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 
 import pytest
 
-from paratrain import cli
+from conftest import cli_in_process
 from paratrain import config as cfg
 from paratrain.workloads import build_workload
 
 
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_a_user_model_and_dataset_train_from_the_command_line():
-    code, out, err = run_cli("train", "--model", "factory_example:model", "--dataset", "factory_example:data",
+    code, out, err = cli_in_process("train", "--model", "factory_example:model", "--dataset", "factory_example:data",
                              "--strategy", "local", "--workers", "1", "--epochs", "3", "--batch-size", "32",
                              "--lr", "0.1", "--json", "--no-progress")
     assert code == 0, err
@@ -42,7 +30,7 @@ def test_a_user_model_and_dataset_train_from_the_command_line():
 ])
 def test_bad_factories_are_one_line_exit_2(argv, fragment):
     argv = (*argv, "--dataset", "factory_example:data") if "--dataset" not in argv else argv
-    code, _, err = run_cli("train", *argv, "--strategy", "local", "--workers", "1", "--epochs", "1")
+    code, _, err = cli_in_process("train", *argv, "--strategy", "local", "--workers", "1", "--epochs", "1")
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
 
 
