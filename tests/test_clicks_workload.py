@@ -12,8 +12,7 @@ from paratrain import config as cfg
 from paratrain.errors import ConfigError
 from paratrain.metrics import auc_from_histogram, histogram_auc_bound, roc_auc, score_histogram
 from paratrain.train.objective import StepResult
-from conftest import run_paratrain, summary_of
-from test_config import run_cli
+from conftest import cli_in_process, run_paratrain, summary_of
 
 TINY = ("--table-sizes", "20000,500,50", "--train-samples", "8192", "--heldout-samples", "2048",
         "--batch-size", "256", "--json", "--no-progress")
@@ -65,7 +64,7 @@ def test_heldout_stats_travel_in_the_summed_vector():
 
 
 def test_dlrm_trains_in_one_process_and_reports_clicks_metrics():
-    code, out, err = run_cli("train", "--model", "dlrm", "--strategy", "local", "--workers", "1", *TINY)
+    code, out, err = cli_in_process("train", "--model", "dlrm", "--strategy", "local", "--workers", "1", *TINY)
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["accuracy"] is None and summary["heldout_logloss"] == summary["heldout_loss"]
@@ -77,7 +76,7 @@ def test_dlrm_trains_in_one_process_and_reports_clicks_metrics():
 def test_dlrm_under_allreduce_trains_its_tables_as_plain_embeddings_as_one_process_does():
     """Under allreduce the ServerEmbeddings are ordinary tables in every worker, with
     dense gradients allreduced: the same model as one process on the same global batch."""
-    code, out, err = run_cli("train", "--model", "dlrm", "--strategy", "local", "--workers", "1", *TINY)
+    code, out, err = cli_in_process("train", "--model", "dlrm", "--strategy", "local", "--workers", "1", *TINY)
     assert code == 0, err
     local = json.loads(out.strip().splitlines()[-1])
     both = summary_of(run_paratrain("train", "--model", "dlrm", "--strategy", "allreduce", "--workers", "2", *TINY,
@@ -88,11 +87,11 @@ def test_dlrm_under_allreduce_trains_its_tables_as_plain_embeddings_as_one_proce
 
 
 def test_worker_checkpoints_of_tables_on_the_servers_are_refused():
-    code, _, err = run_cli("train", "--model", "dlrm", "--strategy", "dist_sync", "--checkpoint-dir", "ck", *TINY)
+    code, _, err = cli_in_process("train", "--model", "dlrm", "--strategy", "dist_sync", "--checkpoint-dir", "ck", *TINY)
     assert code == 2 and "embedding tables live on the parameter servers" in err
-    code, _, err = run_cli("train", "--model", "dlrm", "--strategy", "dist_sync", "--max-grad-norm", "1", *TINY)
+    code, _, err = cli_in_process("train", "--model", "dlrm", "--strategy", "dist_sync", "--max-grad-norm", "1", *TINY)
     assert code == 2 and "--max-grad-norm" in err
-    code, _, err = run_cli("train", "--model", "dlrm", "--strategy", "dist_async", "--optimizer", "adamw", *TINY)
+    code, _, err = cli_in_process("train", "--model", "dlrm", "--strategy", "dist_async", "--optimizer", "adamw", *TINY)
     assert code == 2 and "need a rule with a lazy row update, one of: sgd, adam, adagrad" in err
 
 
