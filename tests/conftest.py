@@ -1,5 +1,6 @@
 """Shared test helpers: run the CLI or a launched script as real processes, with a
-hard timeout, and parse the --json summary line."""
+hard timeout (or in this process, for what is refused before anything starts), overlap a
+reference run with the run under test, and parse the --json summary."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -65,7 +66,9 @@ def in_background(fn, *args, **kwargs) -> concurrent.futures.Future:
 def summary_of(result: subprocess.CompletedProcess) -> dict:
     """The --json summary: the last JSON object printed."""
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-    return json_objects(result.stdout)[-1]
+    found = json_objects(result.stdout)
+    assert found, f"no JSON summary in stdout:\n{result.stdout[-3000:]}"
+    return found[-1]
 
 
 def json_objects(text: str) -> list[dict]:
