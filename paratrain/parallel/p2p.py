@@ -103,7 +103,10 @@ class LinkChannel(Channel):
 
     def send(self, tensor: torch.Tensor, tag: int = 0) -> None:
         payload = tensor_bytes(tensor)
-        self._link.send([_HEADER.pack(*encode_header(tag, tensor)), payload])
+        try:
+            self._link.send([_HEADER.pack(*encode_header(tag, tensor)), payload])
+        except CommTimeout as error:   # the link knows an address; the user knows ranks
+            raise CommTimeout(f"rank {self.peer}: {error}") from None
         self.bytes_sent += payload.nbytes
 
     def recv(self, expected_tag: int | None = None) -> torch.Tensor:
