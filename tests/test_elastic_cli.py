@@ -54,24 +54,27 @@ def test_min_workers_is_refused_where_it_is_not_implemented():
 @pytest.mark.timeout(600)
 def test_a_sigkilled_worker_is_survived_and_replaced_without_repeating_a_step(unkilled, tmp_path):
     reference, reference_params = unkilled
-    rng = random.Random()
+    seed = random.randrange(2**32)   # a new kill each run; printed, and named in a failure, to replay it
+    print("seed", seed)
+    rng = random.Random(seed)
     kill_at = rng.randrange(5, 31)
     cmd = [sys.executable, "-m", "paratrain.cli", *ARGS, "--min-workers", "2", "--step-delay", "0.1",
            "--checkpoint-dir", str(tmp_path)]
     lines, stderr, code, kills = run_with_elastic_kills(cmd, [kill_at], rng, progress=_step_of, timeout=400)
-    assert code == 0, f"exit {code}\n{''.join(lines[-30:])}\n{stderr[-4000:]}"
-    assert len(kills) == 1, (kill_at, kills, "".join(lines[-20:]))
+    assert code == 0, f"seed {seed}: exit {code}\n{''.join(lines[-30:])}\n{stderr[-4000:]}"
+    assert len(kills) == 1, (seed, kill_at, kills, "".join(lines[-20:]))
     summary = json.loads(lines[-1])
     total = EPOCHS * STEPS_PER_EPOCH
-    assert summary["steps"] == total and summary["steps_per_worker"] == [total] * WORKERS, summary
-    assert summary["worker_failures"] == 1 and summary["steps_repeated"] == 0, summary
+    assert summary["steps"] == total and summary["steps_per_worker"] == [total] * WORKERS, (seed, summary)
+    assert summary["worker_failures"] == 1 and summary["steps_repeated"] == 0, (seed, summary)
     [recovery] = summary["recoveries"]
-    assert recovery["lost"] == [f"{kills[0]['rank']}.1"] and recovery["size"] == WORKERS - 1, recovery
-    assert recovery["full_size_s"] is not None, "the spare never joined"   # back at full size
-    assert "the others train on" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert recovery["lost"] == [f"{kills[0]['rank']}.1"] and recovery["size"] == WORKERS - 1, (seed, recovery)
+    assert recovery["full_size_s"] is not None, (seed, "the spare never joined")   # back at full size
+    assert "the others train on" in stderr and "Traceback" not in stderr, (seed, stderr[-3000:])
     # one more holder of a slot than the start: the warm spare, in the dead worker's slot
     holders = [line for line in lines if " runs as pid " in line]
-    assert len(holders) == WORKERS + 1 and holders[-1].startswith(f"paratrain launch: rank {kills[0]['rank']} "), holders
+    assert len(holders) == WORKERS + 1 and holders[-1].startswith(f"paratrain launch: rank {kills[0]['rank']} "), \
+        (seed, holders)
     print("recovery:", recovery, "killed at step", kills[0]["step"])
     # "keep the global batch": the same samples per step, so the same model within float rounding
     params = _final_params(tmp_path)
