@@ -79,6 +79,6 @@ def test_a_sigkilled_worker_is_survived_and_replaced_without_repeating_a_step(un
     # "keep the global batch": the same samples per step, so the same model within float rounding
     params = _final_params(tmp_path)
     for name, value in reference_params.items():
-        torch.testing.assert_close(params[name], value, rtol=0, atol=1e-5, msg=name)
-    assert abs(summary["heldout_loss"] - reference["heldout_loss"]) <= 1e-4, (summary, reference)
-    assert abs(summary["accuracy"] - reference["accuracy"]) <= 0.01, (summary, reference)
+        torch.testing.assert_close(params[name], value, rtol=0, atol=1e-5, msg=lambda m: f"seed {seed}, {name}: {m}")
+    assert abs(summary["heldout_loss"] - reference["heldout_loss"]) <= 1e-4, (seed, summary, reference)
+    assert abs(summary["accuracy"] - reference["accuracy"]) <= 0.01, (seed, summary, reference)
