@@ -68,8 +68,14 @@ def test_a_sigkilled_worker_is_survived_and_replaced_without_repeating_a_step(un
     assert summary["steps"] == total and summary["steps_per_worker"] == [total] * WORKERS, (seed, summary)
     assert summary["worker_failures"] == 1 and summary["steps_repeated"] == 0, (seed, summary)
     [recovery] = summary["recoveries"]
-    assert recovery["lost"] == [f"{kills[0]['rank']}.1"] and recovery["size"] == WORKERS - 1, (seed, recovery)
+    assert recovery["lost"] == [f"{kills[0]['rank']}.1"], (seed, recovery)
+    # The survivors re-form without the dead worker and the warm spare joins in a later
+    # epoch; or, when the spare already holds the slot as they re-form, in that same
+    # epoch (seen with seed 1912896319: size 3, full size at once).
+    assert recovery["size"] in (WORKERS - 1, WORKERS), (seed, recovery)
     assert recovery["full_size_s"] is not None, (seed, "the spare never joined")   # back at full size
+    if recovery["size"] == WORKERS:
+        assert recovery["full_size_s"] == recovery["recovery_s"], (seed, recovery)
     assert "the others train on" in stderr and "Traceback" not in stderr, (seed, stderr[-3000:])
     # one more holder of a slot than the start: the warm spare, in the dead worker's slot
     holders = [line for line in lines if " runs as pid " in line]
