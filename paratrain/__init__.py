@@ -16,8 +16,9 @@ if typing.TYPE_CHECKING:
     from paratrain import kvstore
     from paratrain.train import Trainer, fit
 
-# Resolved on first use (PEP 562), so that processes which never train (the launcher,
-# `paratrain launch`, `--help`) start without importing torch.
+# Resolved on first use (PEP 562), so that what never trains (`paratrain --help`,
+# `paratrain report`) starts without importing torch. The launcher (it hosts the job's
+# TCPStore) and `paratrain train --print-config` still import it.
 _LAZY = {"Trainer": "paratrain.train", "fit": "paratrain.train", "kvstore": "paratrain.kvstore"}
 
 
