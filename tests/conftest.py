@@ -208,3 +208,18 @@ def run_with_elastic_kills(cmd: list[str], kills_at: list[int], rng, *, progress
             proc.kill()
             proc.wait()
     return lines, proc.stderr.read(), proc.returncode, kills
+
+
+@pytest.fixture
+def job():
+    """``job(num_servers=2, **server_options)`` makes a ``ps_harness.InprocJob``: servers
+    on threads over the inproc transport; every one made is closed after the test."""
+    from ps_harness import InprocJob
+    made = []
+
+    def make(num_servers=2, **kwargs):
+        made.append(InprocJob(num_servers, **kwargs))
+        return made[-1]
+    yield make
+    for j in made:
+        j.close()

@@ -1,6 +1,7 @@
 """Start a real parameter-server job from a test: a TCP store in the test process,
 M ``python -m paratrain.ps.server`` processes and N worker processes, all on
-loopback with ports chosen at run time, all killed (by their own PIDs) at the end.
+loopback with ports chosen at run time, all killed (by their own PIDs) at the end
+(``PSJob``); or the same servers on threads in the test process (``InprocJob``).
 
 A worker runs ``module:function(**args)`` from the tests folder and writes the JSON
 of its return value (or the text of its exception) to a file the test reads.
@@ -113,6 +114,48 @@ class PSJob:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class InprocJob:
+    """Servers on threads in this process, workers (``DistKVStore``s) made on demand, all
+    over the inproc transport: the server's whole request path without a process start.
+    Tests get it through conftest's ``job`` fixture, which closes every one it made."""
+
+    def __init__(self, num_servers: int, timeout_s: float = 5.0, max_workers: int = 8, **server_options):
+        import threading
+
+        from paratrain.comm.security import JobKeys, new_secret
+        from paratrain.comm.transport import get_transport
+        from paratrain.ps.parameter_server import ParameterServer, ServerConfig
+        transport = get_transport("inproc")
+        secret = new_secret()
+        self.servers = []
+        self.stop = threading.Event()
+        self.threads = []
+        for rank in range(num_servers):
+            channel = transport.listen("127.0.0.1", max_message_bytes=1 << 24,
+                                       keys=JobKeys(secret).ps_server(rank, max_workers))
+            server = ParameterServer(ServerConfig(server_rank=rank, num_servers=num_servers, timeout_s=timeout_s,
+                                                  **server_options), channel)
+            thread = threading.Thread(target=server.serve, kwargs=dict(
+                keep_running=lambda: not self.stop.is_set(), poll_s=0.02, liveness_every_s=0.05), daemon=True)
+            thread.start()
+            self.servers.append(server)
+            self.threads.append(thread)
+        self.addresses = [s.channel.address for s in self.servers]
+        self.secret, self.timeout_s = secret, timeout_s
+
+    def worker(self, rank: int, num_workers: int, mode: str = "dist_sync", secret: str | None = None,
+               rejoin: bool = False, **options):
+        from paratrain.kvstore.dist import DistKVStore, DistKVStoreConfig
+        return DistKVStore(DistKVStoreConfig(mode=mode, transport="inproc", **options), rank=rank,
+                           num_workers=num_workers, addresses=self.addresses,
+                           secret=self.secret if secret is None else secret, timeout_s=self.timeout_s, rejoin=rejoin)
+
+    def close(self):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=5)
 
 
 def pull_error_and_wait(kv, key, out) -> dict:

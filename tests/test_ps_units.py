@@ -8,18 +8,15 @@ import time
 import pytest
 import torch
 
-from paratrain.comm.transport import get_transport
 from paratrain.comm.wire import tensor_bytes
 from paratrain.errors import ConfigError, PeerError
-from paratrain.kvstore.dist import DistKVStore, DistKVStoreConfig
 from paratrain.ps import protocol
 from paratrain.optimizers import build_server_optimizer as build_optimizer
 from paratrain.ps.optimizer import SGD, Adam
 from paratrain.ps.policies import AsyncPolicy, SliceState, StalenessPolicy, SyncPolicy, build_policy
-from paratrain.comm.security import JobKeys, new_secret
+from paratrain.comm.security import new_secret
 from paratrain.ps.admission import check_hello, control_change
 from paratrain.ps.protocol import Op, ProtocolError, RequestRejected
-from paratrain.ps.parameter_server import ParameterServer, ServerConfig
 from paratrain.ps.sharding import key_name, plan_key, server_for_key, split_range
 
 # ----------------------------------------------------------------------------- sharding
@@ -211,52 +208,6 @@ def test_async_never_blocks_and_ssp_blocks_beyond_staleness():
 
 
 # ----------------------------------------------------------------------------- whole server in-process
-
-
-class InprocJob:
-    """Servers on threads, workers made on demand, all over the inproc transport."""
-
-    def __init__(self, num_servers: int, timeout_s: float = 5.0, max_workers: int = 8, **server_options):
-        transport = get_transport("inproc")
-        secret = new_secret()
-        self.servers = []
-        self.stop = threading.Event()
-        self.threads = []
-        for rank in range(num_servers):
-            channel = transport.listen("127.0.0.1", max_message_bytes=1 << 24,
-                                       keys=JobKeys(secret).ps_server(rank, max_workers))
-            server = ParameterServer(ServerConfig(server_rank=rank, num_servers=num_servers, timeout_s=timeout_s,
-                                                  **server_options), channel)
-            thread = threading.Thread(target=server.serve, kwargs=dict(
-                keep_running=lambda: not self.stop.is_set(), poll_s=0.02, liveness_every_s=0.05), daemon=True)
-            thread.start()
-            self.servers.append(server)
-            self.threads.append(thread)
-        self.addresses = [s.channel.address for s in self.servers]
-        self.secret, self.timeout_s = secret, timeout_s
-
-    def worker(self, rank: int, num_workers: int, mode: str = "dist_sync", secret: str | None = None,
-               rejoin: bool = False, **options) -> DistKVStore:
-        return DistKVStore(DistKVStoreConfig(mode=mode, transport="inproc", **options), rank=rank,
-                           num_workers=num_workers, addresses=self.addresses,
-                           secret=self.secret if secret is None else secret, timeout_s=self.timeout_s, rejoin=rejoin)
-
-    def close(self):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=5)
-
-
-@pytest.fixture
-def job():
-    made = []
-
-    def make(num_servers=2, **kwargs):
-        made.append(InprocJob(num_servers, **kwargs))
-        return made[-1]
-    yield make
-    for j in made:
-        j.close()
 
 
 def _in_threads(fns):

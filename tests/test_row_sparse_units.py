@@ -22,7 +22,6 @@ from paratrain.ps.sharding import plan_rows
 from paratrain.ps.snapshot import slice_from_dict, slice_to_dict
 from paratrain.ps.state_transfer import decode_state, encode_state
 from paratrain.train.trainer import Trainer
-from test_ps_units import job  # noqa: F401 -- the in-process servers fixture, shared
 
 # ----------------------------------------------------------------------------- rows and ranges
 
