@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 SUBNET = "10.77.0"
 HOST_INTERFACE = "eth0"
 COMMAND_TIMEOUT_S = 20.0
+RELAY_JOIN_TIMEOUT_S = 5.0  # how long output may trail a command that has exited
 _RATE_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$")
 _PREFIX_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 _RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
@@ -395,9 +396,29 @@ def _command_after_dashes(parser: argparse.ArgumentParser, command: list[str]) -
     return command
 
 
+def _relay_lines(stream, sink, lock: threading.Lock) -> None:
+    """Copy ``stream`` to ``sink`` one whole line at a time. Hosts share the
+    terminal, and an unbuffered child (``PYTHONUNBUFFERED``) writes a ``print``'s
+    words in separate writes, so a shared pipe would splice lines together."""
+    with stream:
+        for line in iter(stream.readline, b""):
+            with lock:
+                sink.write(line)
+                sink.flush()
+
+
 def _run_everywhere(hosts: NetnsHosts, argv_for_host, timeout_s: float) -> int:
-    """Start one command per host, wait for all (up to ``timeout_s``); the worst exit code."""
-    processes = [hosts.popen(i, argv_for_host(i)) for i in range(hosts.num_hosts)]
+    """Start one command per host, wait for all (up to ``timeout_s``); the worst exit code.
+    Each host's output reaches ours line by line, never two hosts within a line."""
+    lock = threading.Lock()
+    processes, relays = [], []
+    for i in range(hosts.num_hosts):
+        process = hosts.popen(i, argv_for_host(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        processes.append(process)
+        for stream, sink in ((process.stdout, sys.stdout.buffer), (process.stderr, sys.stderr.buffer)):
+            relay = threading.Thread(target=_relay_lines, args=(stream, sink, lock), daemon=True)
+            relay.start()
+            relays.append(relay)
     deadline = time.monotonic() + timeout_s
     codes = []
     for process in processes:
@@ -405,7 +426,10 @@ def _run_everywhere(hosts: NetnsHosts, argv_for_host, timeout_s: float) -> int:
             codes.append(process.wait(timeout=max(0.0, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
             print(f"netns_hosts: command ran past {timeout_s} s; stopping it", file=sys.stderr)
+            _stop(process)
             codes.append(124)
+    for relay in relays:  # a leftover grandchild may hold a pipe open: do not wait on it for ever
+        relay.join(timeout=RELAY_JOIN_TIMEOUT_S)
     return max(codes, key=abs)
 
 

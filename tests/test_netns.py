@@ -239,11 +239,16 @@ def test_command_line_up_exec_down_and_run():
         assert down.returncode == 0 and "removed 3 namespace(s)" in down.stdout
         assert netns_hosts.namespaces_of(prefix) == []
 
+        # Unbuffered children write each print's words separately; 300 lines per host
+        # spliced hosts' lines together through a shared pipe (seen in CI), never now.
+        lines = 300
         run = cli("run", "--hosts", "2", "--prefix", prefix, "--timeout", "30", "--",
-                  sys.executable, "-c", "import sys; print('host', sys.argv[1], sys.argv[2])",
+                  sys.executable, "-u", "-c",
+                  f"import sys\nfor k in range({lines}): print('host', sys.argv[1], sys.argv[2], k)",
                   "{host}", "{addr}")
         assert run.returncode == 0, run.stderr
-        assert sorted(run.stdout.split("\n")[:2]) == ["host 0 10.77.0.1", "host 1 10.77.0.2"]
+        expected = [f"host {h} 10.77.0.{h + 1} {k}" for h in (0, 1) for k in range(lines)]
+        assert sorted(run.stdout.splitlines()) == sorted(expected)
         assert netns_hosts.namespaces_of(prefix) == []
     finally:
         netns_hosts.teardown(prefix)
