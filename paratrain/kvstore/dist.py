@@ -24,7 +24,7 @@ from paratrain.env import DistEnv, read_env
 from paratrain.errors import CommTimeout, ConfigError, PeerError, check_choice
 from paratrain.kvstore.base import (Handle, Key, ServerKVStore, TensorOrList, check_key, copy_out, init_value, per_key,
                                     sum_values)
-from paratrain.kvstore.row_sparse import RowSparseKeys, is_sparse
+from paratrain.kvstore.row_sparse import RowSparseKeys, _RowKeyInfo, is_sparse
 from paratrain.kvstore.server_connection import Request, ServerConnection
 from paratrain.kvstore.server_state import ServerOptimizerStates
 from paratrain.optimizers import build_server_optimizer, import_optimizer_plugins
@@ -364,7 +364,8 @@ class DistKVStore(RowSparseKeys, ServerOptimizerStates, ServerKVStore):
         return self._connection.collect(requests, what, self._timeout_s + REPLY_MARGIN_S
                                         if timeout_s is None else timeout_s)
 
-    def _collect_acks(self, info: _KeyInfo, requests: list[Request], timeout: float | None) -> None:
+    def _collect_acks(self, info: _KeyInfo | _RowKeyInfo, requests: list[Request], timeout: float | None) -> None:
+        """Wait for the acknowledgements of ``requests`` (a dense or a row-sparse key's pushes)."""
         with self._connection.lock:
             pending = [r for r in requests if r in info.unacked]
             for request in pending:

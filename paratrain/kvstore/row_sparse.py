@@ -138,7 +138,7 @@ class RowSparseKeys:
                 if defer_scale:
                     self._deferred[part.server] = self._deferred.get(part.server, 0) + 1
             info.unacked.extend(requests)
-        return Handle(lambda timeout: self._collect_row_acks(info, requests, timeout), f"push of key {key!r}")
+        return Handle(lambda timeout: self._collect_acks(info, requests, timeout), f"push of key {key!r}")
 
     def _wire_rows(self, key: Key, rows: torch.Tensor) -> torch.Tensor:
         """The rows as they travel: cast under fp16/bf16 compression; the error-feedback
@@ -162,13 +162,6 @@ class RowSparseKeys:
                                  payload=tensor_bytes(ids), values=values)
         self._bytes_sent += ids.numel() * 8 + (0 if values is None else values.nbytes)
         return self._connection.send(part.server, frames)
-
-    def _collect_row_acks(self, info: _RowKeyInfo, requests: list[Request], timeout: float | None) -> None:
-        with self._connection.lock:
-            pending = [r for r in requests if r in info.unacked]
-            for request in pending:
-                info.unacked.remove(request)
-            self._collect(pending, "push", timeout)
 
     @per_key("out", "row_ids")
     def row_sparse_pull(self, key: Key, out: TensorOrList, row_ids: Any, priority: int = 0,
