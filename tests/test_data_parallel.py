@@ -139,6 +139,12 @@ def test_default_job_reaches_095_with_speedometer_metrics_and_tensorboard(tmp_pa
         re.fullmatch(r"\[rank0\]: Epoch\[\d+\] Batch \[\d+-\d+\]\tSpeed: \d+\.\d\d samples/sec\taccuracy=\d\.\d{6}"
                      r"\tloss=\d+\.\d{6}\tcomm_MB=\S+", l)
         for l in speed_lines), speed_lines[:3]
+    # As MXNet's fit logs them: each epoch's held-out scores, the last one the summary's.
+    validation = [l for l in result.stdout.splitlines() if "Validation-" in l]
+    assert len(validation) == 8 and all(
+        re.fullmatch(rf"\[rank0\]: Epoch\[{e}\] Validation-accuracy=\d\.\d{{6}}\tValidation-loss=\d+\.\d{{6}}", l)
+        for e, l in enumerate(validation)), validation
+    assert float(validation[-1].split("Validation-accuracy=")[1].split()[0]) == pytest.approx(summary["accuracy"], abs=1e-6)
     records = [json.loads(l) for l in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in records]
     assert kinds.count("train") == summary["steps"] and kinds.count("eval") == 8 and kinds[-1] == "summary"

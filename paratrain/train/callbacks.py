@@ -79,7 +79,8 @@ class Speedometer(Callback):
     """MXNet's Speedometer: every ``frequent`` batches, one line with the global speed,
     the training accuracy (where it applies), loss and your metrics over those batches,
     e.g. ``Epoch[0] Batch [0-50]\tSpeed: 4298.37 samples/sec\taccuracy=0.996630\t
-    loss=0.031200\tcomm_MB=0.51`` (MB this rank sent per batch)."""
+    loss=0.031200\tcomm_MB=0.51`` (MB this rank sent per batch); after each epoch's
+    held-out evaluation, one ``Epoch[N] Validation-...`` line."""
 
     rank_zero_only = True
 
@@ -117,9 +118,17 @@ class Speedometer(Callback):
             print(line, file=self.stream or sys.stdout, flush=True)
             self._reset(batch)
 
+    def on_epoch_end(self, state: FitState) -> None:
+        """The epoch's held-out scores, as MXNet's ``fit`` logs them:
+        ``Epoch[7] Validation-accuracy=0.980556\tValidation-loss=0.071234``."""
+        if state.heldout is not None:
+            scores = "\t".join(f"Validation-{name}={value:.6f}" for name, value in describe(state.heldout).items())
+            print(f"Epoch[{state.epoch}] {scores}", file=self.stream or sys.stdout, flush=True)
+
 
 class ProgressBar(Callback):
-    """A tqdm bar per epoch with loss and samples/sec (rank 0, on stderr)."""
+    """A tqdm bar per epoch with loss and samples/sec (rank 0, on stderr); the
+    held-out scores are the :class:`Speedometer`'s lines."""
 
     rank_zero_only = True
 
@@ -143,9 +152,6 @@ class ProgressBar(Callback):
 
     def on_epoch_end(self, state: FitState) -> None:
         self._close()
-        if self.enabled and state.heldout is not None:
-            reported = " ".join(f"{name} {value:.4f}" for name, value in describe(state.heldout).items())
-            print(f"epoch {state.epoch}: held-out {reported}", file=sys.stderr, flush=True)
 
     def on_train_end(self, state: FitState) -> None:
         self._close()
