@@ -125,14 +125,20 @@ def _store_of(environ: dict) -> dist.Store:
 
 def _hold_the_servers_address(store, fake, timeout_s: float = 60.0) -> str:
     """From before the server announces itself, keep its entry in the store pointing at
-    ``fake`` until workers tried the fake twice (bounded), then wait for the server to
-    put its own address back; returns that address."""
+    ``fake`` until workers tried the fake twice and the server has written its own
+    address at least once (its announcement), then rewrite it a last time and wait for
+    the server to put its own address back; returns that address. Waiting for the
+    announcement makes the last repair the server's watcher's, whatever the order in
+    which the workers and the server started."""
     key = "ps/server/0"
     deadline = time.monotonic() + timeout_s
-    while fake.zap.failed_handshakes + fake.zap.denied < 2:
-        assert time.monotonic() < deadline, "no worker ever tried the rewritten address"
+    server_wrote = False
+    while fake.zap.failed_handshakes + fake.zap.denied < 2 or not server_wrote:
+        assert time.monotonic() < deadline, "no worker ever tried the rewritten address, or the server never announced"
         store.set(key, fake.address)
         time.sleep(0.005)
+        server_wrote = server_wrote or store.get(key).decode() != fake.address
+    store.set(key, fake.address)
     while (real := store.get(key).decode()) == fake.address:
         assert time.monotonic() < deadline, "the server never put its own address back"
         time.sleep(0.01)
