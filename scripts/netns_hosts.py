@@ -425,7 +425,8 @@ def _run_everywhere(hosts: NetnsHosts, argv_for_host, timeout_s: float) -> int:
         try:
             codes.append(process.wait(timeout=max(0.0, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
-            print(f"netns_hosts: command ran past {timeout_s} s; stopping it", file=sys.stderr)
+            with lock:   # not inside a host's line
+                print(f"netns_hosts: command ran past {timeout_s} s; stopping it", file=sys.stderr, flush=True)
             _stop(process)
             codes.append(124)
     for relay in relays:  # a leftover grandchild may hold a pipe open: do not wait on it for ever

@@ -144,7 +144,8 @@ def test_default_job_reaches_095_with_speedometer_metrics_and_tensorboard(tmp_pa
     assert len(validation) == 8 and all(
         re.fullmatch(rf"\[rank0\]: Epoch\[{e}\] Validation-accuracy=\d\.\d{{6}}\tValidation-loss=\d+\.\d{{6}}", l)
         for e, l in enumerate(validation)), validation
-    assert float(validation[-1].split("Validation-accuracy=")[1].split()[0]) == pytest.approx(summary["accuracy"], abs=1e-6)
+    last_accuracy = float(validation[-1].split("Validation-accuracy=")[1].split()[0])
+    assert last_accuracy == pytest.approx(summary["accuracy"], abs=1e-6)
     records = [json.loads(l) for l in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in records]
     assert kinds.count("train") == summary["steps"] and kinds.count("eval") == 8 and kinds[-1] == "summary"
